@@ -1,0 +1,5 @@
+import sys
+
+from sidetune.cli import main
+
+sys.exit(main())

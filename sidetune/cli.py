@@ -1,0 +1,62 @@
+"""`sidetune train|eval ...`: the command line. Input errors print one `sidetune: error: ...` line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from sidetune.errors import SidetuneError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sidetune", description="Memory-efficient fine-tuning of pretrained transformers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train with a YAML run config and section.key=value overrides")
+    t.add_argument("config", help="run config YAML (see recipes/)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 method.r=16")
+
+    e = sub.add_parser("eval", help="evaluate a finished run; prints metrics as JSON")
+    e.add_argument("run_dir")
+    e.add_argument("--data", help="evaluate on this data file instead of the run's data.eval")
+    return p
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sidetune.config import load_config
+    from sidetune.train import train
+
+    train(load_config(args.config, args.overrides))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from sidetune.train import evaluate_run
+
+    print(json.dumps(evaluate_run(args.run_dir, args.data)))
+    return 0
+
+
+COMMANDS = {"train": _train, "eval": _eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        return COMMANDS[args.command](args)
+    except SidetuneError as e:
+        print(f"sidetune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sidetune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

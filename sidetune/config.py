@@ -1,0 +1,327 @@
+"""Typed run configuration: dataclasses <- YAML <- dotted `section.key=value` overrides, validated early.
+
+A run config has four sections. `model`, `data` and `train` are fixed dataclasses below; `method` is the config
+dataclass of whichever method `method.name` picks from `sidetune.methods.METHODS`, so every method validates its own
+fields. Any unknown key or wrong type is rejected with one line (and a suggestion for a misspelt key) before a model
+is loaded or a run directory is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sidetune.errors import SidetuneError
+
+
+@dataclass
+class ModelConfig:
+    # An alias (minilm, smollm2-135m), a random-init shape preset (tiny-llama, llama-8b, ...; see models.PRESETS),
+    # or a local Hugging Face model directory.
+    name: str = "minilm"
+    # Weight dtype: auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.
+    dtype: str = "auto"
+    # Quantize the frozen base with bitsandbytes: null, nf4, fp4 (4-bit) or int8. nf4 + lora = QLoRA, nf4 + lst = Q-LST.
+    quantize: str | None = None
+    # 4-bit only: quantize the quantization constants too (QLoRA's double quantization, ~0.4 bit/param saved).
+    double_quant: bool = True
+    # 4-bit only: dtype the dequantized matmul runs in. auto = bfloat16 on CUDA, float32 on CPU (bf16 is ~20x slower
+    # on AVX2 CPUs).
+    compute_dtype: str = "auto"
+    # Tokenizer directory; null = the model's own (presets borrow their family's real tokenizer).
+    tokenizer: str | None = None
+    # Attention implementation passed to transformers (sdpa, eager, ...); null = transformers' default.
+    attn_implementation: str | None = None
+
+
+@dataclass
+class DataConfig:
+    # classification (text or text pair -> label), causal_lm (text, or prompt -> completion) or seq2seq.
+    task: Literal["classification", "causal_lm", "seq2seq"] = "classification"
+    # Training data: a csv/tsv/json/jsonl/parquet path (relative paths also resolve against sidetune's bundled data,
+    # e.g. sst2/train.tsv), or a dataset name on the hub when online ("glue:sst2:train" = name:config:split).
+    train: str = "sst2/train.tsv"
+    # Evaluation data, same forms; null = no evaluation.
+    eval: str | None = "sst2/dev.tsv"
+    # Column holding the input text (classification, plain causal_lm, seq2seq source).
+    text_field: str = "sentence"
+    # Optional second text column for sentence-pair classification.
+    text_pair_field: str | None = None
+    # Column holding the integer (or string) label for classification.
+    label_field: str = "label"
+    # Column holding the target text for seq2seq.
+    target_field: str = "target"
+    # causal_lm / seq2seq: Python format string over the row's columns that builds the prompt (source),
+    # e.g. "Review: {sentence}\nSentiment:". {label_name} is available when label_names is set.
+    prompt_template: str | None = None
+    # causal_lm / seq2seq: format string for the completion (target); the LM loss is on these tokens only.
+    completion_template: str | None = None
+    # Names for integer labels: label_names[i] becomes {label_name}. For causal_lm they also define the choices that
+    # eval_accuracy scores (the completion with the highest likelihood wins).
+    label_names: list[str] | None = None
+    # Number of classes for classification; null = inferred from the training labels.
+    num_labels: int | None = None
+    # Truncate every tokenized example to this many tokens.
+    max_length: int = 128
+    # Use only the first N training / evaluation rows (after a seeded shuffle for training); null = all.
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    # Run directory: config.yaml, metrics.jsonl, checkpoints/, final/.
+    output_dir: str = "runs/sidetune"
+    seed: int = 42
+    # Peak learning rate after warmup.
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    # adamw (torch), adamw_8bit, paged_adamw_32bit, paged_adamw_8bit (bitsandbytes; paged ones need CUDA).
+    optimizer: str = "adamw"
+    # Examples per micro-batch (per device).
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    # Micro-batches accumulated per optimizer step.
+    grad_accum: int = 1
+    # Optimizer steps; null = run `epochs` epochs.
+    max_steps: int | None = None
+    epochs: float = 1.0
+    # Warmup as a fraction of the optimizer steps (ignored when warmup_steps > 0).
+    warmup_ratio: float = 0.06
+    warmup_steps: int = 0
+    # LR decay after warmup: cosine, linear or constant.
+    scheduler: Literal["cosine", "linear", "constant"] = "linear"
+    # Clip the global gradient norm; 0 = off.
+    max_grad_norm: float = 1.0
+    # auto = bf16 autocast on CUDA with bf16 support, otherwise none; or no, bf16, fp16.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # Recompute backbone activations in backward (transformers' gradient checkpointing) to trade time for memory.
+    gradient_checkpointing: bool = False
+    # Causal LM: compute the loss over the vocabulary in chunks of this many tokens so the B x T x V logits are never
+    # held at once (each chunk's logits are recomputed in backward). 0 = one shot.
+    loss_chunk_size: int = 0
+    # Evaluate every N optimizer steps (0 = only at the end).
+    eval_every: int = 100
+    # Log a training row every N optimizer steps.
+    log_every: int = 10
+    # Save a resumable checkpoint every N optimizer steps (0 = none; the final weights are always saved).
+    save_every: int = 0
+    # Resume from a checkpoint directory, or "latest" for the newest one in output_dir/checkpoints.
+    resume: str | None = None
+    # Experiment tracker through accelerate (tensorboard, wandb, ...); null = metrics.jsonl only.
+    tracker: str | None = None
+    # DataLoader worker processes.
+    num_workers: int = 0
+    # Show the tqdm progress bar.
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Any = None  # the method's own config dataclass, chosen by method.name
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building a config from YAML + overrides
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML run config (or start from defaults when path is None), apply `section.key=value` overrides,
+    validate every key and type, and return the typed Config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SidetuneError(f"config file {str(path)!r} does not exist; pass the path to a YAML run config")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SidetuneError(f"config file {str(path)!r} is not valid YAML: {_one_line(e)}") from None
+        if not isinstance(raw, dict):
+            raise SidetuneError(f"config file {str(path)!r} must be a mapping with sections model/method/data/train")
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one dotted override `section.key=value` to a raw config dict; the value is parsed as YAML."""
+    key, sep, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise SidetuneError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")
+    section, name = parts
+    if section not in (*SECTIONS, "method"):
+        raise SidetuneError(f"unknown config section {section!r}{_suggest(section, [*SECTIONS, 'method'])}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    if not isinstance(raw.get(section), dict):
+        raw[section] = {}
+    if section == "method" and name == "name" and raw["method"].get("name") not in (None, parsed):
+        # Switching methods starts the method section afresh: the old method's fields would not fit the new one.
+        raw["method"] = {}
+    raw[section][name] = parsed
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    from sidetune.methods import METHODS  # late import: methods import config types
+
+    raw = dict(raw)
+    unknown = set(raw) - {*SECTIONS, "method"}
+    for key in sorted(unknown):
+        raise SidetuneError(f"unknown config section {key!r}{_suggest(key, [*SECTIONS, 'method'])}")
+    cfg = Config()
+    for section, cls in SECTIONS.items():
+        setattr(cfg, section, _build(cls, raw.get(section) or {}, section))
+    method_raw = dict(raw.get("method") or {})
+    name = method_raw.setdefault("name", "lora")
+    if name not in METHODS:
+        raise SidetuneError(f"unknown method {name!r}{_suggest(str(name), list(METHODS))}; choose one of {', '.join(METHODS)}")
+    cfg.method = _build(METHODS[name].Config, method_raw, "method")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that no single type annotation can express."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if m.quantize not in (None, "nf4", "fp4", "int8"):
+        raise SidetuneError(f"model.quantize={m.quantize!r} is not supported; use null, nf4, fp4 or int8")
+    for key in ("dtype", "compute_dtype"):
+        if getattr(m, key) not in ("auto", "float32", "bfloat16", "float16"):
+            raise SidetuneError(f"model.{key}={getattr(m, key)!r} is not a dtype; use auto, float32, bfloat16 or float16")
+    if t.optimizer not in ("adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"):
+        raise SidetuneError(
+            f"train.optimizer={t.optimizer!r} is unknown; use adamw, adamw_8bit, paged_adamw_32bit or paged_adamw_8bit"
+        )
+    positive = {"train.batch_size": t.batch_size, "train.eval_batch_size": t.eval_batch_size,
+                "train.grad_accum": t.grad_accum, "data.max_length": d.max_length}
+    for key, value in positive.items():
+        if value < 1:
+            raise SidetuneError(f"{key} must be >= 1, got {value}")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise SidetuneError(f"train.max_steps must be >= 1 (or null to train for train.epochs), got {t.max_steps}")
+    if t.lr <= 0:
+        raise SidetuneError(f"train.lr must be > 0, got {t.lr}")
+    if d.task == "seq2seq" and d.completion_template is None and not d.target_field:
+        raise SidetuneError("data.task=seq2seq needs data.target_field or data.completion_template")
+    if d.task != "causal_lm" and t.loss_chunk_size:
+        raise SidetuneError("train.loss_chunk_size applies to data.task=causal_lm only; set it to 0")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Typed construction with one-line errors
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise SidetuneError(f"config section {prefix!r} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise SidetuneError(f"unknown config key '{prefix}.{key}'{_suggest(key, names, prefix)}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Return `value` as type `hint`, accepting the lossless conversions YAML needs (e.g. '3e-4' -> 3e-4)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except SidetuneError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise SidetuneError(f"{key}={value!r} is not allowed; use one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, (str, int, float)):
+            value = [value]  # a single item is a one-element list: method.targets=q_proj
+        if not isinstance(value, (list, tuple)):
+            raise SidetuneError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise SidetuneError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else _fail(key, value, "an integer")
+            except ValueError:
+                pass
+        _fail(key, value, "an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        _fail(key, value, "a number")
+    if hint is str:
+        if value is None:
+            _fail(key, value, "a string")
+        if isinstance(value, (dict, list)):
+            _fail(key, value, "a string")
+        return str(value)
+    if isinstance(hint, type) and isinstance(value, hint):
+        return value
+    _fail(key, value, getattr(hint, "__name__", str(hint)))
+
+
+def _fail(key: str, value: Any, expected: str) -> typing.NoReturn:
+    raise SidetuneError(f"{key} must be {expected}, got {value!r}")
+
+
+def _suggest(key: str, options: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+    if not close:
+        return f" (valid keys: {', '.join(options)})" if prefix else ""
+    return f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)"
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())

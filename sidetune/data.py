@@ -1,0 +1,245 @@
+"""Datasets for the three tasks, built on `datasets`: load local files (or hub names when online), tokenize with
+truncation, and pad per batch.
+
+- classification: `text_field` (+ `text_pair_field`) -> integer label.
+- causal_lm: plain text (loss on every token), or `prompt_template` -> `completion_template` with the loss on the
+  completion only. With `label_names`, evaluation also scores each label's completion and reports accuracy.
+- seq2seq: source text -> target text (`text_field` -> `target_field`, or the two templates).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from sidetune.config import DataConfig
+from sidetune.errors import SidetuneError
+
+ASSETS = Path(__file__).parent / "assets"
+FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass
+class TaskData:
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    # causal_lm with label_names: one row per (example, choice) for scoring; see choice_rows().
+    eval_choices: datasets.Dataset | None
+    num_labels: int | None
+    label_names: list[str] | None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Raw rows
+
+
+def resolve_data(spec: str) -> Path | None:
+    """A local file for `spec` (relative to the working dir, then to sidetune's bundled data), or None."""
+    path = Path(spec).expanduser()
+    for candidate in (path, ASSETS / spec):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_rows(spec: str, key: str) -> datasets.Dataset:
+    """Rows from a local file, or from the hub as `name[:config][:split]` when online."""
+    path = resolve_data(spec)
+    if path is not None:
+        fmt = FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise SidetuneError(f"{key}={spec!r} has an unknown format; use {', '.join(FORMATS)}")
+        kwargs: dict[str, Any] = {}
+        if path.suffix.lower() == ".tsv":
+            # GLUE-style TSV: tab-separated, no quoting (sentences contain bare quote characters).
+            kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+        return datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+    looks_local = Path(spec).suffix.lower() in FORMATS or spec.startswith((".", "/", "~"))
+    if looks_local or os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise SidetuneError(f"{key}={spec!r}: no such data file; give a csv/tsv/json/jsonl/parquet path "
+                            f"(bundled: {', '.join(sorted(str(p.relative_to(ASSETS)) for p in ASSETS.rglob('*.tsv')))})")
+    name, _, rest = spec.partition(":")
+    config, _, split = rest.partition(":")
+    try:
+        return datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as e:
+        raise SidetuneError(f"{key}={spec!r} could not be loaded from the hub: {' '.join(str(e).split())[:200]}") from None
+
+
+def _require_columns(rows: datasets.Dataset, columns: list[str], key: str) -> None:
+    missing = [c for c in columns if c not in rows.column_names]
+    if missing:
+        raise SidetuneError(f"{key} has no column {missing[0]!r}; its columns are {', '.join(rows.column_names)} "
+                            f"(set data.text_field / data.label_field / data.target_field)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenization per task
+
+
+def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> TaskData:
+    train_rows = load_rows(cfg.train, "data.train")
+    if cfg.max_train_samples is not None:
+        train_rows = train_rows.shuffle(seed=seed).select(range(min(cfg.max_train_samples, len(train_rows))))
+    eval_rows = load_rows(cfg.eval, "data.eval") if cfg.eval else None
+    if eval_rows is not None and cfg.max_eval_samples is not None:
+        eval_rows = eval_rows.select(range(min(cfg.max_eval_samples, len(eval_rows))))
+
+    label_names = cfg.label_names
+    num_labels = None
+    if cfg.task == "classification" or cfg.label_names is not None:
+        label_names, num_labels, to_id = _label_mapping(cfg, train_rows)
+        train_rows = train_rows.map(lambda r: {cfg.label_field: to_id(r[cfg.label_field])})
+        if eval_rows is not None:
+            eval_rows = eval_rows.map(lambda r: {cfg.label_field: to_id(r[cfg.label_field])})
+
+    encode = {"classification": _encode_classification, "causal_lm": _encode_causal_lm,
+              "seq2seq": _encode_seq2seq}[cfg.task]
+    columns = _needed_columns(cfg)
+    _require_columns(train_rows, columns, "data.train")
+    if eval_rows is not None:
+        _require_columns(eval_rows, columns, "data.eval")
+
+    def tokenize(rows: datasets.Dataset) -> datasets.Dataset:
+        return rows.map(lambda batch: encode(cfg, tokenizer, batch, label_names), batched=True,
+                        remove_columns=rows.column_names, desc="tokenizing")
+
+    choices = None
+    if cfg.task == "causal_lm" and label_names and eval_rows is not None:
+        choices = eval_rows.map(lambda batch: choice_rows(cfg, tokenizer, batch, label_names), batched=True,
+                                remove_columns=eval_rows.column_names, desc="building choices", with_indices=True)
+    return TaskData(tokenize(train_rows), tokenize(eval_rows) if eval_rows is not None else None, choices,
+                    num_labels, label_names)
+
+
+def _needed_columns(cfg: DataConfig) -> list[str]:
+    if cfg.task == "classification":
+        return [cfg.text_field, cfg.label_field] + ([cfg.text_pair_field] if cfg.text_pair_field else [])
+    if cfg.prompt_template or cfg.completion_template:
+        return []  # the templates name their own columns; a missing one is reported by _render
+    return [cfg.text_field] + ([cfg.target_field] if cfg.task == "seq2seq" else [])
+
+
+def _label_mapping(cfg: DataConfig, rows: datasets.Dataset):
+    _require_columns(rows, [cfg.label_field], "data.train")
+    values = rows.unique(cfg.label_field)
+    if all(isinstance(v, int) for v in values):
+        num = cfg.num_labels or (max(values) + 1)
+        names = cfg.label_names or [str(i) for i in range(num)]
+        if len(names) < num:
+            raise SidetuneError(f"data.label_names has {len(names)} names but labels go up to {max(values)}")
+
+        def to_id(v):
+            return v
+    else:
+        names = cfg.label_names or sorted(str(v) for v in values)
+        index = {n: i for i, n in enumerate(names)}
+        unknown = [v for v in values if str(v) not in index]
+        if unknown:
+            raise SidetuneError(f"label {unknown[0]!r} is not in data.label_names={names}")
+        num = cfg.num_labels or len(names)
+
+        def to_id(v):
+            return index[str(v)]
+    return names, num, to_id
+
+
+def _rows(batch: dict[str, list]) -> list[dict[str, Any]]:
+    keys = list(batch)
+    return [dict(zip(keys, values)) for values in zip(*batch.values())]
+
+
+def _render(template: str, row: dict[str, Any], label_names: list[str] | None, label_field: str) -> str:
+    if label_names is not None and label_field in row:
+        row = {**row, "label_name": label_names[int(row[label_field])]}
+    try:
+        return template.format(**row)
+    except KeyError as e:
+        raise SidetuneError(f"template {template!r} names column {e.args[0]!r}, which the data does not have; "
+                            f"columns: {', '.join(row)}") from None
+
+
+def _encode_classification(cfg, tok, batch, label_names):
+    pair = batch[cfg.text_pair_field] if cfg.text_pair_field else None
+    enc = tok(batch[cfg.text_field], pair, truncation=True, max_length=cfg.max_length)
+    enc["labels"] = batch[cfg.label_field]
+    return enc
+
+
+def _prompt_completion(cfg, batch, label_names) -> tuple[list[str], list[str]] | None:
+    if not (cfg.prompt_template or cfg.completion_template):
+        return None
+    rows = _rows(batch)
+    prompts = [_render(cfg.prompt_template or "", r, label_names, cfg.label_field) for r in rows]
+    completions = [_render(cfg.completion_template or "", r, label_names, cfg.label_field) for r in rows]
+    return prompts, completions
+
+
+def _join(tok, prompt_ids: list[int], completion_ids: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """prompt + completion, truncating the prompt from the left so the completion (what is learnt) survives."""
+    completion_ids = completion_ids[:max_length]
+    keep = max_length - len(completion_ids)
+    prompt_ids = prompt_ids[-keep:] if keep > 0 else []
+    return prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_ids
+
+
+def _encode_causal_lm(cfg, tok, batch, label_names):
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    pc = _prompt_completion(cfg, batch, label_names)
+    if pc is None:  # plain text: learn every token
+        enc = tok([t + (tok.eos_token or "") for t in batch[cfg.text_field]], truncation=True,
+                  max_length=cfg.max_length)
+        enc["labels"] = [list(ids) for ids in enc["input_ids"]]
+        return enc
+    prompts, completions = pc
+    p_ids = tok(prompts)["input_ids"]
+    c_ids = tok(completions, add_special_tokens=False)["input_ids"]
+    out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+    for p, c in zip(p_ids, c_ids):
+        ids, labels = _join(tok, p, c + eos, cfg.max_length)
+        out["input_ids"].append(ids)
+        out["attention_mask"].append([1] * len(ids))
+        out["labels"].append(labels)
+    return out
+
+
+def _encode_seq2seq(cfg, tok, batch, label_names):
+    pc = _prompt_completion(cfg, batch, label_names)
+    sources, targets = pc if pc is not None else (batch[cfg.text_field], batch[cfg.target_field])
+    enc = tok(sources, truncation=True, max_length=cfg.max_length)
+    enc["labels"] = tok(text_target=targets, truncation=True, max_length=cfg.max_length)["input_ids"]
+    return enc
+
+
+def choice_rows(cfg, tok, batch, label_names, indices):
+    """For scoring causal-LM classification: one row per (example, label name) with the loss on that completion."""
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "example": [], "choice": [],
+                            "gold": []}
+    for idx, row in zip(indices, _rows(batch)):
+        prompt = tok(_render(cfg.prompt_template or "", row, label_names, cfg.label_field))["input_ids"]
+        for choice in range(len(label_names)):
+            completion = _render(cfg.completion_template or " {label_name}", {**row, cfg.label_field: choice},
+                                 label_names, cfg.label_field)
+            ids, labels = _join(tok, prompt, tok(completion, add_special_tokens=False)["input_ids"] + eos,
+                                cfg.max_length)
+            out["input_ids"].append(ids)
+            out["attention_mask"].append([1] * len(ids))
+            out["labels"].append(labels)
+            out["example"].append(idx)
+            out["choice"].append(choice)
+            out["gold"].append(int(row[cfg.label_field]))
+    return out
+
+
+def collator(task: str, tokenizer: PreTrainedTokenizerBase):
+    """Dynamic padding per batch: labels of LM tasks are padded with -100 so padding never counts in the loss."""
+    if task == "classification":
+        return DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")

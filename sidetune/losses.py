@@ -1,0 +1,73 @@
+"""Causal-LM loss in chunks, so that the B x T x V logits tensor never exists (offered to every method).
+
+At a large vocabulary the logits are the largest activation of a training step: Llama-3's 128k vocabulary at
+4 x 1024 tokens is 2 GiB in fp32, twice that with its gradient. The loss here
+
+1. keeps only the positions that carry a label (a prompt/completion batch trains on a fraction of its tokens),
+2. runs the LM head and cross-entropy on `chunk_size` positions at a time under activation checkpointing, so only
+   one chunk's logits are alive at once and backward recomputes them.
+
+The result equals transformers' `ForCausalLMLoss` (mean over labelled next-token positions).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()  # fp32 log-softmax: bf16 loses the small probabilities
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
+                           chunk_size: int) -> torch.Tensor:
+    """Mean next-token cross-entropy of `head(hidden)` against `labels` (-100 = ignore), `chunk_size` rows at a time."""
+    targets = labels[:, 1:].reshape(-1)
+    keep = targets != -100
+    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
+    targets = targets[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_size):
+        end = start + chunk_size
+        total = total + checkpoint(_chunk_loss, head, rows[start:end], targets[start:end], use_reentrant=False)
+    if targets.numel() == 0:
+        return hidden.sum() * 0.0  # a batch with no labelled token: loss 0 (not NaN) that backward still accepts
+    return total / targets.numel()
+
+
+class ChunkedLMLoss(nn.Module):
+    """Wraps a causal LM so that its forward returns the chunked loss.
+
+    The wrapped module is either a transformers CausalLM (its body is `base_model`) or a method's own module that
+    declares the capability `lm_hidden_states(**inputs) -> final hidden states` (LST adds its side network there).
+    The forward goes through this module, so accelerate's DDP wrapper sees every call.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, labels: torch.Tensor | None = None, **inputs):
+        if hasattr(self.model, "lm_hidden_states"):
+            hidden = self.model.lm_hidden_states(**inputs)
+        else:
+            hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state
+        head = self.model.get_output_embeddings()
+        if labels is None:
+            return LMOutput(loss=None, logits=head(hidden))
+        return LMOutput(loss=chunked_causal_lm_loss(hidden, head, labels, self.chunk_size), logits=None)
+
+
+class LMOutput(dict):
+    """A minimal ModelOutput: attribute and key access to loss / logits."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None

@@ -1,0 +1,48 @@
+"""Fine-tuning methods behind one small protocol, and the explicit registry the config and the trainer read.
+
+A method is a class with a `Config` dataclass (whose `name` field selects it) and `apply(model) -> module`:
+freeze the backbone, add the trainable parts, return the module to train. Its `forward(**batch)` returns an object
+with `.loss` (and `.logits`). The trainable set is whatever `apply` leaves with `requires_grad=True`; the optimizer and
+every checkpoint read it back from there.
+
+Optional capabilities the trainer asks for with `getattr`, so that the loop never branches on a method's name:
+- `param_groups(model, lr) -> list[dict]`: optimizer parameter groups (LoRA+ gives B a larger learning rate).
+- `backbone_trains: bool` (default True): False when no gradient flows through the backbone (LST), so the backbone
+  may run in eval mode with dropout off and gradient checkpointing of it is pointless.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol
+
+from torch import nn
+
+from sidetune.methods.full import Full
+from sidetune.methods.lora import LoRA
+
+
+class Method(Protocol):
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, cfg) -> None: ...
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Freeze the backbone, add the trainable parts, return the module to train."""
+        ...
+
+
+METHODS: dict[str, type[Method]] = {
+    "full": Full,
+    "lora": LoRA,
+}
+
+
+def build_method(cfg) -> Method:
+    """The method object for a method config (any of the METHODS' Config dataclasses)."""
+    return METHODS[cfg.name](cfg)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable set, by parameter name: what the optimizer updates and a checkpoint stores."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

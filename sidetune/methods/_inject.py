@@ -1,0 +1,79 @@
+"""Shared plumbing for methods: freezing, finding target layers, swapping a child module."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+# Layer types a method may wrap. bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear; GPT-2 uses Conv1D,
+# a Linear whose weight is stored transposed (in, out).
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+
+
+def freeze(model: nn.Module) -> None:
+    """Freeze every parameter, then unfreeze the task head that the loader initialised from scratch.
+
+    `models.load_model` records those modules (e.g. BERT's `classifier`, Llama's `score`) in `model.sidetune_head`:
+    a random head that stayed frozen would make any method useless, and it is part of every method's trainable set.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in head_module_names(model):
+        for p in model.get_submodule(name).parameters():
+            if p.is_floating_point():
+                p.requires_grad_(True)
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    return list(getattr(model, "sidetune_head", ()))
+
+
+def linear_features(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear, a bitsandbytes linear or a GPT-2 Conv1D."""
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[0], layer.nf
+    return layer.in_features, layer.out_features
+
+
+def find_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """Names of the linear layers to wrap. Each entry of `targets` is one of:
+
+    - "all-linear": every linear layer except the output embedding and the task head (as in QLoRA);
+    - "re:<pattern>": a regular expression that must match the full module name;
+    - a name: a layer matches when its name equals it or ends with "." + it (q_proj, attention.self.query).
+    """
+    excluded = set(head_module_names(model))
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LINEAR_TYPES) or not name:
+            continue
+        for t in targets:
+            if t == "all-linear":
+                hit = module is not out_emb and not any(name == h or name.startswith(h + ".") for h in excluded)
+            elif t.startswith("re:"):
+                hit = re.fullmatch(t[3:], name) is not None
+            else:
+                hit = name == t or name.endswith("." + t)
+            if hit:
+                names.append(name)
+                break
+    return names
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def module_device(layer: nn.Module) -> torch.device:
+    """The device of a wrapped layer, where its trainable neighbours are created.
+
+    Trainable parts are always created in float32 (master weights): a 4-bit or 8-bit base stores integer weights,
+    and a bf16 base trains badly with bf16 updates. Autocast runs their matmuls in the compute dtype.
+    """
+    return next(layer.parameters()).device

@@ -1,0 +1,198 @@
+"""LoRA: low-rank adaptation (Hu et al., 2021, arXiv 2106.09685); QLoRA when the base is 4-bit (arXiv 2305.14314).
+
+A frozen linear layer y = W x gains a trainable low-rank update:
+
+    y = W x + (alpha / r) * B A dropout(x),      A: r x in,  B: out x r
+
+(rsLoRA, arXiv 2312.03732, scales by alpha / sqrt(r) instead, which keeps the update's size stable as r grows.)
+With the standard init (A Kaiming-uniform, B = 0) the update is zero, so step 0 equals the frozen model. The
+`a_zero` init swaps the roles (A = 0, B random), and `gaussian` draws A from N(0, 1/r).
+
+LoRA+ (arXiv 2402.12354) trains B with a learning rate `loraplus_lr_ratio` times larger than A's.
+
+The wrapper keeps the original layer as `self.base` (an nn.Linear, a bitsandbytes Linear4bit/Linear8bitLt, or GPT-2's
+Conv1D) and never subclasses it, so a 4-bit base needs no special code: QLoRA is LoRA on a 4-bit model. Parameter
+names (`lora_A.weight`, `lora_B.weight`) and the forward arithmetic follow PEFT, so PEFT serves as a test oracle.
+
+Still paid (the gradient-to-input cost): every wrapped layer sits in the backbone, so backward must carry dL/dx
+through all the layers above the lowest adapter, and autograd keeps their activations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from sidetune.errors import SidetuneError
+from sidetune.methods._inject import find_targets, freeze, linear_features, module_device, replace_module
+
+# Query and value projections under the names the common families use (Llama/Mistral/Qwen, BERT, GPT-2's fused
+# c_attn, T5): the original paper's choice and PEFT's default for these models.
+DEFAULT_TARGETS = ["q_proj", "v_proj", "query", "value", "c_attn", "q", "v"]
+
+
+@dataclass
+class LoRAConfig:
+    name: Literal["lora"] = "lora"
+    # Layers to wrap: names (matched as a suffix of the module name), "re:<regex>" for a full-name regex, or
+    # "all-linear" (every linear layer except the output head, as QLoRA does).
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    # Rank of the update.
+    r: int = 8
+    # Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora).
+    alpha: float = 16.0
+    # Dropout on the LoRA branch's input.
+    dropout: float = 0.0
+    # Rank-stabilised scaling alpha / sqrt(r).
+    rslora: bool = False
+    # standard (A Kaiming-uniform, B = 0), a_zero (A = 0, B Kaiming-uniform), gaussian (A ~ N(0, 1/r), B = 0).
+    init: Literal["standard", "a_zero", "gaussian"] = "standard"
+    # LoRA+: learning rate of B relative to A (1 = plain LoRA; the paper uses 16).
+    loraplus_lr_ratio: float = 1.0
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 init: str = "standard") -> None:
+        super().__init__()
+        if r < 1:
+            raise SidetuneError(f"method.r must be >= 1, got {r}")
+        self.base = base
+        in_features, out_features = linear_features(base)
+        device = module_device(base)
+        # fp32 master weights whatever the base stores (bf16 or 4-bit): autocast picks the matmul dtype.
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.merged = False
+        self.reset_parameters(init)
+
+    def reset_parameters(self, init: str = "standard") -> None:
+        with torch.no_grad():
+            if init == "standard":
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B.weight)
+            elif init == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1 / self.lora_A.out_features)
+                nn.init.zeros_(self.lora_B.weight)
+            elif init == "a_zero":
+                nn.init.zeros_(self.lora_A.weight)
+                nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
+            else:
+                raise SidetuneError(f"method.init={init!r} is unknown; use standard, a_zero or gaussian")
+
+    # Some modeling code reads a projection's weight (T5 checks `wo.weight.dtype`): answer for the wrapped layer.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        if self.merged:
+            return result
+        # Without autocast the fp32 adapter needs an fp32 input; under autocast the matmuls cast for themselves.
+        lora_x = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(self.dropout(lora_x))) * self.scaling
+        return result + update.to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update B A * scaling, in the layout of the base weight (Conv1D stores W transposed)."""
+        delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        return delta.T if isinstance(self.base, Conv1D) else delta
+
+    def merge(self) -> None:
+        """Fold the update into the base weight for zero-latency inference (float bases only)."""
+        if self.merged:
+            return
+        weight = self._float_weight()
+        with torch.no_grad():
+            weight.add_(self.delta_weight().to(weight.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        weight = self._float_weight()
+        with torch.no_grad():
+            weight.sub_(self.delta_weight().to(weight.dtype))
+        self.merged = False
+
+    def _float_weight(self) -> torch.Tensor:
+        weight = self.base.weight
+        if not weight.is_floating_point():
+            raise SidetuneError(
+                "cannot merge LoRA into a quantized base in place; use `sidetune export RUN_DIR --merge OUT`, which "
+                "dequantizes first"
+            )
+        return weight
+
+
+class LoRA:
+    name: ClassVar[str] = "lora"
+    Config: ClassVar[type] = LoRAConfig
+
+    def __init__(self, cfg: LoRAConfig) -> None:
+        self.cfg = cfg
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        freeze(model)
+        names = find_targets(model, self.cfg.targets)
+        if not names:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise SidetuneError(
+                f"method.targets={self.cfg.targets} matched no linear layer; this model's linear layers end in: "
+                f"{', '.join(linear)} (or use all-linear)"
+            )
+        c = self.cfg
+        for name in names:
+            layer = LoRALinear(model.get_submodule(name), c.r, c.alpha, c.dropout, c.rslora, c.init)
+            replace_module(model, name, layer)
+        return model
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        """LoRA+: B matrices at lr * ratio; everything else trainable (A, task head) at lr."""
+        b_params = [m.lora_B.weight for m in model.modules() if isinstance(m, LoRALinear)]
+        b_ids = {id(p) for p in b_params}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in b_ids]
+        groups = [{"params": rest, "lr": lr}]
+        if b_params:
+            groups.append({"params": [p for p in b_params if p.requires_grad], "lr": lr * self.cfg.loraplus_lr_ratio})
+        return groups
+
+
+def lora_layers(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Merge every LoRA update into its base weight (reversible with unmerge)."""
+    for layer in lora_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    for layer in lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def merge_and_unwrap(model: nn.Module) -> nn.Module:
+    """Merge, then put the plain base layers back: the result is an ordinary transformers model."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            module.merge()
+            replace_module(model, name, module.base)
+    return model

