@@ -44,6 +44,10 @@ COMMANDS = {"train": _train, "eval": _eval}
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Offline unless the user says otherwise: every model sidetune loads is local, and a hub lookup without network
+    # hangs for ~20 s before failing. Set before transformers/datasets are imported: they read these at import.
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(var, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
 

@@ -112,7 +112,7 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) ->
 
     choices = None
     if cfg.task == "causal_lm" and label_names and eval_rows is not None:
-        choices = eval_rows.map(lambda batch: choice_rows(cfg, tokenizer, batch, label_names), batched=True,
+        choices = eval_rows.map(lambda batch, idx: choice_rows(cfg, tokenizer, batch, label_names, idx), batched=True,
                                 remove_columns=eval_rows.column_names, desc="building choices", with_indices=True)
     return TaskData(tokenize(train_rows), tokenize(eval_rows) if eval_rows is not None else None, choices,
                     num_labels, label_names)

@@ -8,14 +8,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from sidetune.config import ModelConfig  # noqa: E402
-from sidetune.data import ASSETS  # noqa: E402
-from sidetune.models import load_model  # noqa: E402
+from sidetune.config import ModelConfig
+from sidetune.data import ASSETS
+from sidetune.models import load_model
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
