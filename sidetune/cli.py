@@ -1,8 +1,13 @@
-"""`sidetune train|eval ...`: the command line. Input errors print one `sidetune: error: ...` line and exit 2."""
+"""`sidetune train|eval|...`: the command line. Input errors print one `sidetune: error: ...` line and exit 2.
+
+train and eval live here; every other subcommand is a module listed in SUBCOMMANDS that defines
+`add_arguments(parser)` and `run(args) -> int`, imported only when that subcommand runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -21,7 +26,19 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a finished run; prints metrics as JSON")
     e.add_argument("run_dir")
     e.add_argument("--data", help="evaluate on this data file instead of the run's data.eval")
+
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        _add_arguments(module)(sub.add_parser(name, help=help_text, description=help_text))
     return p
+
+
+# name -> (module, help). The module defines add_arguments(parser) and run(args) -> int.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+
+
+def _add_arguments(module: str):
+    # Argument definitions are cheap to import; keep heavy imports (torch) inside each module's run().
+    return importlib.import_module(module).add_arguments
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -53,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     datasets.disable_progress_bars()
     try:
+        if args.command in SUBCOMMANDS:
+            return importlib.import_module(SUBCOMMANDS[args.command][0]).run(args)
         return COMMANDS[args.command](args)
     except SidetuneError as e:
         print(f"sidetune: error: {e}", file=sys.stderr)
