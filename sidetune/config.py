@@ -103,7 +103,7 @@ class TrainConfig:
     scheduler: Literal["cosine", "linear", "constant"] = "linear"
     # Clip the global gradient norm; 0 = off.
     max_grad_norm: float = 1.0
-    # auto = bf16 autocast on CUDA with bf16 support, otherwise none; or no, bf16, fp16.
+    # auto = the `accelerate launch` config if any, else bf16 autocast on a bf16-capable GPU, else none; or no, bf16, fp16.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # Recompute backbone activations in backward (transformers' gradient checkpointing) to trade time for memory.
     gradient_checkpointing: bool = False

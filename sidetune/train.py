@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -91,9 +92,11 @@ def make_optimizer(model: nn.Module, method: Any, t: TrainConfig, device: torch.
     return cls(split, **kwargs)
 
 
-def _mixed_precision(t: TrainConfig) -> str:
+def _mixed_precision(t: TrainConfig) -> str | None:
     if t.mixed_precision != "auto":
         return t.mixed_precision
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:
+        return None  # under `accelerate launch`: its config decides
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 

@@ -1,0 +1,65 @@
+"""Model loading: presets on meta, real weights, the new task head, bitsandbytes bases on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import batch_for
+
+from sidetune.config import ModelConfig
+from sidetune.errors import SidetuneError
+from sidetune.models import is_quantized, load_model
+
+
+@pytest.mark.parametrize("preset,params", [("llama-1b", 1.100e9), ("llama-8b", 8.030e9), ("llama-70b", 70.55e9)])
+def test_big_presets_on_meta_have_the_real_shapes(preset, params):
+    model = load_model(ModelConfig(name=preset), "causal_lm", device="meta")
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - params) / params < 0.01, n
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_minilm_head_is_detected_from_missing_keys():
+    model = load_model(ModelConfig(name="minilm"), "classification", num_labels=3)
+    assert model.sidetune_head == ["classifier"]
+    assert model.classifier.out_features == 3
+    # the pretrained pooler is kept, not re-initialised
+    assert "pooler" not in model.sidetune_head
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_quantized_minilm_trains_head_on_cpu(quantize):
+    model = load_model(ModelConfig(name="minilm", quantize=quantize), "classification", num_labels=2)
+    assert is_quantized(model)
+    assert model.classifier.weight.dtype == torch.float32  # the head is never quantized
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.classifier.weight.requires_grad_(True)
+    batch = batch_for(model, "classification")
+    model(**batch).loss.backward()
+    assert model.classifier.weight.grad.abs().sum() > 0
+
+
+def test_nf4_preset_matches_its_float_twin():
+    base = load_model(ModelConfig(name="tiny-llama"), "causal_lm")
+    q = load_model(ModelConfig(name="tiny-llama", quantize="nf4"), "causal_lm")
+    layer = q.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == "Linear4bit" and layer.weight.dtype == torch.uint8
+    batch = batch_for(base, "causal_lm")
+    with torch.no_grad():
+        a, b = base(**batch).logits, q(**batch).logits
+    # The 4-bit weights are the float twin's (same seed) up to NF4 rounding; the logits follow closely.
+    from bitsandbytes.functional import dequantize_4bit
+
+    w = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    ref = base.model.layers[0].self_attn.q_proj.weight
+    assert ((w - ref).norm() / ref.norm()).item() < 0.12
+    assert (a - b).abs().max() > 0
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.97
+
+
+def test_unknown_model_is_one_line(tmp_path):
+    with pytest.raises(SidetuneError, match="does not exist"):
+        load_model(ModelConfig(name=str(tmp_path / "nope")), "causal_lm")
+    with pytest.raises(SidetuneError, match=r"has no config\.json"):
+        load_model(ModelConfig(name=str(tmp_path)), "causal_lm")
