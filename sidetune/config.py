@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -222,6 +223,14 @@ def validate(cfg: Config) -> None:
             raise SidetuneError(f"{key} must be >= 1, got {value}")
     if t.max_steps is not None and t.max_steps < 1:
         raise SidetuneError(f"train.max_steps must be >= 1 (or null to train for train.epochs), got {t.max_steps}")
+    if t.tracker is not None:
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+        if t.tracker not in LOGGER_TYPE_TO_CLASS:
+            raise SidetuneError(f"train.tracker={t.tracker!r} is unknown{_suggest(t.tracker, list(LOGGER_TYPE_TO_CLASS))}; "
+                                f"use one of {', '.join(LOGGER_TYPE_TO_CLASS)} or null")
+        if importlib.util.find_spec(t.tracker) is None:
+            raise SidetuneError(f"train.tracker={t.tracker} needs its package; run: pip install {t.tracker}")
     if t.lr <= 0:
         raise SidetuneError(f"train.lr must be > 0, got {t.lr}")
     if d.task == "seq2seq" and d.completion_template is None and not d.target_field:
