@@ -17,8 +17,10 @@ from typing import ClassVar, Protocol
 
 from torch import nn
 
+from sidetune.methods.adapter import Adapter
 from sidetune.methods.full import Full
 from sidetune.methods.lora import LoRA
+from sidetune.methods.ptuning_v2 import PTuningV2
 
 
 class Method(Protocol):
@@ -35,6 +37,8 @@ class Method(Protocol):
 METHODS: dict[str, type[Method]] = {
     "full": Full,
     "lora": LoRA,
+    "adapter": Adapter,
+    "ptuning_v2": PTuningV2,
 }
 
 
