@@ -118,3 +118,15 @@ def test_non_mergeable_methods_and_bad_targets_fail_in_one_line(tmp_path):
     with pytest.raises(SidetuneError, match="exists and is not empty"):
         export_merged(run, out)
     assert main(["export", str(tmp_path / "nope"), "--merge", str(out)]) == 2
+
+
+def test_int8_base_export(tmp_path):
+    # LLM.int8 also quantizes the activations in the unmerged model, so the float export differs by that rounding.
+    run, _ = _run(tmp_path, "model.name=tiny-llama", "model.quantize=int8", "data.task=causal_lm")
+    out = tmp_path / "merged"
+    assert main(["export", str(run), "--merge", str(out)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    unmerged, _ = load_run(run)
+    batch = batch_for(merged, "causal_lm")
+    expected = _logits(unmerged, batch)
+    assert (_logits(merged, batch) - expected).abs().max() < 0.02 * expected.abs().max()

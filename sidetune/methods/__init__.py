@@ -9,6 +9,9 @@ Optional capabilities the trainer asks for with `getattr`, so that the loop neve
 - `param_groups(model, lr) -> list[dict]`: optimizer parameter groups (LoRA+ gives B a larger learning rate).
 - `backbone_trains: bool` (default True): False when no gradient flows through the backbone (LST), so the backbone
   may run in eval mode with dropout off and gradient checkpointing of it is pointless.
+- `gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)` on the returned module: transformers models have
+  it; a method returning its own module defines it (P-tuning v2 checkpoints each block itself, keeping its prefix).
+- `lm_hidden_states(**inputs)` on the returned module: final hidden states for the chunked LM loss (sidetune.losses).
 """
 
 from __future__ import annotations
