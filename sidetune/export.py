@@ -80,7 +80,6 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "auto", ove
     _strip_quantization(model)
     model.to(save_dtype)
     model.config.dtype = save_dtype
-    model.config.use_cache = True  # training configs may have turned the cache off; inference wants it
     out.mkdir(parents=True, exist_ok=True)
     with _quiet_transformers():
         model.save_pretrained(out)

@@ -68,15 +68,18 @@ def test_qlora_merge_equals_the_run_and_dequantizing_is_the_right_base(tmp_path)
     assert miss > 100 * ours and miss > 1e-3, (miss, ours)
 
 
-@pytest.mark.parametrize("preset,quantize", [("tiny-llama", "nf4"), ("tiny-bert", None)])
-def test_classification_export_keeps_the_trained_head(tmp_path, preset, quantize):
+@pytest.mark.parametrize("preset,task,quantize", [("tiny-llama", "classification", "nf4"),
+                                                  ("tiny-bert", "classification", None),
+                                                  ("tiny-gpt2", "causal_lm", None)])  # GPT-2: Conv1D, W stored as W^T
+def test_export_per_family_keeps_the_trained_head(tmp_path, preset, task, quantize):
     extra = [f"model.quantize={quantize}"] if quantize else []
-    run, _ = _run(tmp_path, f"model.name={preset}", "data.task=classification", *extra)
+    run, _ = _run(tmp_path, f"model.name={preset}", f"data.task={task}", *extra)
     out = tmp_path / "merged"
     assert main(["export", str(run), "--merge", str(out)]) == 0
-    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    merged = auto.from_pretrained(out).eval()
     unmerged, _ = load_run(run)
-    batch = batch_for(merged, "classification")
+    batch = batch_for(merged, task)
     assert_close(_logits(merged, batch), _logits(unmerged, batch), rtol=1e-4, atol=1e-4)
 
 

@@ -9,8 +9,8 @@ An adapter is a small bottleneck MLP with its own skip connection, inserted into
 - pfeiffer: after the FFN output projection only:                                       o -> o + A(o)
 - parallel: beside the whole FFN, reading the FFN's input x:                  FFN(x) -> FFN(x) + s * A(x)
 
-W_up starts at zero (weight and bias), so A = 0 and step 0 equals the frozen model exactly; W_down gets its
-gradient from the first step on, once W_up has moved (as LoRA's A does with B = 0).
+W_up starts at zero (weight and bias), so A = 0 and step 0 equals the frozen model exactly. W_up gets a gradient at
+step 0; W_down's is zero until W_up has moved, one step later (as LoRA's A with B = 0).
 
 Where the adapter sits relative to residual + LayerNorm, per family (all as in Houlsby's Figure 2: the adapter's
 output joins the sublayer output BEFORE the residual add and the LayerNorm):
