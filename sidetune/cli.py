@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # name -> (module, help). The module defines add_arguments(parser) and run(args) -> int.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("sidetune.export", "merge a LoRA/QLoRA run into its base weights and save a plain Hugging Face model"),
+}
 
 
 def _add_arguments(module: str):

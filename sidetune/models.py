@@ -240,7 +240,8 @@ def _new_modules(model: nn.Module, missing_keys: set[str] | list[str]) -> list[s
 
 def _build_preset(cfg: ModelConfig, auto, task_kwargs: dict[str, Any], device: torch.device) -> nn.Module:
     model_type, kwargs, _ = PRESETS[cfg.name]
-    config = AutoConfig.for_model(model_type, **kwargs, **task_kwargs)
+    # The task (tokenizer pad id, labels) overrides the preset: tiny-gpt2 sets a pad_token_id of its own.
+    config = AutoConfig.for_model(model_type, **{**kwargs, **task_kwargs})
     if config.pad_token_id is None:
         config.pad_token_id = 0
     dtype = resolve_dtype(cfg.dtype, device)

@@ -24,6 +24,11 @@ CASES: dict[str, tuple[dict, list[tuple[str, str]]]] = {
     "lora": ({"targets": ["all-linear"]}, [("tiny-llama", "causal_lm"), ("tiny-llama", "classification"),
                                            ("tiny-bert", "classification"), ("tiny-gpt2", "causal_lm"),
                                            ("tiny-t5", "seq2seq")]),
+    "adapter": ({}, [("tiny-llama", "causal_lm"), ("tiny-llama", "classification"), ("tiny-bert", "classification"),
+                     ("tiny-gpt2", "causal_lm"), ("tiny-t5", "seq2seq")]),
+    # zero_init_attention: a prefix under P-tuning v2's joint softmax cannot be invisible (see ptuning_v2.py).
+    "ptuning_v2": ({"zero_init_attention": True}, [("tiny-llama", "causal_lm"), ("tiny-llama", "classification"),
+                                                   ("tiny-bert", "classification"), ("tiny-gpt2", "causal_lm")]),
 }
 
 

@@ -9,6 +9,9 @@ Optional capabilities the trainer asks for with `getattr`, so that the loop neve
 - `param_groups(model, lr) -> list[dict]`: optimizer parameter groups (LoRA+ gives B a larger learning rate).
 - `backbone_trains: bool` (default True): False when no gradient flows through the backbone (LST), so the backbone
   may run in eval mode with dropout off and gradient checkpointing of it is pointless.
+- `gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)` on the returned module: transformers models have
+  it; a method returning its own module defines it (P-tuning v2 checkpoints each block itself, keeping its prefix).
+- `lm_hidden_states(**inputs)` on the returned module: final hidden states for the chunked LM loss (sidetune.losses).
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from typing import ClassVar, Protocol
 
 from torch import nn
 
+from sidetune.methods.adapter import Adapter
 from sidetune.methods.full import Full
 from sidetune.methods.lora import LoRA
+from sidetune.methods.ptuning_v2 import PTuningV2
 
 
 class Method(Protocol):
@@ -35,6 +40,8 @@ class Method(Protocol):
 METHODS: dict[str, type[Method]] = {
     "full": Full,
     "lora": LoRA,
+    "adapter": Adapter,
+    "ptuning_v2": PTuningV2,
 }
 
 

@@ -1,0 +1,129 @@
+"""`sidetune export RUN_DIR --merge OUT`: fold a run's LoRA updates into the base weights and save a plain Hugging Face
+model + tokenizer, which `AutoModelFor*.from_pretrained(OUT)` loads with no sidetune, no PEFT and no bitsandbytes:
+zero extra latency at inference.
+
+On a 4-bit (QLoRA) or 8-bit base the merge is W' = dequantize(W_q) + (alpha / r) B A, computed in float32, then
+cast to the export dtype. Why dequantize rather than reload the original high-precision W: the run trained and
+evaluated the function W_q x + BAx. B A was fitted on top of W_q and partly compensates its rounding error, so
+W + B A is a model nobody trained or evaluated (it differs from the run by W - W_q in every layer), while
+dequantize(W_q) + B A reproduces the run's model up to float rounding (tests/test_export.py measures both). The
+price: the exported weights keep NF4's rounding, so they are exactly as good as the 4-bit model, not better.
+
+Only updates that are linear in the weights merge: LoRA (and full fine-tuning, which has nothing to merge).
+Adapters, P-tuning v2 and LST add computation that no weight matrix can absorb; for them export fails with one line
+and the run is served with `sidetune.load(RUN_DIR)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sidetune.errors import SidetuneError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a finished sidetune run (its directory or its final/ directory)")
+    p.add_argument("--merge", metavar="OUT", required=True,
+                   help="write the merged model + tokenizer here (a plain Hugging Face directory)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="dtype of the saved weights; auto = the dtype of the run's unquantized weights")
+    p.add_argument("--overwrite", action="store_true", help="write into OUT even if it is not empty")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = export_merged(args.run_dir, args.merge, args.dtype, args.overwrite)
+    print(f"sidetune: merged model written to {out}")
+    return 0
+
+
+def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "auto", overwrite: bool = False) -> Path:
+    """Merge the run's trained weights into its base model and save model + tokenizer to `out`. Returns `out`."""
+    import torch
+
+    from sidetune.methods import build_method
+    from sidetune.methods._inject import replace_module
+    from sidetune.methods.lora import LoRALinear, merge_and_unwrap
+    from sidetune.models import _quiet_transformers, load_model, load_tokenizer
+    from sidetune.train import load_trainable, run_config
+
+    cfg, weights = run_config(run_dir)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise SidetuneError(f"export target {str(out)!r} exists and is not empty; pick a new directory or pass "
+                            f"--overwrite")
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, cfg.data.task, cfg.data.num_labels, "cpu", tokenizer.pad_token_id)
+    loaded = {id(m) for m in model.modules()}
+    trained = build_method(cfg.method).apply(model)
+    # Mergeable = the method returned the model itself and created no module except LoRA wrappers (and their A/B).
+    lora_parts = {id(m) for w in trained.modules() if isinstance(w, LoRALinear) for m in w.modules()}
+    extra = [n or "<root>" for n, m in trained.named_modules() if id(m) not in loaded and id(m) not in lora_parts]
+    if extra:
+        raise SidetuneError(
+            f"method {cfg.method.name!r} cannot be merged into the base weights (only LoRA updates are linear in "
+            f"them); serve the run with sidetune.load({str(run_dir)!r}) instead")
+    load_trainable(model, weights)
+
+    save_dtype = model.get_input_embeddings().weight.dtype if dtype == "auto" else getattr(torch, dtype)
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if _is_quantized_linear(module):  # wrapped by LoRA or not: every layer of a 4/8-bit base
+                replace_module(model, name, float32_linear(module))
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                # Merge in float32: a bf16 add of a small B A onto W loses most of the update's low bits.
+                module.base = float32_linear(module.base)
+        merge_and_unwrap(model)
+    _strip_quantization(model)
+    model.to(save_dtype)
+    model.config.dtype = save_dtype
+    out.mkdir(parents=True, exist_ok=True)
+    with _quiet_transformers():
+        model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _is_quantized_linear(module) -> bool:
+    weight = getattr(module, "weight", None)
+    return weight is not None and hasattr(module, "in_features") and not weight.is_floating_point()
+
+
+def float32_linear(layer):
+    """A float32 copy of a linear layer: dequantized from bitsandbytes 4-bit/8-bit storage, or upcast."""
+    import torch
+    from torch import nn
+
+    if not _is_quantized_linear(layer):
+        return layer.to(torch.float32)  # nn.Linear or GPT-2's Conv1D: upcast in place
+    import bitsandbytes as bnb
+
+    w = layer.weight
+    if getattr(w, "quant_state", None) is not None:  # Params4bit (NF4 / FP4, with or without double quantization)
+        weight = bnb.functional.dequantize_4bit(w.data, w.quant_state)
+    else:  # Int8Params: int8 rows with one absmax scale each
+        scb = getattr(w, "SCB", None)
+        if scb is None:
+            scb = layer.state.SCB
+        weight = bnb.functional.int8_vectorwise_dequant(w.data, scb)
+    new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device,
+                    dtype=torch.float32)
+    new.weight.copy_(weight.reshape(layer.out_features, layer.in_features).float())
+    if layer.bias is not None:
+        new.bias.copy_(layer.bias.float())
+    new.requires_grad_(False)
+    return new
+
+
+def _strip_quantization(model) -> None:
+    """Forget that the model was loaded quantized, so that save_pretrained writes (and from_pretrained reads) a plain
+    float checkpoint."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized", "quantization_method"):
+        if attr in vars(model):
+            delattr(model, attr)
