@@ -78,17 +78,17 @@ def make_optimizer(model: nn.Module, method: Any, t: TrainConfig, device: torch.
             if params:
                 split.append({**g, "params": params, "weight_decay": t.weight_decay if decay else 0.0})
     kwargs = {"lr": t.lr, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_eps}
-    if t.optimizer == "adamw":
+    name = t.optimizer
+    if name.startswith("paged_") and device.type != "cuda":
+        # Paged optimizers page state to host memory via CUDA unified memory; on CPU there is nothing to page.
+        name = {"paged_adamw_32bit": "adamw", "paged_adamw_8bit": "adamw_8bit"}[name]
+        print(f"sidetune: train.optimizer={t.optimizer} needs CUDA; using {name} on CPU")
+    if name == "adamw":
         return torch.optim.AdamW(split, fused=device.type == "cuda", **kwargs)
     import bitsandbytes as bnb
 
-    if t.optimizer.startswith("paged") and device.type != "cuda":
-        # Paged optimizers page state to host memory via CUDA unified memory; on CPU there is nothing to page.
-        print(f"sidetune: train.optimizer={t.optimizer} needs CUDA; using {t.optimizer.replace('paged_', '')} on CPU")
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[t.optimizer]
-    if device.type != "cuda":
-        cls = {"paged_adamw_32bit": torch.optim.AdamW, "paged_adamw_8bit": bnb.optim.AdamW8bit}.get(t.optimizer, cls)
+           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
     return cls(split, **kwargs)
 
 
