@@ -19,6 +19,7 @@ from torch import nn
 
 from sidetune.methods.full import Full
 from sidetune.methods.lora import LoRA
+from sidetune.methods.lst import LST
 
 
 class Method(Protocol):
@@ -35,6 +36,7 @@ class Method(Protocol):
 METHODS: dict[str, type[Method]] = {
     "full": Full,
     "lora": LoRA,
+    "lst": LST,
 }
 
 
