@@ -240,7 +240,7 @@ def _new_modules(model: nn.Module, missing_keys: set[str] | list[str]) -> list[s
 
 def _build_preset(cfg: ModelConfig, auto, task_kwargs: dict[str, Any], device: torch.device) -> nn.Module:
     model_type, kwargs, _ = PRESETS[cfg.name]
-    config = AutoConfig.for_model(model_type, **kwargs, **task_kwargs)
+    config = AutoConfig.for_model(model_type, **{**kwargs, **task_kwargs})  # the task (tokenizer) pad id wins
     if config.pad_token_id is None:
         config.pad_token_id = 0
     dtype = resolve_dtype(cfg.dtype, device)
