@@ -250,7 +250,7 @@ class SideStack(nn.Module):
             # A fixed, evenly spaced subset of the backbone's rotary frequencies: the kept query/key dims rotate as
             # they did in the backbone (pruning keeps exactly these frequency pairs). Recomputed, not saved.
             half = stack.inv_freq.numel()
-            inv_freq = stack.inv_freq[rope_indices(half, side.head_dim // 2)]
+            inv_freq = stack.inv_freq[rope_indices(half, side.head_dim // 2).to(stack.inv_freq.device)]
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_scaling = stack.rope_scaling
 
@@ -302,4 +302,5 @@ class SideStack(nn.Module):
 
 def rope_indices(half: int, keep: int) -> torch.Tensor:
     """`keep` evenly spaced indices out of `half` rotary frequencies (fast and slow ones both survive)."""
-    return torch.linspace(0, half - 1, keep).round().long().unique()
+    # keep <= half, so the rounded points are distinct. Built on the CPU: this also runs under a meta device context.
+    return torch.linspace(0, half - 1, keep, device="cpu").round().long()

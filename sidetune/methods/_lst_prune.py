@@ -175,7 +175,7 @@ def init_pruned(side: SideStack, stack: Stack, side_shape: BlockShape, keep: tor
         block.load_state_dict(prune_block(w, keep, stack.shape, side_shape))
     for ladder in side.ladders:
         ladder.weight.zero_()
-        ladder.weight[torch.arange(len(keep)), keep] = 1.0
+        ladder.weight[torch.arange(len(keep), device=keep.device), keep] = 1.0
         ladder.bias.zero_()
     if stack.final_norm is not None:
         side.norm.weight.copy_(stack.final_norm.weight.detach().float()[keep])
