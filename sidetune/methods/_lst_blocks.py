@@ -12,6 +12,7 @@ modeling code.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
 
@@ -129,6 +130,47 @@ def _stack(body: nn.Module, layers: nn.ModuleList, c, causal: bool, cross: bool)
                        1.0, causal, cross, False,
                        (c.relative_attention_num_buckets, c.relative_attention_max_distance))
     return Stack(layers, body.final_layer_norm, shape)
+
+
+def tapped_layers(spec: str | list[int], n: int | None) -> list[int]:
+    """Block indices for `side_layers` on a stack of n blocks (n=None: check the syntax only)."""
+    if isinstance(spec, str):
+        every = spec.removeprefix("every:")
+        if spec != "all" and not (spec.startswith("every:") and every.isdigit() and int(every) >= 1):
+            raise SidetuneError(f"method.side_layers={spec!r} is not understood; use all, every:K (e.g. every:2) or "
+                                f"a list of block indices like [0, 2, 5]")
+        k = 1 if spec == "all" else int(every)
+        return [] if n is None else [i for i in range(n) if (n - 1 - i) % k == 0]
+    if not spec:
+        raise SidetuneError("method.side_layers is an empty list; name at least one block")
+    if n is None:
+        return []
+    bad = [i for i in spec if not -n <= i < n]
+    if bad:
+        raise SidetuneError(f"method.side_layers={spec} names block {bad[0]}, but the model has {n} (0..{n - 1})")
+    return sorted({i % n for i in spec})
+
+
+@contextlib.contextmanager
+def capture(layers: nn.ModuleList, tapped: list[int]):
+    """Record the input of the first block (the embeddings) as taps[-1] and the outputs of the tapped blocks."""
+    taps: dict[int, torch.Tensor] = {}
+
+    def first(module, args, kwargs):
+        taps[-1] = args[0] if args else kwargs["hidden_states"]
+
+    def output(i):
+        def hook(module, args, out):
+            taps[i] = out[0] if isinstance(out, tuple) else out
+        return hook
+
+    handles = [layers[0].register_forward_pre_hook(first, with_kwargs=True)]
+    handles += [layers[i].register_forward_hook(output(i)) for i in tapped]
+    try:
+        yield taps
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ with train.loss_chunk_size). `generate` is a simple loop without a KV cache (one
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -33,7 +32,7 @@ from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput, Seque
 
 from sidetune.errors import SidetuneError
 from sidetune.methods._inject import freeze, head_module_names
-from sidetune.methods._lst_blocks import SideStack, Stack, stacks_of
+from sidetune.methods._lst_blocks import SideStack, Stack, capture, stacks_of, tapped_layers
 from sidetune.methods._lst_prune import init_pruned, keep_hidden
 from sidetune.models import HEAD_NAMES
 
@@ -78,47 +77,6 @@ class LSTConfig:
         tapped_layers(self.side_layers, None)  # syntax check now; the range is checked against the model
 
 
-def tapped_layers(spec: str | list[int], n: int | None) -> list[int]:
-    """Block indices for `side_layers` on a stack of n blocks (n=None: check the syntax only)."""
-    if isinstance(spec, str):
-        every = spec.removeprefix("every:")
-        if spec != "all" and not (spec.startswith("every:") and every.isdigit() and int(every) >= 1):
-            raise SidetuneError(f"method.side_layers={spec!r} is not understood; use all, every:K (e.g. every:2) or "
-                                f"a list of block indices like [0, 2, 5]")
-        k = 1 if spec == "all" else int(every)
-        return [] if n is None else [i for i in range(n) if (n - 1 - i) % k == 0]
-    if not spec:
-        raise SidetuneError("method.side_layers is an empty list; name at least one block")
-    if n is None:
-        return []
-    bad = [i for i in spec if not -n <= i < n]
-    if bad:
-        raise SidetuneError(f"method.side_layers={spec} names block {bad[0]}, but the model has {n} (0..{n - 1})")
-    return sorted({i % n for i in spec})
-
-
-@contextlib.contextmanager
-def capture(layers: nn.ModuleList, tapped: list[int]):
-    """Record the input of the first block (the embeddings) as taps[-1] and the outputs of the tapped blocks."""
-    taps: dict[int, torch.Tensor] = {}
-
-    def first(module, args, kwargs):
-        taps[-1] = args[0] if args else kwargs["hidden_states"]
-
-    def output(i):
-        def hook(module, args, out):
-            taps[i] = out[0] if isinstance(out, tuple) else out
-        return hook
-
-    handles = [layers[0].register_forward_pre_hook(first, with_kwargs=True)]
-    handles += [layers[i].register_forward_hook(output(i)) for i in tapped]
-    try:
-        yield taps
-    finally:
-        for h in handles:
-            h.remove()
-
-
 class TaskHead(nn.Module):
     """Logits and loss from the merged hidden state, through the backbone's own LM head or classifier.
 
@@ -153,8 +111,7 @@ class TaskHead(nn.Module):
         return (CausalLMOutput if self.task == "causal_lm" else Seq2SeqLMOutput)(loss=loss, logits=logits)
 
     def _classify(self, hidden, labels, attention_mask):
-        how = self.pooling if self.pooling != "auto" else ("first" if self.backbone.config.model_type == "bert"
-                                                           else "last")
+        how = self.pooling
         if how == "first":
             pooled = hidden[:, 0]
         elif how == "mean":
@@ -203,7 +160,9 @@ class LSTModel(nn.Module):
             self.up = nn.Linear(shapes[-1].d, d, bias=False)
         self.side_encoder = sides[0] if len(sides) == 2 else None
         self.side = sides[-1]
-        self.head = TaskHead(backbone, task, cfg.pooling)
+        # auto pooling: an encoder's first token ([CLS]); a decoder's last real token, the only one that saw them all.
+        pooling = cfg.pooling if cfg.pooling != "auto" else ("last" if self.stacks[-1].shape.causal else "first")
+        self.head = TaskHead(backbone, task, pooling)
         keep = None
         if cfg.init == "pruned" and device.type != "meta":  # on meta (memory accounting) only shapes matter
             keep = keep_hidden(self.stacks, tapped, shapes[-1].d).to(device)
