@@ -78,6 +78,9 @@ def test_backbone_gets_no_grad_and_stores_nothing(preset, task, quantize):
     taps = sum(len(s.tapped) + 1 for s in (model.side_encoder, model.side) if s is not None)
     assert saved["method"] >= taps * b * t * d * 4 * (0.5 if task == "seq2seq" else 1)
     assert saved["head"] > 0
+    if task != "classification":  # logits and loss are the head's cost, not the side network's
+        assert saved["head"] >= b * (t // 2 if task == "seq2seq" else t - 1) * base.config.vocab_size * 4
+        assert saved["method"] < b * t * base.config.vocab_size * 4
     # Backbone dropout is off: the backbone stays in eval mode while the side network trains.
     assert not model.backbone.training and model.side.training
 
