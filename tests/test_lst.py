@@ -355,3 +355,31 @@ def test_lst_smollm2_lowers_eval_loss(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert len(evals) == 2 and evals[-1] < evals[0], evals
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qlst_on_cuda_bf16():
+    """Q-LST as on a GPU: NF4 base with bf16 compute, bf16 autocast, chunked loss; nothing saved in the backbone and
+    step 0 equal to the frozen model's forward."""
+    from sidetune.config import ModelConfig
+    from sidetune.models import load_model
+
+    base = load_model(ModelConfig(name="tiny-llama", quantize="nf4"), "causal_lm", device="cuda").eval()
+    backbone = snapshot_modules(base)
+    batch = {k: v.cuda() for k, v in batch_for(base, "causal_lm", seq=64).items()}
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = base(**batch).logits
+    model = LST(LSTConfig(side_layers="every:2")).apply(base)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert_close(model.eval()(**batch).logits, expected, rtol=1e-3, atol=1e-3)
+    model.train()
+    _randomize_trainable(model)
+    chunked = ChunkedLMLoss(model, chunk_size=32)
+    roles = {**module_roles(model, backbone, base), id(chunked): "head"}
+    with SavedTensorTracker(chunked, roles) as tracker, torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = chunked(**batch).loss
+    loss.backward()
+    assert tracker.by_role()["backbone"] == 0 and torch.isfinite(loss)
+    for p in trainable_parameters(model).values():
+        assert p.dtype == torch.float32 and p.is_cuda and p.grad is not None and torch.isfinite(p.grad).all()
