@@ -64,7 +64,8 @@ def module_roles(module: torch.nn.Module, backbone_ids: set[int], loaded_root: t
         head |= {id(m) for m in out_emb.modules()}
     roles = {}
     for m in module.modules():
-        if id(m) in head or type(m).__name__ == "ChunkedLMLoss":
+        # A method's module may declare `sidetune_role = "head"` (LST's task head computes logits and loss).
+        if id(m) in head or type(m).__name__ == "ChunkedLMLoss" or getattr(m, "sidetune_role", None) == "head":
             roles[id(m)] = "head"
         else:
             roles[id(m)] = "backbone" if id(m) in backbone_ids else "method"

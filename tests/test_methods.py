@@ -29,6 +29,11 @@ CASES: dict[str, tuple[dict, list[tuple[str, str]]]] = {
     # zero_init_attention: a prefix under P-tuning v2's joint softmax cannot be invisible (see ptuning_v2.py).
     "ptuning_v2": ({"zero_init_attention": True}, [("tiny-llama", "causal_lm"), ("tiny-llama", "classification"),
                                                    ("tiny-bert", "classification"), ("tiny-gpt2", "causal_lm")]),
+    # LM tasks only: for classification LST's classifier reads its own pooling of h_final + side (e.g. the last real
+    # token by attention mask), not transformers' pooler, so step 0 is a different (linear-probe) model by design;
+    # tests/test_lst.py checks gradients and saved tensors for classification.
+    "lst": ({"side_layers": "every:2"}, [("tiny-llama", "causal_lm"), ("tiny-gpt2", "causal_lm"),
+                                         ("tiny-t5", "seq2seq")]),
 }
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from sidetune.methods.adapter import Adapter
 from sidetune.methods.full import Full
 from sidetune.methods.lora import LoRA
+from sidetune.methods.lst import LST
 from sidetune.methods.ptuning_v2 import PTuningV2
 
 
@@ -42,6 +43,7 @@ METHODS: dict[str, type[Method]] = {
     "lora": LoRA,
     "adapter": Adapter,
     "ptuning_v2": PTuningV2,
+    "lst": LST,
 }
 
 

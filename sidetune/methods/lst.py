@@ -1,0 +1,318 @@
+"""LST: ladder side-tuning (Sung, Cho & Bansal, 2022, arXiv 2206.06522); Q-LST when the backbone is 4-bit, as in
+QST (Zhang et al., 2024, arXiv 2401.07159).
+
+A side network of width d/r runs beside the frozen backbone and reads the output h_i of each tapped backbone block
+through a trainable ladder (a down-projection d -> d/r and a learned gate):
+
+    s = down_0(embeddings)
+    for each tapped block i:   s = g_i * s + (1 - g_i) * down_i(h_i),   g_i = sigmoid(alpha_i / T)   (alpha_i = 0)
+                               s = side_block_i(s)
+    out = up(norm(s))                                                                          (d/r -> d)
+
+Causal LM / seq2seq: logits = lm_head(h_final + out), with up = 0 at the start, so step 0 is exactly the frozen model.
+Classification: the (trainable) classifier reads pool(h_final + out) (`classifier_input: sum`, a linear probe of the
+frozen features at step 0) or pool(out) alone (`side`, the LST paper's setting). T5: the side decoder cross-attends
+to the side encoder. The side blocks start as a structurally pruned copy of the backbone blocks (`_lst_prune.py`).
+
+The backbone runs under torch.no_grad and in eval mode: nothing in it requires grad, autograd saves nothing inside it
+and backward never enters it. What a training step still stores: one B x T x d ladder input per tapped block (down_i
+needs it for its weight gradient), the side network's activations (width d/r) and the LM head's logits (chunk those
+with train.loss_chunk_size). `generate` is a simple loop without a KV cache (one full forward per new token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput, SequenceClassifierOutput
+
+from sidetune.errors import SidetuneError
+from sidetune.methods._inject import freeze, head_module_names
+from sidetune.methods._lst_blocks import SideStack, Stack, capture, stacks_of, tapped_layers
+from sidetune.methods._lst_prune import init_pruned, keep_hidden
+from sidetune.models import HEAD_NAMES
+
+
+@dataclass
+class LSTConfig:
+    name: Literal["lst"] = "lst"
+    # Reduction factor: side blocks are d/r wide, with head dims and MLP width divided by r (the paper: 8; QST: 16).
+    r: int = 8
+    # Backbone blocks that feed a ladder and get a side block: "all", "every:K" (every K-th block counting back from
+    # the last, which is always tapped) or a list of block indices (negative = from the end). T5: for both stacks.
+    side_layers: str | list[int] = "all"
+    # pruned: side blocks, norms and ladders cut from the backbone by L1 structural pruning (the paper's choice);
+    # random: PyTorch's default init.
+    init: Literal["pruned", "random"] = "pruned"
+    # Gate temperature T in g = sigmoid(alpha / T).
+    gate_temperature: float = 0.1
+    # Initial alpha of every gate (0 -> g = 0.5: half side state, half ladder input).
+    gate_init: float = 0.0
+    # Dropout inside the side network (attention probabilities and residual branches).
+    dropout: float = 0.0
+    # Run the backbone in train mode, dropout on. Off by default: no gradient reaches it, so its dropout only adds
+    # noise to the ladder inputs.
+    backbone_dropout: bool = False
+    # Recompute the side blocks in backward (the backbone is never recomputed: it stores nothing).
+    gradient_checkpointing: bool = False
+    # torch.compile each side block: small blocks are launch-bound on a GPU.
+    compile: bool = False
+    # Classification: the classifier reads the backbone's final hidden state plus the side output (sum) or the side
+    # output alone (side).
+    classifier_input: Literal["sum", "side"] = "sum"
+    # Classification pooling: auto (first token for encoders, last real token for decoders), first, last or mean.
+    pooling: Literal["auto", "first", "last", "mean"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise SidetuneError(f"method.r must be >= 1, got {self.r}")
+        if self.gate_temperature <= 0:
+            raise SidetuneError(f"method.gate_temperature must be > 0, got {self.gate_temperature}")
+        if not 0 <= self.dropout < 1:
+            raise SidetuneError(f"method.dropout must be in [0, 1), got {self.dropout}")
+        tapped_layers(self.side_layers, None)  # syntax check now; the range is checked against the model
+
+
+class TaskHead(nn.Module):
+    """Logits and loss from the merged hidden state, through the backbone's own LM head or classifier.
+
+    Its role in the memory accounting is "head" (the logits and the loss are not the side network's cost). It holds
+    the backbone by reference, not as a child: the backbone is registered once, under LSTModel.backbone.
+    """
+
+    sidetune_role: ClassVar[str] = "head"
+
+    def __init__(self, backbone: nn.Module, task: str, pooling: str) -> None:
+        super().__init__()
+        self.__dict__["backbone"] = backbone
+        self.task, self.pooling = task, pooling
+        self.classifier = next((n for n in HEAD_NAMES if hasattr(backbone, n)), None)
+        c = backbone.config
+        # T5 with tied embeddings rescales the decoder output before the LM head.
+        self.scale = c.d_model**-0.5 if task == "seq2seq" and getattr(c, "scale_decoder_outputs", False) else None
+
+    def forward(self, hidden, labels, attention_mask):
+        if self.task == "classification":
+            return self._classify(hidden, labels, attention_mask)
+        if self.scale is not None:
+            hidden = hidden * self.scale
+        logits = self.backbone.get_output_embeddings()(hidden)
+        loss = None
+        if labels is not None:
+            if self.task == "causal_lm":  # next-token: position t predicts token t + 1
+                logits_, labels_ = logits[:, :-1], labels[:, 1:]
+            else:
+                logits_, labels_ = logits, labels
+            loss = F.cross_entropy(logits_.flatten(0, 1).float(), labels_.flatten(), ignore_index=-100)
+        return (CausalLMOutput if self.task == "causal_lm" else Seq2SeqLMOutput)(loss=loss, logits=logits)
+
+    def _classify(self, hidden, labels, attention_mask):
+        how = self.pooling
+        if how == "first":
+            pooled = hidden[:, 0]
+        elif how == "mean":
+            m = attention_mask[..., None].to(hidden.dtype) if attention_mask is not None else None
+            pooled = hidden.mean(1) if m is None else (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        else:  # the rightmost real token (works with left and right padding)
+            if attention_mask is None:
+                pooled = hidden[:, -1]
+            else:
+                pos = torch.arange(hidden.shape[1], device=hidden.device)
+                last = (pos * attention_mask.to(pos.dtype)).argmax(-1)
+                pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        head = getattr(self.backbone, self.classifier)
+        logits = head(pooled.to(next(head.parameters()).dtype))
+        loss = None
+        if labels is not None:
+            n = logits.shape[-1]
+            kind = self.backbone.config.problem_type or (
+                "regression" if n == 1 else
+                "single_label_classification" if not labels.is_floating_point() else "multi_label_classification")
+            if kind == "regression":
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            elif kind == "single_label_classification":
+                loss = F.cross_entropy(logits.float(), labels)
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class LSTModel(nn.Module):
+    """The module LST trains: the frozen backbone (run without grad), the side network(s), `up` and the task head."""
+
+    def __init__(self, backbone: nn.Module, cfg: LSTConfig, task: str) -> None:
+        super().__init__()
+        self.backbone, self.cfg, self.task = backbone, cfg, task
+        self.stacks: list[Stack] = stacks_of(backbone)
+        d = self.stacks[-1].shape.d
+        if d // cfg.r < 1:
+            raise SidetuneError(f"method.r={cfg.r} leaves no width of the model's {d}; use r <= {d}")
+        shapes = [s.shape.reduced(cfg.r) for s in self.stacks]
+        tapped = [tapped_layers(cfg.side_layers, len(s.layers)) for s in self.stacks]
+        device = next(backbone.parameters()).device
+        with torch.device(device):  # side modules are born on the backbone's device, in fp32 (master weights)
+            sides = [SideStack(st, sh, tp, cfg.gate_temperature, cfg.gate_init, cfg.dropout)
+                     for st, sh, tp in zip(self.stacks, shapes, tapped)]
+            self.up = nn.Linear(shapes[-1].d, d, bias=False)
+        self.side_encoder = sides[0] if len(sides) == 2 else None
+        self.side = sides[-1]
+        # auto pooling: an encoder's first token ([CLS]); a decoder's last real token, the only one that saw them all.
+        pooling = cfg.pooling if cfg.pooling != "auto" else ("last" if self.stacks[-1].shape.causal else "first")
+        self.head = TaskHead(backbone, task, pooling)
+        keep = None
+        if cfg.init == "pruned" and device.type != "meta":  # on meta (memory accounting) only shapes matter
+            keep = keep_hidden(self.stacks, tapped, shapes[-1].d).to(device)
+            for side, stack, shape in zip(sides, self.stacks, shapes):
+                init_pruned(side, stack, shape, keep)
+        with torch.no_grad():
+            if task != "classification" or cfg.classifier_input == "sum":
+                self.up.weight.zero_()  # the side output starts at exactly 0: step 0 is the frozen model
+            elif keep is not None:
+                self.up.weight.zero_()
+                self.up.weight[keep, torch.arange(len(keep), device=device)] = 1.0  # back to the kept coordinates
+        if cfg.gradient_checkpointing:
+            self.gradient_checkpointing_enable()
+        if cfg.compile:
+            for side in sides:
+                for block in side.blocks:
+                    block.compile()
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def train(self, mode: bool = True) -> LSTModel:
+        super().train(mode)
+        if not self.cfg.backbone_dropout:
+            self.backbone.eval()  # no gradient flows into it, so its dropout would only be noise
+        return self
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """train.gradient_checkpointing for LST: recompute the side blocks only (the backbone stores nothing)."""
+        for side in (self.side_encoder, self.side):
+            if side is not None:
+                side.checkpointing = True
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.backbone.get_output_embeddings()
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, decoder_input_ids=None,
+                decoder_attention_mask=None, **kwargs):
+        if self.side_encoder is None:
+            hidden = self.lm_hidden_states(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        else:
+            enc, side_enc = self.encode(input_ids, attention_mask)
+            if decoder_input_ids is None:
+                decoder_input_ids = self.backbone.prepare_decoder_input_ids_from_labels(labels)
+            hidden = self.decode(decoder_input_ids, enc, side_enc, attention_mask, decoder_attention_mask)
+        return self.head(hidden, labels, attention_mask)
+
+    def lm_hidden_states(self, input_ids=None, attention_mask=None, **kwargs) -> torch.Tensor:
+        """The merged final hidden state (the chunked LM loss applies the LM head to it itself)."""
+        if self.side_encoder is not None:
+            raise SidetuneError("lm_hidden_states is for decoder-only models; T5 goes through forward()")
+        final, taps = self._backbone(0, self.backbone.base_model,
+                                     dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs))
+        return self._merge(final, self.side(taps[0], taps[1:], attention_mask))
+
+    def encode(self, input_ids, attention_mask):
+        """T5: the backbone encoder's output and the side encoder's."""
+        final, taps = self._backbone(0, self.backbone.encoder, dict(input_ids=input_ids, attention_mask=attention_mask))
+        return final, self.side_encoder(taps[0], taps[1:], attention_mask)
+
+    def decode(self, decoder_input_ids, enc, side_enc, attention_mask, decoder_attention_mask):
+        """T5: the merged decoder hidden state; the side decoder cross-attends to the side encoder."""
+        final, taps = self._backbone(1, self.backbone.decoder, dict(
+            input_ids=decoder_input_ids, attention_mask=decoder_attention_mask, encoder_hidden_states=enc,
+            encoder_attention_mask=attention_mask))
+        side = self.side(taps[0], taps[1:], decoder_attention_mask, enc=side_enc, enc_mask=attention_mask)
+        return self._merge(final, side)
+
+    def _backbone(self, k: int, body: nn.Module, inputs: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        side = self.side if self.side_encoder is None or k == 1 else self.side_encoder
+        # no_grad, not inference_mode: the ladder inputs must stay usable as saved tensors of down_i.
+        with torch.no_grad(), capture(self.stacks[k].layers, side.tapped) as taps:
+            final = body(**inputs, use_cache=False).last_hidden_state
+        return final, [taps[-1]] + [taps[i] for i in side.tapped]
+
+    def _merge(self, final: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        out = self.up(side)
+        if self.task == "classification" and self.cfg.classifier_input == "side":
+            return out
+        return final + out.to(final.dtype)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, eos_token_id=None,
+                 pad_token_id: int | None = None) -> torch.Tensor:
+        """Greedy or sampled decoding with the side network attached. Simple and correct, not fast: each row is
+        decoded alone (no padding effects) and every new token reruns the full forward (no KV cache). Returns the
+        prompt plus the new tokens for causal LMs, the decoder sequence for T5, right-padded with `pad_token_id`."""
+        if self.task == "classification":
+            raise SidetuneError("generate needs a causal_lm or seq2seq model; this LST model classifies")
+        c = self.config
+        eos = c.eos_token_id if eos_token_id is None else eos_token_id
+        eos = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+        pad = pad_token_id if pad_token_id is not None else (c.pad_token_id if c.pad_token_id is not None
+                                                             else next(iter(eos), 0))
+        rows = []
+        for b in range(input_ids.shape[0]):
+            ids = input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]
+            if self.side_encoder is not None:
+                enc, side_enc = self.encode(ids[None], None)
+                seq = torch.full((1, 1), c.decoder_start_token_id, dtype=ids.dtype, device=ids.device)
+
+                def step(s, enc=enc, side_enc=side_enc):
+                    return self.head(self.decode(s, enc, side_enc, None, None), None, None).logits[:, -1]
+            else:
+                seq = ids[None]
+
+                def step(s):
+                    return self(input_ids=s).logits[:, -1]
+            for _ in range(max_new_tokens):
+                logits = step(seq).float()
+                if do_sample:
+                    logits = logits / max(temperature, 1e-5)
+                    if top_k:
+                        logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
+                    token = torch.multinomial(logits.softmax(-1), 1)
+                else:
+                    token = logits.argmax(-1, keepdim=True)
+                seq = torch.cat((seq, token.to(seq.dtype)), dim=1)
+                if token.item() in eos:
+                    break
+            rows.append(seq[0])
+        width = max(len(r) for r in rows)
+        return torch.stack([F.pad(r, (0, width - len(r)), value=pad) for r in rows])
+
+
+def _task(model: nn.Module) -> str:
+    if any(hasattr(model, n) for n in HEAD_NAMES):
+        if model.config.is_encoder_decoder:
+            raise SidetuneError("LST on an encoder-decoder model supports data.task=seq2seq only")
+        return "classification"
+    return "seq2seq" if model.config.is_encoder_decoder else "causal_lm"
+
+
+class LST:
+    name: ClassVar[str] = "lst"
+    Config: ClassVar[type] = LSTConfig
+    # No gradient flows through the backbone: it may run in eval mode, and checkpointing it would be pointless.
+    backbone_trains: ClassVar[bool] = False
+
+    def __init__(self, cfg: LSTConfig) -> None:
+        self.cfg = cfg
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        task = _task(model)
+        freeze(model)
+        # Only the classifier LST feeds trains; any other new module (e.g. an untrained BERT pooler) stays frozen.
+        used = next((n for n in HEAD_NAMES if hasattr(model, n)), None) if task == "classification" else None
+        for name in head_module_names(model):
+            if name != used:
+                model.get_submodule(name).requires_grad_(False)
+        return LSTModel(model, self.cfg, task).train(model.training)
