@@ -7,7 +7,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models are all small ops, where a second OpenMP thread only adds barrier waits (on a busy 2-core machine
+# ~20 ms per op). One thread by default, for this process and the CLI subprocesses tests start; the few real-weight
+# tests ask for every core with the `all_cores` fixture.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +24,30 @@ from sidetune.config import ModelConfig
 from sidetune.data import ASSETS
 from sidetune.models import load_model
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python -m sidetune ARGS` in a fresh process (this checkout's code first on the path), offline."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "sidetune", *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def all_cores():
+    """Real-weight tests: MiniLM / SmolLM2 matmuls are big enough for every core to help."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny(name: str, task: str, num_labels: int | None = 2, **model_kwargs) -> torch.nn.Module:

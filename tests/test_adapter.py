@@ -4,21 +4,15 @@ only adapters and the head train, 4-bit base, gradient checkpointing, and a run 
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import batch_for, tiny
+from conftest import RECIPES, batch_for, read_metrics, run_cli, tiny
 from torch.testing import assert_close
 
 from sidetune.errors import SidetuneError
 from sidetune.methods.adapter import Adapter, AdapterConfig, ParallelAdapter, SequentialAdapter, adapter_layers
 
-ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = [("tiny-llama", "causal_lm"), ("tiny-bert", "classification"), ("tiny-gpt2", "causal_lm"),
             ("tiny-t5", "seq2seq")]
 
@@ -174,17 +168,14 @@ def test_trains_through_the_cli(tmp_path, sst2_small):
     # python -m sidetune train on a tiny BERT with gradient checkpointing, 16 examples seen 6 times each: the loss falls
     # and the zero-initialised up-projections move.
     out = tmp_path / "run"
-    # One intra-op thread: tiny matmuls gain nothing from two, and on a shared machine each op would wait for both.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-           "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "sidetune", "train", str(ROOT / "recipes" / "sst2_adapter.yaml"), "model.name=tiny-bert",
+    result = run_cli(
+        "train", str(RECIPES / "sst2_adapter.yaml"), "model.name=tiny-bert",
          f"data.train={sst2_small['train']}", f"data.eval={sst2_small['dev']}", "data.max_length=32",
          "data.max_train_samples=16", "train.max_steps=12", "train.batch_size=8", "train.lr=1e-2", "train.log_every=1",
          "train.eval_every=0", "train.progress=false", "train.gradient_checkpointing=true",
-         f"train.output_dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+         f"train.output_dir={out}")
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 12 and sum(losses[-4:]) < sum(losses[:4]), losses
     assert "eval_accuracy" in rows[-1]

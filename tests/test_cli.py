@@ -2,20 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "sidetune", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+from conftest import ROOT, run_cli
 
 
 @pytest.mark.parametrize("overrides,needle", [

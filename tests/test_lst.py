@@ -31,15 +31,6 @@ CASES = [pytest.param(p, t, None, id=f"{p}-{t}") for p, t in FAMILIES] + [
     pytest.param("tiny-gpt2", "classification", None, id="tiny-gpt2-classification")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are all small ops: one thread avoids OpenMP barrier costs (20 ms per op on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _lst(preset, task, quantize=None, **cfg):
     base = tiny(preset, task, quantize=quantize)
     backbone = snapshot_modules(base)
@@ -347,7 +338,7 @@ def test_recipes_are_valid_configs():
 
 
 @pytest.mark.slow
-def test_lst_smollm2_lowers_eval_loss(tmp_path):
+def test_lst_smollm2_lowers_eval_loss(tmp_path, all_cores):
     """Real SmolLM2-135M weights: pruned side network, chunked loss; the held-out loss goes down in a few steps."""
     train(load_config(RECIPES / "smollm2_lst.yaml", [
         "train.max_steps=12", "train.batch_size=8", "train.eval_every=6", "data.max_eval_samples=24",

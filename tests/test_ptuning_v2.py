@@ -5,15 +5,10 @@ checkpointing keeps the prefix, the chunked LM loss and the CLI work."""
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import batch_for, tiny
+from conftest import RECIPES, batch_for, read_metrics, run_cli, tiny
 from torch.testing import assert_close
 
 from sidetune.errors import SidetuneError
@@ -21,7 +16,6 @@ from sidetune.losses import ChunkedLMLoss
 from sidetune.memory import SavedTensorTracker, module_roles, snapshot_modules
 from sidetune.methods.ptuning_v2 import PTuningV2, PTuningV2Config
 
-ROOT = Path(__file__).resolve().parents[1]
 TASK_TYPE = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
 CASES = [("tiny-llama", "causal_lm"), ("tiny-llama", "classification"), ("tiny-gpt2", "causal_lm"),
          ("tiny-bert", "classification")]
@@ -184,20 +178,16 @@ def test_eager_attention_zero_init_matches_sdpa():
 def test_trains_through_the_cli_with_gradient_checkpointing(tmp_path, sst2_small):
     # python -m sidetune train: a tiny Llama as a causal LM with label completions, checkpointed, chunked loss.
     out = tmp_path / "run"
-    # One intra-op thread: tiny matmuls gain nothing from two, and on a shared machine each op would wait for both.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-           "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "sidetune", "train", str(ROOT / "recipes" / "smollm2_lora.yaml"),
+    result = run_cli(
+        "train", str(RECIPES / "smollm2_lora.yaml"),
          "model.name=tiny-llama",
          "method.name=ptuning_v2", "method.num_virtual_tokens=8", "method.prefix_projection=true",
          "method.projection_dim=32", f"data.train={sst2_small['train']}", f"data.eval={sst2_small['dev']}",
          "data.max_length=32", "data.max_train_samples=16", "data.max_eval_samples=8", "train.max_steps=12",
          "train.batch_size=8", "train.lr=1e-2", "train.log_every=1", "train.eval_every=0", "train.progress=false",
-         "train.gradient_checkpointing=true", "train.loss_chunk_size=64", f"train.output_dir={out}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+         "train.gradient_checkpointing=true", "train.loss_chunk_size=64", f"train.output_dir={out}")
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     losses = [r["loss"] for r in rows if "loss" in r]
     # A random tiny Llama's tied head has tiny logits (embeddings of std 0.02), so the loss can only fall slowly.
     assert len(losses) == 12 and sum(losses[-4:]) < sum(losses[:4]) - 0.4, losses

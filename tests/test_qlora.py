@@ -4,23 +4,17 @@ LoRA (the peft #137 trap), forward equal to PEFT's QLoRA, the bitsandbytes optim
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import batch_for, tiny
+from conftest import RECIPES, batch_for, read_metrics, run_cli, tiny
 from torch.testing import assert_close
 
 from sidetune.config import ModelConfig, TrainConfig, load_config
 from sidetune.methods.lora import LoRA, LoRAConfig, lora_layers
 from sidetune.models import load_model, load_tokenizer
 from sidetune.train import make_optimizer, setup
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -147,19 +141,16 @@ def test_qlora_trains_through_the_cli(tmp_path, sst2_small):
     # python -m sidetune train with the QLoRA recipe on tiny-llama: nf4, all-linear, paged AdamW (CPU fallback),
     # gradient checkpointing, chunked loss. The loss falls and every LoRA B has moved off zero.
     out = tmp_path / "run"
-    # One intra-op thread: tiny matmuls gain nothing from two, and on a shared machine each op would wait for both.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-           "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "sidetune", "train", str(ROOT / "recipes" / "smollm2_qlora.yaml"),
+    result = run_cli(
+        "train", str(RECIPES / "smollm2_qlora.yaml"),
          "model.name=tiny-llama",
          f"data.train={sst2_small['train']}", f"data.eval={sst2_small['dev']}", "data.max_length=32",
          "data.max_train_samples=16", "data.max_eval_samples=8", "train.max_steps=12", "train.batch_size=8",
          "train.lr=1e-2", "train.log_every=1", "train.eval_every=0", "train.progress=false",
-         f"train.output_dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+         f"train.output_dir={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "paged_adamw_32bit needs CUDA" in result.stdout
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     losses = [r["loss"] for r in rows if "loss" in r]
     # A random tiny Llama's tied head has tiny logits (embeddings of std 0.02), so the loss can only fall slowly.
     assert len(losses) == 12 and sum(losses[-4:]) < sum(losses[:4]) - 0.4, losses

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from sidetune.config import load_config
 from sidetune.train import train
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-def test_lora_minilm_learns_sst2(tmp_path):
+@pytest.mark.slow
+def test_lora_minilm_learns_sst2(tmp_path, all_cores):
     # 120 steps of batch 32 on the full train set; 256 dev sentences. Reaches ~0.78-0.80 (PEFT: 0.78 at 100 steps).
     metrics = train(load_config(RECIPES / "sst2_lora.yaml", [
         "train.max_steps=120", "train.eval_every=0", "data.max_eval_samples=256", "data.max_length=48",
@@ -19,7 +22,8 @@ def test_lora_minilm_learns_sst2(tmp_path):
     assert metrics["eval_accuracy"] >= 0.74, metrics
 
 
-def test_lora_smollm2_lowers_eval_loss(tmp_path):
+@pytest.mark.slow
+def test_lora_smollm2_lowers_eval_loss(tmp_path, all_cores):
     metrics = train(load_config(RECIPES / "smollm2_lora.yaml", [
         "train.max_steps=12", "train.batch_size=8", "train.eval_every=6", "data.max_eval_samples=24",
         "data.max_length=48", "train.loss_chunk_size=256", "train.progress=false", f"train.output_dir={tmp_path}"]))
