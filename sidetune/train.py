@@ -65,6 +65,19 @@ def forward_module(model: nn.Module, cfg: Config) -> nn.Module:
     return ChunkedLMLoss(model, cfg.train.loss_chunk_size) if cfg.train.loss_chunk_size else model
 
 
+def training_module(model: nn.Module, cfg: Config) -> nn.Module:
+    """The module a training step calls: gradient checkpointing switched on and the chunked LM loss wrapped around
+    when the config asks (shared with `sidetune profile`, whose steps must cost what the loop's steps cost)."""
+    if cfg.train.gradient_checkpointing:
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise SidetuneError(f"method {cfg.method.name!r} does not support train.gradient_checkpointing")
+        # Non-reentrant checkpointing keeps gradients flowing to adapters inside frozen blocks without forcing
+        # requires_grad on the embeddings' output (the enable_input_require_grads trap, peft #137).
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return forward_module(model, cfg)
+
+
 def make_optimizer(model: nn.Module, method: Any, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     # A method may split its parameters into groups (LoRA+); by default all trainable parameters share one lr.
     groups_fn = getattr(method, "param_groups", None)
@@ -136,14 +149,7 @@ def train(cfg: Config) -> dict[str, float]:
     set_seed(t.seed)
     s = setup(cfg, accelerator.device)
     model, method = s.model, s.method
-    if t.gradient_checkpointing:
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if enable is None:
-            raise SidetuneError(f"method {cfg.method.name!r} does not support train.gradient_checkpointing")
-        # Non-reentrant checkpointing keeps gradients flowing to adapters inside frozen blocks without forcing
-        # requires_grad on the embeddings' output (the enable_input_require_grads trap, peft #137).
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = forward_module(model, cfg)
+    module = training_module(model, cfg)
 
     collate = data_lib.collator(cfg.data.task, s.tokenizer)
     # The loader's own generator: starting an epoch's iterator then draws no number from the global RNG, which
