@@ -33,7 +33,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # name -> (module, help). The module defines add_arguments(parser) and run(args) -> int.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "profile": ("sidetune.profile", "memory profile of every method: measured, predicted, as JSON, Markdown and PNG"),
+    "plan": ("sidetune.plan", "which methods fit a memory budget, the largest batch each takes, what to change"),
+}
 
 
 def _add_arguments(module: str):

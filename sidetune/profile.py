@@ -320,3 +320,341 @@ def _floor_module(model, cfg):
     from sidetune.train import forward_module
 
     return forward_module(model, cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A row: prediction on fake tensors, then (on a real device) the measured step
+
+
+def profile_row(spec: RowSpec, device: str, target: str, steps: int) -> dict[str, Any]:
+    """Everything profile.json says about one row (see the module docstring for the fields)."""
+    from sidetune.config import load_config
+
+    cfg = load_config(None, spec.overrides)
+    train = spec.method is not None
+    row: dict[str, Any] = {
+        "label": spec.label, "method": spec.method, "model": cfg.model.name, "task": cfg.data.task,
+        "batch": cfg.train.batch_size, "seq": cfg.data.max_length, "device": device, "target": target,
+        "quantize": cfg.model.quantize, "loss_chunk_size": cfg.train.loss_chunk_size,
+        "gradient_checkpointing": cfg.train.gradient_checkpointing if train else False,
+        "error": None,
+    }
+    pred = real = None
+    try:
+        pred = measure(cfg, train, target, fake=True)
+    except Exception as e:  # a method or model the fake step cannot run: say so, still measure it
+        row["prediction_failed"] = f"{type(e).__name__}: {e}"
+    if device != "meta":
+        try:
+            real = measure(cfg, train, device, fake=False, timed_steps=steps)
+        except Exception as e:
+            if "out of memory" not in str(e).lower():
+                raise
+            row["error"] = f"out of memory: {str(e).splitlines()[0][:200]}"
+    source = real or pred
+    if source is None:
+        row["error"] = row.get("error") or row.get("prediction_failed")
+        return row
+    row.update({k: v for k, v in source.items() if k not in ("peak_bytes", "peak_phase", "peak_breakdown")})
+    if real is not None:
+        row.update(tracked_peak_bytes=real["peak_bytes"], peak_phase=real["peak_phase"],
+                   peak_breakdown=real["peak_breakdown"])
+        if device == "cuda":
+            row.update(measured_peak_bytes=real["cuda_max_allocated_bytes"],
+                       measured_peak_source="torch.cuda.max_memory_allocated")
+        else:
+            row.update(measured_peak_bytes=real["cpu_allocated_peak_bytes"],
+                       measured_peak_source="CPU allocator peak (torch.profiler profile_memory)")
+    if pred is not None:
+        row.update(predicted_peak_bytes=pred["peak_bytes"], predicted_peak_phase=pred["peak_phase"],
+                   predicted_breakdown=pred["peak_breakdown"],
+                   predicted_on="fake tensors on " + str(_sim_device(target)) + f" for {target}")
+        if row.get("measured_peak_bytes"):
+            row["prediction_error"] = pred["peak_bytes"] / row["measured_peak_bytes"] - 1
+    return {k: row.get(k) for k in FIELDS} | {k: v for k, v in row.items() if k not in FIELDS}
+
+
+FIELDS = (
+    "label", "method", "model", "task", "batch", "seq", "device", "target", "quantize", "dtype", "mixed_precision",
+    "loss_chunk_size", "gradient_checkpointing", "optimizer", "params_total", "params_trainable",
+    "weights_bytes", "grads_bytes", "optimizer_bytes",
+    "act_backbone_bytes", "act_method_bytes", "act_head_bytes", "act_total_bytes", "fwd_flops",
+    "bwd_dx_flops_backbone", "bwd_dx_flops_method", "bwd_dx_flops_head",
+    "bwd_dw_flops_backbone", "bwd_dw_flops_method", "bwd_dw_flops_head", "bwd_dx_flops", "bwd_dw_flops",
+    "recompute_flops", "step_time_s", "tokens_per_s", "tracked_peak_bytes", "peak_phase", "peak_breakdown",
+    "cuda_max_allocated_bytes", "cuda_max_reserved_bytes", "measured_peak_bytes", "measured_peak_source",
+    "predicted_peak_bytes", "predicted_peak_phase", "predicted_breakdown", "predicted_on", "prediction_error", "error",
+)
+
+
+def run_isolated(spec: RowSpec, device: str, target: str, steps: int) -> dict[str, Any]:
+    """`profile_row` in a fresh Python process, so that the row's peak is its own."""
+    import sidetune
+
+    root = str(Path(sidetune.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    with tempfile.TemporaryDirectory(prefix="sidetune-profile-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "row.json"
+        spec_path.write_text(json.dumps({"spec": spec.__dict__, "device": device, "target": target, "steps": steps}))
+        proc = subprocess.run([sys.executable, "-m", "sidetune.profile", str(spec_path), str(out_path)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not out_path.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            return {"label": spec.label, "method": spec.method, "error": f"worker failed: {tail[0][:300]}"}
+        return json.loads(out_path.read_text())
+
+
+def _worker(spec_path: str, out_path: str) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    job = json.loads(Path(spec_path).read_text())
+    row = profile_row(RowSpec(**job["spec"]), job["device"], job["target"], job["steps"])
+    Path(out_path).write_text(json.dumps(row))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="preset (tiny-llama, llama-1b, llama-8b, llama-70b, ...), alias or "
+                                                  "local model directory")
+    p.add_argument("--methods", default="all", help="comma-separated METHODS keys and aliases (qlora, qlst), or all; "
+                                                    "the floor and full fine-tuning are always added")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--task", choices=["causal_lm", "classification"], default="causal_lm")
+    p.add_argument("--device", choices=["cuda", "cpu", "meta"], default=None,
+                   help="where the steps run; meta predicts only, allocating nothing (default: cuda if available)")
+    p.add_argument("--target", choices=["cuda", "cpu"], default=None,
+                   help="the device a --device meta prediction is for (default cuda: bf16 weights and autocast)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per row after the tracked one")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="config override for every row (train.loss_chunk_size=1024, model.dtype=bfloat16) or for one "
+                        "method or alias (lora.r=16, qlora.targets=[all-linear]); repeatable")
+    p.add_argument("--vram", default=None, help="memory budget the reading judges against, e.g. 24GiB")
+    p.add_argument("--out", required=True, help="directory for profile.json, profile.md, profile.png")
+
+
+def parse_bytes(text: str) -> int:
+    """'8GiB', '8G', '7.5 GB', '512MiB', '1e9' -> bytes (G/GB/GiB all mean 2**30: GPUs are sold in GiB)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not m:
+        raise SidetuneError(f"memory size {text!r} is not understood; write it like 8GiB, 24G or 512MiB")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+def check_model(name: str) -> None:
+    from sidetune.models import PRESETS, resolve_path
+
+    if name not in PRESETS:
+        resolve_path(name)  # raises the one-line error for a missing directory or an alias's missing package
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.batch < 1 or args.seq < 2:
+        raise SidetuneError(f"--batch must be >= 1 and --seq >= 2, got {args.batch} and {args.seq}")
+    if args.steps < 0:
+        raise SidetuneError(f"--steps must be >= 0, got {args.steps}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SidetuneError("--device cuda but torch sees no CUDA GPU; use --device cpu, or --device meta to predict")
+    if args.target and device != "meta" and args.target != device:
+        raise SidetuneError(f"--target {args.target} applies to --device meta only (a {device} run profiles {device})")
+    target = args.target or (device if device != "meta" else "cuda")
+    vram = parse_bytes(args.vram) if args.vram else None
+    check_model(args.model)
+    specs = resolve_rows(args.methods, args.model, args.task, args.batch, args.seq, args.sets)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, spec in enumerate(specs, 1):
+        print(f"sidetune: profile {i}/{len(specs)}: {spec.label}", flush=True)
+        rows.append(run_isolated(spec, device, target, args.steps))
+        if rows[-1].get("error"):
+            print(f"sidetune:   {spec.label}: {rows[-1]['error']}", flush=True)
+    write_reports(rows, out, vram)
+    print(markdown_table(rows))
+    print(f"sidetune: wrote {out / 'profile.json'}, {out / 'profile.md'}, {out / 'profile.png'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def peak_of(row: dict) -> int | None:
+    """The row's peak as the report shows it: measured where measured, else predicted."""
+    return row.get("measured_peak_bytes") or row.get("predicted_peak_bytes")
+
+
+def _unit(rows: list[dict]) -> tuple[float, str]:
+    biggest = max((peak_of(r) or 0 for r in rows), default=0)
+    return (GiB, "GiB") if biggest >= GiB else (MiB, "MiB")
+
+
+def _fmt(value, scale: float) -> str:
+    return "–" if value is None else f"{value / scale:.2f}" if scale > MiB else f"{value / scale:.1f}"
+
+
+def _flops(value) -> str:
+    if value is None:
+        return "–"
+    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if value >= scale:
+            return f"{value / scale:.2f}{suffix}"
+    return f"{value:.0f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    scale, unit = _unit(rows)
+    floors = {r.get("quantize"): r for r in rows if r.get("method") is None and peak_of(r)}
+    head = ("| row | trainable params | weights | grads + optim | act: backbone (grad-to-input) | act: method | "
+            "act: head | bwd dL/dx backbone | bwd dL/dW | measured peak | predicted peak | error | step ms | "
+            "tokens/s | x floor |")
+    lines = [f"Memory in {unit}; FLOPs per step.", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if r.get("error") and not peak_of(r):
+            lines.append(f"| {r['label']} | {r['error']} |" + " |" * (head.count("|") - 3))
+            continue
+        floor = floors.get(r.get("quantize"))
+        ratio = f"{peak_of(r) / peak_of(floor):.2f}" if floor and peak_of(r) else "–"
+        err = r.get("prediction_error")
+        lines.append("| " + " | ".join([
+            r["label"], f"{r['params_trainable']:,}",
+            _fmt(r["weights_bytes"], scale), _fmt(r["grads_bytes"] + r["optimizer_bytes"], scale),
+            _fmt(r["act_backbone_bytes"], scale), _fmt(r["act_method_bytes"], scale), _fmt(r["act_head_bytes"], scale),
+            _flops(r["bwd_dx_flops_backbone"]), _flops(r["bwd_dw_flops"]),
+            _fmt(r.get("measured_peak_bytes"), scale), _fmt(r.get("predicted_peak_bytes"), scale),
+            "–" if err is None else f"{100 * err:+.1f}%",
+            "–" if r.get("step_time_s") is None else f"{1000 * r['step_time_s']:.1f}",
+            "–" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}", ratio,
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def reading(rows: list[dict], vram: int | None) -> str:
+    """One paragraph: which method fits and why, from the numbers in the rows."""
+    scale, unit = _unit(rows)
+    methods = [r for r in rows if r.get("method") is not None and peak_of(r)]
+    if not methods:
+        return "No method row has a peak to read."
+    gib = lambda b: f"{b / scale:.2f} {unit}"  # noqa: E731
+    best = min(methods, key=peak_of)
+    floors = {r.get("quantize"): r for r in rows if r.get("method") is None and peak_of(r)}
+    full = next((r for r in methods if r["label"] == "full"), None)
+    source = next((r["measured_peak_source"] for r in methods if r.get("measured_peak_source")), None)
+    parts = [f"Peaks are {'measured (' + source + ')' if source else 'predicted on fake tensors'}."]
+    if vram is not None:
+        fit = [r["label"] for r in methods if peak_of(r) <= vram]
+        parts.append(f"Within {gib(vram)}: {', '.join(fit) if fit else 'no method'} fits"
+                     + ("" if len(fit) == len(methods) else
+                        f"; {', '.join(r['label'] for r in methods if peak_of(r) > vram)} does not") + ".")
+    floor = floors.get(best.get("quantize"))
+    ratio = f", {peak_of(best) / peak_of(floor):.2f}x the no-grad forward of the same batch" if floor else ""
+    parts.append(f"{best['label']} needs the least: {gib(peak_of(best))}{ratio}"
+                 + (f", {peak_of(best) / peak_of(full):.2f}x full fine-tuning" if full and full is not best else "")
+                 + ".")
+    paying = sorted((r for r in methods if r["act_backbone_bytes"]), key=lambda r: -r["act_backbone_bytes"])
+    free = [r["label"] for r in methods if not r["act_backbone_bytes"] and not r["bwd_dx_flops_backbone"]]
+    pefts = [r for r in paying if r["label"] != "full"]
+    if pefts:
+        worst = pefts[0]
+        share = worst["act_backbone_bytes"] / peak_of(worst)
+        parts.append(f"The gradient-to-input cost decides it: {', '.join(r['label'] for r in pefts)} train only "
+                     f"{worst['params_trainable']:,} parameters or so yet backpropagate through the frozen backbone, "
+                     f"which keeps up to {gib(worst['act_backbone_bytes'])} of activations for backward "
+                     f"({100 * share:.0f}% of {worst['label']}'s peak) and spends "
+                     f"{_flops(worst['bwd_dx_flops_backbone'])} backward FLOPs on dL/dx.")
+    if free:
+        parts.append(f"{', '.join(free)} keep{'s' if len(free) == 1 else ''} no backbone activation and run no "
+                     f"backbone dL/dx: only {'its' if len(free) == 1 else 'their'} own modules and the head are "
+                     f"backpropagated.")
+    elif not pefts and paying:
+        parts.append("Every method here backpropagates through the backbone.")
+    return " ".join(parts)
+
+
+def write_reports(rows: list[dict], out: Path, vram: int | None = None) -> None:
+    (out / "profile.json").write_text(json.dumps(rows, indent=1) + "\n")
+    first = next((r for r in rows if r.get("model")), rows[0])
+    title = (f"# Memory profile: {first.get('model')}, {first.get('task')}, batch {first.get('batch')} x seq "
+             f"{first.get('seq')}, device {first.get('device')} (prediction for {first.get('target')})")
+    notes = ("Activations are the tensors autograd saves for backward, each storage counted once at its full size, "
+             "weights excluded: backbone = the gradient-to-input cost, method = the method's own modules, head = task "
+             "head, output embedding and loss. The measured peak is `torch.cuda.max_memory_allocated` on CUDA "
+             "(reserved memory and nvidia-smi read higher) and the CPU allocator's peak on CPU; the predicted peak "
+             "follows the live storages of the same step on fake tensors. `x floor` divides by the no-grad forward of "
+             "the same batch on the same base (4-bit rows by the 4-bit floor).")
+    text = "\n\n".join([title, reading(rows, vram), markdown_table(rows), notes, "![profile](profile.png)"])
+    (out / "profile.md").write_text(text + "\n")
+    plot(rows, out / "profile.png")
+
+
+SEGMENTS = (  # (label, color, hatch, bytes of a row)
+    ("weights", "#9e9e9e", "", lambda r: r["weights_bytes"]),
+    ("grads + optimizer state", "#5b8bd0", "", lambda r: r["grads_bytes"] + r["optimizer_bytes"]),
+    ("backbone activations = gradient-to-input cost", "#d62728", "//", lambda r: r["act_backbone_bytes"]),
+    ("method activations", "#2ca02c", "", lambda r: r["act_method_bytes"]),
+    ("head + loss activations", "#ff9f1c", "", lambda r: r["act_head_bytes"]),
+    ("rest of the peak: transients (logits, loss, dequantized weights, backward buffers)", "#e8e8e8", "..",
+     lambda r: max(0, (peak_of(r) or 0) - sum(g(r) for *_, g in SEGMENTS[:5]))),
+)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Stacked horizontal bars per row: what the step holds by kind, then the rest of its peak (transients); the
+    measured and predicted peaks as markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("weights_bytes") is not None]
+    scale, unit = _unit(rows)
+    fig, ax = plt.subplots(figsize=(11, 1.4 + 0.62 * max(len(rows), 1)), dpi=120)
+    ys = list(range(len(rows)))[::-1]
+    left = [0.0] * len(rows)
+    for label, color, hatch, get in SEGMENTS:
+        widths = [get(r) / scale for r in rows]
+        ax.barh(ys, widths, left=left, color=color, hatch=hatch, linewidth=0.6, height=0.62, label=label,
+                edgecolor="#7f0000" if hatch == "//" else "#b0b0b0" if hatch else "white")
+        left = [a + b for a, b in zip(left, widths)]
+    xmax = max(left + [(r.get("predicted_peak_bytes") or 0) / scale for r in rows] + [1e-9])
+    for y, r, end in zip(ys, rows, left):
+        if r.get("measured_peak_bytes"):
+            ax.plot(r["measured_peak_bytes"] / scale, y, marker="|", color="black", markersize=22, mew=2.5)
+        if r.get("predicted_peak_bytes"):
+            ax.plot(r["predicted_peak_bytes"] / scale, y, marker="D", markersize=7, mfc="none", mec="black", mew=1.4)
+        x = max(end, (r.get("predicted_peak_bytes") or 0) / scale) + xmax * 0.02
+        peak = peak_of(r)
+        text = f"{peak / scale:.2f} {unit}" if peak else ""
+        if r.get("method") is not None and peak:
+            share = r["act_backbone_bytes"] / peak
+            text += f"   grad-to-input {100 * share:.0f}%" if share else "   no grad-to-input"
+        ax.text(x, y, text, va="center", ha="left", fontsize=9,
+                color="#b00000" if r.get("act_backbone_bytes") else "#1f5f1f" if r.get("method") else "black")
+    ax.plot([], [], marker="|", color="black", ls="none", markersize=12, mew=2.5, label="measured peak")
+    ax.plot([], [], marker="D", mfc="none", mec="black", ls="none", label="predicted peak")
+    ax.set_yticks(ys, [r["label"] for r in rows], fontsize=11)
+    ax.set_xlim(0, xmax * 1.45)
+    ax.set_xlabel(f"{unit} per training step (grad-to-input = backbone activations / peak)", fontsize=10)
+    first = rows[0] if rows else {}
+    where = first.get("device") if first.get("device") != "meta" else f"predicted for {first.get('target')}"
+    ax.set_title(f"Where the memory goes: {first.get('model')} {first.get('task')}, batch {first.get('batch')} x "
+                 f"seq {first.get('seq')}, {where}", fontsize=12)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16 - 0.5 / max(len(rows), 1)), ncol=3, fontsize=9,
+              frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])

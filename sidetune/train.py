@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedTokenizerBase
 
 from sidetune import data as data_lib
 from sidetune.config import Config, TrainConfig, load_config, save_config
@@ -161,6 +161,10 @@ def train(cfg: Config) -> dict[str, float]:
     optimizer = make_optimizer(model, method, t, accelerator.device)
     warmup = t.warmup_steps or int(t.warmup_ratio * total_steps)
     # accelerate steps a prepared scheduler once per process per optimizer step.
+    # Imported here: transformers.optimization pulls in peft when it is installed (seconds of import for every
+    # command that only needs the model-building half of this module, e.g. `sidetune profile`'s workers).
+    from transformers import get_scheduler
+
     scheduler = get_scheduler({"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler],
                               optimizer, num_warmup_steps=warmup * accelerator.num_processes,
                               num_training_steps=total_steps * accelerator.num_processes)
