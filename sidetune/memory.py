@@ -230,7 +230,8 @@ class LiveTracker(TorchDispatchMode):
     In the forward it also splits the backward FLOPs that autograd will spend: every matmul whose operand requires
     grad costs as many FLOPs again in backward for that operand, dL/dW when the operand is a weight (a parameter or
     a cast / view / dequantization of one) and dL/dx otherwise, filed under the role of the module running it as
-    the SavedTensorTracker in `flops_from` sees it (set it for the one step whose FLOPs you want).
+    the SavedTensorTracker in `flops_from` sees it (set it for the one step whose FLOPs you want). Weights are
+    the storages registered with `track_model`.
     """
 
     def __init__(self, block: int = 1) -> None:

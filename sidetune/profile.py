@@ -474,7 +474,9 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for i, spec in enumerate(specs, 1):
         print(f"sidetune: profile {i}/{len(specs)}: {spec.label}", flush=True)
-        rows.append(run_isolated(spec, device, target, args.steps))
+        # A prediction allocates nothing, so meta rows share this process; real rows each get their own.
+        rows.append(profile_row(spec, device, target, args.steps) if device == "meta"
+                    else run_isolated(spec, device, target, args.steps))
         if rows[-1].get("error"):
             print(f"sidetune:   {spec.label}: {rows[-1]['error']}", flush=True)
     write_reports(rows, out, vram)
@@ -638,8 +640,10 @@ def plot(rows: list[dict], path: Path) -> None:
             text += f"   grad-to-input {100 * share:.0f}%" if share else "   no grad-to-input"
         ax.text(x, y, text, va="center", ha="left", fontsize=9,
                 color="#b00000" if r.get("act_backbone_bytes") else "#1f5f1f" if r.get("method") else "black")
-    ax.plot([], [], marker="|", color="black", ls="none", markersize=12, mew=2.5, label="measured peak")
-    ax.plot([], [], marker="D", mfc="none", mec="black", ls="none", label="predicted peak")
+    if any(r.get("measured_peak_bytes") for r in rows):
+        ax.plot([], [], marker="|", color="black", ls="none", markersize=12, mew=2.5, label="measured peak")
+    if any(r.get("predicted_peak_bytes") for r in rows):
+        ax.plot([], [], marker="D", mfc="none", mec="black", ls="none", label="predicted peak")
     ax.set_yticks(ys, [r["label"] for r in rows], fontsize=11)
     ax.set_xlim(0, xmax * 1.45)
     ax.set_xlabel(f"{unit} per training step (grad-to-input = backbone activations / peak)", fontsize=10)
