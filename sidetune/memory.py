@@ -203,6 +203,8 @@ def _dequantized_weight_bytes(args, kwargs) -> int:
     """bitsandbytes' gemm_4bit dequantizes the whole weight into the input's dtype before its matmul (the CPU kernel
     and the CUDA fallback for more than a few hundred rows both do): a weight-sized transient the op never returns."""
     a, shape = args[0], args[2]
+    if a.device.type == "cuda" and a.numel() // a.shape[-1] <= 256:
+        return 0  # CUDA runs a fused kernel on at most a few hundred rows: no dequantized copy
     blocks = -(-shape[0] * shape[1] // args[4])
     nested = kwargs.get("absmax_8bit", args[7] if len(args) > 7 else None) is not None
     return shape[0] * shape[1] * a.element_size() + (4 * blocks if nested else 0)

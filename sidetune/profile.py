@@ -147,7 +147,12 @@ def _mixed_precision(cfg, target: str, real: bool) -> str:
         from sidetune.train import _mixed_precision
 
         return _mixed_precision(cfg.train)
-    return "bf16" if target == "cuda" else "no"
+    if target != "cuda":
+        return "no"
+    import torch
+
+    # As train.py decides: bf16 where the GPU has it; a GPU-less prediction assumes one that has.
+    return "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "no"
 
 
 def _autocast(module, mp: str, device_type: str):
@@ -183,9 +188,10 @@ def _sim_device(target: str):
         return torch.device("cpu")
 
 
-def measure(cfg, train: bool, target: str, fake: bool, timed_steps: int = 0) -> dict[str, Any]:
+def measure(cfg, train: bool, target: str, fake: bool, timed_steps: int = 0, apply=None) -> dict[str, Any]:
     """One steady-state training step (or no-grad forward when not `train`) of `cfg` on `target` under the trackers,
-    then `timed_steps` untracked steps for the clock. With `fake` the step runs on fake tensors: a prediction."""
+    then `timed_steps` untracked steps for the clock. With `fake` the step runs on fake tensors: a prediction.
+    `apply(model) -> module` replaces the method's apply (bench/memory.py profiles PEFT's models this way)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -218,8 +224,8 @@ def measure(cfg, train: bool, target: str, fake: bool, timed_steps: int = 0) -> 
             mem.fake_quantize_linears(model, quantize, cfg.model.double_quant, getattr(torch, cfg.model.compute_dtype),
                                       device)
         backbone = mem.snapshot_modules(model)
-        method = build_method(cfg.method) if train else None
-        trained = method.apply(model) if train else model
+        method = build_method(cfg.method) if train and apply is None else None
+        trained = (apply or method.apply)(model) if train else model
         if not train:
             for p in trained.parameters():
                 p.requires_grad_(False)
@@ -234,6 +240,7 @@ def measure(cfg, train: bool, target: str, fake: bool, timed_steps: int = 0) -> 
         cuda = device.type == "cuda" and not fake
         if cuda:
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # a 4-bit load passes through the full-precision weights: drop that cache
             torch.cuda.reset_peak_memory_stats()
         if train:
             # The optimizer state exists from the first step on; creating it with a zero-gradient step makes the
@@ -567,11 +574,13 @@ def reading(rows: list[dict], vram: int | None) -> str:
     if pefts:
         worst = pefts[0]
         share = worst["act_backbone_bytes"] / peak_of(worst)
-        parts.append(f"The gradient-to-input cost decides it: {', '.join(r['label'] for r in pefts)} train only "
-                     f"{worst['params_trainable']:,} parameters or so yet backpropagate through the frozen backbone, "
-                     f"which keeps up to {gib(worst['act_backbone_bytes'])} of activations for backward "
-                     f"({100 * share:.0f}% of {worst['label']}'s peak) and spends "
-                     f"{_flops(worst['bwd_dx_flops_backbone'])} backward FLOPs on dL/dx.")
+        counts = sorted(r["params_trainable"] for r in pefts)
+        trained = f"{counts[0]:,}" + (f" to {counts[-1]:,}" if counts[-1] != counts[0] else "")
+        parts.append(f"The gradient-to-input cost is what separates them: {', '.join(r['label'] for r in pefts)} "
+                     f"train {trained} parameters yet backpropagate through the frozen backbone, which keeps up to "
+                     f"{gib(worst['act_backbone_bytes'])} of activations for backward ({100 * share:.0f}% of "
+                     f"{worst['label']}'s peak) and spends {_flops(worst['bwd_dx_flops_backbone'])} backward FLOPs "
+                     f"on dL/dx.")
     if free:
         parts.append(f"{', '.join(free)} keep{'s' if len(free) == 1 else ''} no backbone activation and run no "
                      f"backbone dL/dx: only {'its' if len(free) == 1 else 'their'} own modules and the head are "

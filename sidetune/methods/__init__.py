@@ -9,6 +9,8 @@ Optional capabilities the trainer asks for with `getattr`, so that the loop neve
 - `param_groups(model, lr) -> list[dict]`: optimizer parameter groups (LoRA+ gives B a larger learning rate).
 - `backbone_trains: bool` (default True): False when no gradient flows through the backbone (LST), so the backbone
   may run in eval mode with dropout off and gradient checkpointing of it is pointless.
+- `plan_options: dict[str, dict]`: memory-cutting variants `sidetune plan` may propose, a description mapped to
+  method-config overrides (LST: dropping ladder layers).
 """
 
 from __future__ import annotations
