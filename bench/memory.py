@@ -224,6 +224,13 @@ def main() -> int:
             report.append(f"| {label} | {_v(r.get('measured_peak_bytes'), scale)} | "
                           f"{_v(r.get('predicted_peak_bytes'), scale)} | {err} | {ms} |"
                           + (f" {r['error']}" if r.get("error") else ""))
+        judged = [r for r in rows if r.get("prediction_error") is not None]
+        misses = [r["label"] for r in judged if abs(r["prediction_error"]) > 0.10]
+        worst = max(judged, key=lambda r: abs(r["prediction_error"]), default=None)
+        report += ["", f"Prediction (fake tensors) against the measured peak: within ±10% for "
+                   f"{len(judged) - len(misses)}/{len(judged)} rows"
+                   + (f" (worst {worst['label']} {100 * worst['prediction_error']:+.1f}%)" if worst else "")
+                   + (f"; outside: {', '.join(misses)}" if misses else "") + "."]
         report += ["", f"Ratios (sidetune / PEFT, measured peaks in {unit}):", "", *ratio_table(by_label, scale, unit),
                    "", "Against the no-grad floor of the same batch:", "", *floor_lines(by_label), ""]
         everything += rows

@@ -2,9 +2,8 @@
 
 Every number is a prediction from `sidetune profile`'s accounting on fake tensors (the live storages of one
 steady-state training step; nothing is allocated), so a 70B plan runs on a laptop. For each method (and the aliases
-qlora / qlst) the planner predicts the peak at the requested batch; fits a line to the peaks at two batch sizes (at a
-fixed sequence length the step's memory is affine in the batch) to find the largest batch that fits, and checks that
-batch with one more prediction; and, for a method that does not fit, tries the changes that cut memory:
+qlora / qlst) the planner predicts the peak at the requested batch, searches the largest batch that fits (a handful of
+predictions, `largest_batch`) and, for a method that does not fit, predicts the changes that cut memory:
 
 - quantize the frozen base to 4-bit (model.quantize=nf4),
 - the chunked LM loss (train.loss_chunk_size), which never holds the B x T x V logits,
@@ -22,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from sidetune.errors import SidetuneError
-from sidetune.profile import ALIASES, GiB, RowSpec, check_model, measure, parse_bytes, resolve_rows
+from sidetune.profile import ALIASES, GiB, MiB, RowSpec, check_model, measure, parse_bytes, resolve_rows
 
-CHUNK = 1024  # loss chunk the planner proposes: 1024 positions of logits at a time
+CHUNK = 1024  # loss chunk the planner proposes: at most 1024 positions of logits at a time
 
 
 def _peak(spec: RowSpec, target: str, extra: list[str] = (), batch: int | None = None) -> int:
@@ -36,29 +35,49 @@ def _peak(spec: RowSpec, target: str, extra: list[str] = (), batch: int | None =
 
 def largest_batch(spec: RowSpec, target: str, vram: int, batch: int, peak_at_batch: int,
                   extra: list[str] = ()) -> int:
-    """The largest batch whose predicted peak fits `vram` (0 if not even batch 1 fits)."""
-    other = batch * 2 if batch == 1 or peak_at_batch <= vram else max(1, batch // 2)
-    p_other = _peak(spec, target, extra, other)
-    slope = (peak_at_batch - p_other) / (batch - other)
-    if slope <= 0:
-        return batch if peak_at_batch <= vram else 0
-    guess = int((vram - (peak_at_batch - slope * batch)) // slope)
-    known = {batch: peak_at_batch, other: p_other}
-    # Walk from the affine guess to the exact boundary with a few more predictions (allocator rounding, chunking).
-    for _ in range(6):
-        if guess < 1:
-            return 0 if known.get(1, _peak(spec, target, extra, 1)) > vram else 1
-        p = known.get(guess) or _peak(spec, target, extra, guess)
-        known[guess] = p
-        if p <= vram:
-            q = known.get(guess + 1) or _peak(spec, target, extra, guess + 1)
-            known[guess + 1] = q
-            if q > vram:
-                return guess
-            guess += max(1, int((vram - q) // slope))
+    """The largest batch whose predicted peak fits `vram` (0 if not even batch 1 fits).
+
+    The peak grows with the batch but is not one straight line: it is the largest of several (the forward's end, the
+    backward's start, the loss chunks, the optimizer step), each affine in the batch, and the one on top changes with
+    the batch. So: bracket the boundary (secant jumps, doubling), then close in alternating secant and bisection
+    steps; each step is one prediction.
+    """
+    known = {batch: peak_at_batch}
+
+    def peak(b: int) -> int:
+        if b not in known:
+            known[b] = _peak(spec, target, extra, b)
+        return known[b]
+
+    if peak_at_batch <= vram:
+        lo, hi = batch, None
+        while hi is None:
+            step = peak(2 * lo) - peak(lo)  # per lo samples
+            jump = int(lo + (vram - peak(lo)) * lo / step) if step > 0 else 4 * lo
+            cand = max(lo + 1, min(jump, 64 * lo))
+            if peak(cand) <= vram:
+                lo = cand
+                if cand > 1 << 24:
+                    return lo  # memory no longer grows with the batch
+            else:
+                hi = cand
+    else:
+        if peak(1) > vram:
+            return 0
+        lo, hi = 1, batch
+    secant = True
+    while hi - lo > 1:
+        if secant and peak(hi) > peak(lo):
+            mid = lo + int((vram - peak(lo)) * (hi - lo) / (peak(hi) - peak(lo)))
         else:
-            guess -= max(1, int((p - vram) // slope))
-    return max((b for b, p in known.items() if p <= vram), default=0)
+            mid = (lo + hi) // 2
+        mid = min(max(mid, lo + 1), hi - 1)
+        secant = not secant
+        if peak(mid) <= vram:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def changes(spec: RowSpec, task: str) -> list[tuple[str, list[str]]]:
@@ -72,7 +91,9 @@ def changes(spec: RowSpec, task: str) -> list[tuple[str, list[str]]]:
     if cfg.model.quantize is None:
         out.append(("quantize the base to 4-bit (model.quantize=nf4)", ["model.quantize=nf4"]))
     if task == "causal_lm" and not cfg.train.loss_chunk_size:
-        out.append((f"chunked LM loss (train.loss_chunk_size={CHUNK})", [f"train.loss_chunk_size={CHUNK}"]))
+        # At least 8 chunks per batch, so that only an eighth of the logits is ever alive.
+        chunk = min(CHUNK, max(1, cfg.train.batch_size * (cfg.data.max_length - 1) // 8))
+        out.append((f"chunked LM loss (train.loss_chunk_size={chunk})", [f"train.loss_chunk_size={chunk}"]))
     if getattr(cls, "backbone_trains", True) and not cfg.train.gradient_checkpointing:
         out.append(("gradient checkpointing (train.gradient_checkpointing=true)", ["train.gradient_checkpointing=true"]))
     for description, fields in getattr(cls, "plan_options", {}).items():
@@ -85,7 +106,7 @@ def changes(spec: RowSpec, task: str) -> list[tuple[str, list[str]]]:
 def plan(model: str, vram: int, batch: int, seq: int, task: str = "causal_lm", methods: str = "all",
          target: str = "cuda", sets: list[str] = (), log=print) -> list[dict[str, Any]]:
     """One entry per method: peak at `batch`, whether it fits, its largest batch, and the changes that make it fit."""
-    specs = [s for s in resolve_rows(methods, model, task, batch, seq, list(sets)) if s.method is not None]
+    specs = resolve_rows(methods, model, task, batch, seq, list(sets), references=False)
     result = []
     for spec in specs:
         log(f"sidetune: plan: {spec.label}")
@@ -95,23 +116,21 @@ def plan(model: str, vram: int, batch: int, seq: int, task: str = "causal_lm", m
         if not entry["fits"]:
             for description, extra in changes(spec, task):
                 p = _peak(spec, target, extra)
-                fix = {"change": description, "overrides": extra, "peak_bytes": p, "fits": p <= vram}
-                if p <= vram:
-                    fix["largest_batch"] = largest_batch(spec, target, vram, batch, p, extra)
-                entry["changes"].append(fix)
+                entry["changes"].append({"change": description, "overrides": extra, "peak_bytes": p,
+                                         "fits": p <= vram})
         result.append(entry)
     return result
 
 
 def render(entries: list[dict], vram: int, batch: int, seq: int) -> str:
-    lines = [f"Budget {vram / GiB:.2f} GiB, batch {batch} x seq {seq} (predicted peaks):", "",
-             "| method | peak GiB | fits | largest batch | what makes it fit (peak GiB, largest batch) |",
+    scale, unit = (GiB, "GiB") if vram >= GiB else (MiB, "MiB")
+    lines = [f"Budget {vram / scale:.2f} {unit}, batch {batch} x seq {seq} (predicted peaks):", "",
+             f"| method | peak {unit} | fits | largest batch | what makes it fit (its peak {unit}) |",
              "|---|---|---|---|---|"]
     for e in entries:
-        fixes = [f"{c['change']} ({c['peak_bytes'] / GiB:.2f}, {c['largest_batch']})" for c in e["changes"]
-                 if c["fits"]]
+        fixes = [f"{c['change']} ({c['peak_bytes'] / scale:.2f})" for c in e["changes"] if c["fits"]]
         advice = "–" if e["fits"] else ("; ".join(fixes) if fixes else "nothing tried fits: a smaller batch or seq")
-        lines.append(f"| {e['label']} | {e['peak_bytes'] / GiB:.2f} | {'yes' if e['fits'] else 'no'} | "
+        lines.append(f"| {e['label']} | {e['peak_bytes'] / scale:.2f} | {'yes' if e['fits'] else 'no'} | "
                      f"{e['largest_batch']} | {advice} |")
     return "\n".join(lines)
 

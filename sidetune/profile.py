@@ -75,10 +75,11 @@ class RowSpec:
     overrides: list[str] = field(default_factory=list)  # section.key=value, as `sidetune train` takes them
 
 
-def resolve_rows(methods: str, model: str, task: str, batch: int, seq: int, sets: list[str]) -> list[RowSpec]:
+def resolve_rows(methods: str, model: str, task: str, batch: int, seq: int, sets: list[str],
+                 references: bool = True) -> list[RowSpec]:
     """The rows to profile: the requested methods (`all` = every registered method plus the aliases whose method is
-    registered), the full fine-tuning reference and the no-grad floor(s). `sets` are overrides for every row
-    (train.loss_chunk_size=1024) or for one label or method (lora.r=16 applies to lora and qlora rows)."""
+    registered) and, with `references`, the full fine-tuning reference and the no-grad floor(s). `sets` are overrides
+    for every row (train.loss_chunk_size=1024) or for one label or method (lora.r=16 applies to lora and qlora rows)."""
     from sidetune.config import load_config
     from sidetune.methods import METHODS
 
@@ -87,7 +88,7 @@ def resolve_rows(methods: str, model: str, task: str, batch: int, seq: int, sets
     for name in names:
         if name not in available:
             raise SidetuneError(f"--methods: unknown method {name!r}; choose from {', '.join(available)} or all")
-    if "full" not in names and "full" in METHODS:
+    if references and "full" not in names and "full" in METHODS:
         names.append("full")  # the reference every profile carries
     common = [f"model.name={model}", f"data.task={task}", f"train.batch_size={batch}", f"data.max_length={seq}"]
     if task == "classification":
@@ -118,7 +119,7 @@ def resolve_rows(methods: str, model: str, task: str, batch: int, seq: int, sets
     floors = [RowSpec("floor" if q is None else f"floor-{q}", None,
                       [*common, *global_sets, *([f"model.quantize={q}"] if q else [])])
               for q in sorted(quantized, key=lambda q: q or "")]
-    return floors + rows
+    return floors + rows if references else rows
 
 
 # ---------------------------------------------------------------------------------------------------------------------
