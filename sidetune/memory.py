@@ -1,9 +1,15 @@
-"""Memory: the numbers the trainer logs next to the loss.
+"""Memory accounting, measurement and prediction.
 
-On CUDA the measured peak is `torch.cuda.max_memory_allocated` (bytes handed out by PyTorch's caching allocator,
-what the model really used) and `max_memory_reserved` (what the allocator holds from the driver, closer to what
-nvidia-smi shows). On CPU only the process's peak resident set size is available, which includes Python, the
-libraries and the dataset.
+- `peak_memory`: the numbers the trainer logs next to the loss. On CUDA the measured peak is
+  `torch.cuda.max_memory_allocated` (bytes handed out by PyTorch's caching allocator, what the model really used) and
+  `max_memory_reserved` (what the allocator holds from the driver, closer to what nvidia-smi shows). On CPU only the
+  process's peak resident set size is available, which includes Python, the libraries and the dataset.
+- `SavedTensorTracker` + `module_roles`: bytes saved for backward, by role (backbone / method / head).
+- `weight_tensors`, `storage_bytes`, ...: bytes of weights, grads and optimizer state, from the tensors.
+- `LiveTracker`: the live storages op by op, their peak, and the backward FLOPs split into dL/dx and dL/dW.
+- `CPUAllocatorPeak`: the CPU allocator's own peak, the independent measurement on CPU.
+- `AllTrueMasks`, `fake_as_data`, `fake_quantize_linears`: what it takes to run the same step on fake tensors.
+`sidetune.profile` puts them together.
 """
 
 from __future__ import annotations
@@ -12,9 +18,12 @@ import contextlib
 import math
 import resource
 import sys
+import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 GiB = 1024**3
 
@@ -238,8 +247,6 @@ class LiveTracker(TorchDispatchMode):
 
     def __init__(self, block: int = 1) -> None:
         super().__init__()
-        from torch.utils.weak import WeakIdKeyDictionary
-
         self.block = block
         # While set (the profiled step's forward and backward), FLOPs are counted and filed under the roles of the
         # modules this SavedTensorTracker sees running.
@@ -262,8 +269,6 @@ class LiveTracker(TorchDispatchMode):
         return -(-n // self.block) * self.block if n else 0
 
     def _add(self, t: torch.Tensor, category: str, weightlike: bool = False) -> _Storage | None:
-        import weakref
-
         st = t.untyped_storage()
         rec = self._storages.get(st)
         if rec is not None:
@@ -371,7 +376,6 @@ class LiveTracker(TorchDispatchMode):
         out = func(*args, **kwargs)
         if self.flops_from is not None:
             self._count_flops(func, args, kwargs, out)
-        from torch.utils._pytree import tree_flatten
 
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if outs:

@@ -26,11 +26,15 @@ from sidetune.profile import ALIASES, GiB, MiB, RowSpec, check_model, measure, p
 CHUNK = 1024  # loss chunk the planner proposes: at most 1024 positions of logits at a time
 
 
-def _peak(spec: RowSpec, target: str, extra: list[str] = (), batch: int | None = None) -> int:
+def _measure(spec: RowSpec, target: str, extra: list[str] = (), batch: int | None = None) -> dict[str, Any]:
     from sidetune.config import load_config
 
     overrides = [*spec.overrides, *extra, *([f"train.batch_size={batch}"] if batch else [])]
-    return measure(load_config(None, overrides), spec.method is not None, target, fake=True)["peak_bytes"]
+    return measure(load_config(None, overrides), spec.method is not None, target, fake=True)
+
+
+def _peak(spec: RowSpec, target: str, extra: list[str] = (), batch: int | None = None) -> int:
+    return _measure(spec, target, extra, batch)["peak_bytes"]
 
 
 def largest_batch(spec: RowSpec, target: str, vram: int, batch: int, peak_at_batch: int,
@@ -80,22 +84,23 @@ def largest_batch(spec: RowSpec, target: str, vram: int, batch: int, peak_at_bat
     return lo
 
 
-def changes(spec: RowSpec, task: str) -> list[tuple[str, list[str]]]:
-    """The memory-cutting changes that apply to a row: (description, config overrides)."""
+def changes(spec: RowSpec, task: str, trains_backbone_weights: bool = False) -> list[tuple[str, list[str]]]:
+    """The memory-cutting changes that apply to a row: (description, config overrides). A method that trains the
+    backbone's own weights is not offered 4-bit quantization: it would freeze them, a different method."""
     from sidetune.config import load_config
     from sidetune.methods import METHODS
 
     cfg = load_config(None, spec.overrides)
     cls = METHODS[spec.method]
     out = []
-    if cfg.model.quantize is None:
-        out.append(("quantize the base to 4-bit (model.quantize=nf4)", ["model.quantize=nf4"]))
+    if cfg.model.quantize is None and not trains_backbone_weights:
+        out.append(("4-bit base", ["model.quantize=nf4"]))
     if task == "causal_lm" and not cfg.train.loss_chunk_size:
         # At least 8 chunks per batch, so that only an eighth of the logits is ever alive.
         chunk = min(CHUNK, max(1, cfg.train.batch_size * (cfg.data.max_length - 1) // 8))
-        out.append((f"chunked LM loss (train.loss_chunk_size={chunk})", [f"train.loss_chunk_size={chunk}"]))
+        out.append(("chunked LM loss", [f"train.loss_chunk_size={chunk}"]))
     if getattr(cls, "backbone_trains", True) and not cfg.train.gradient_checkpointing:
-        out.append(("gradient checkpointing (train.gradient_checkpointing=true)", ["train.gradient_checkpointing=true"]))
+        out.append(("gradient checkpointing", ["train.gradient_checkpointing=true"]))
     for description, fields in getattr(cls, "plan_options", {}).items():
         out.append((description, [f"method.{k}={json.dumps(v)}" for k, v in fields.items()]))
     if len(out) > 1:
@@ -110,11 +115,14 @@ def plan(model: str, vram: int, batch: int, seq: int, task: str = "causal_lm", m
     result = []
     for spec in specs:
         log(f"sidetune: plan: {spec.label}")
-        peak = _peak(spec, target)
+        base = _measure(spec, target)
+        peak = base["peak_bytes"]
         entry: dict[str, Any] = {"label": spec.label, "method": spec.method, "peak_bytes": peak, "fits": peak <= vram,
                                  "largest_batch": largest_batch(spec, target, vram, batch, peak), "changes": []}
         if not entry["fits"]:
-            for description, extra in changes(spec, task):
+            # Most parameters trainable: the method trains the backbone itself (full fine-tuning).
+            trains_backbone = base["params_trainable"] > base["params_total"] / 2
+            for description, extra in changes(spec, task, trains_backbone):
                 p = _peak(spec, target, extra)
                 entry["changes"].append({"change": description, "overrides": extra, "peak_bytes": p,
                                          "fits": p <= vram})
@@ -125,10 +133,11 @@ def plan(model: str, vram: int, batch: int, seq: int, task: str = "causal_lm", m
 def render(entries: list[dict], vram: int, batch: int, seq: int) -> str:
     scale, unit = (GiB, "GiB") if vram >= GiB else (MiB, "MiB")
     lines = [f"Budget {vram / scale:.2f} {unit}, batch {batch} x seq {seq} (predicted peaks):", "",
-             f"| method | peak {unit} | fits | largest batch | what makes it fit (its peak {unit}) |",
+             f"| method | peak {unit} | fits | largest batch | changes that make it fit: their peak {unit} |",
              "|---|---|---|---|---|"]
     for e in entries:
-        fixes = [f"{c['change']} ({c['peak_bytes'] / scale:.2f})" for c in e["changes"] if c["fits"]]
+        fixes = [f"{c['change']}" + (f" `{' '.join(c['overrides'])}`" if c["change"] != "all of the above" else "")
+                 + f": {c['peak_bytes'] / scale:.2f}" for c in e["changes"] if c["fits"]]
         advice = "–" if e["fits"] else ("; ".join(fixes) if fixes else "nothing tried fits: a smaller batch or seq")
         lines.append(f"| {e['label']} | {e['peak_bytes'] / scale:.2f} | {'yes' if e['fits'] else 'no'} | "
                      f"{e['largest_batch']} | {advice} |")

@@ -78,6 +78,7 @@ def test_profile_writes_json_markdown_png(cpu_profile):
 @pytest.mark.parametrize("label", LABELS)
 def test_prediction_within_10_percent_of_cpu_allocator(cpu_profile, label):
     r = cpu_profile[1][label]
+    assert r["prediction_error"] is not None, r.get("prediction_failed")
     assert abs(r["prediction_error"]) <= 0.10, r
     # The 4-bit simulation holds exactly the bytes bitsandbytes' quantizer makes.
     assert r["predicted_breakdown"]["weights"] == r["peak_breakdown"]["weights"] == r["weights_bytes"]
