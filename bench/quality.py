@@ -5,8 +5,8 @@
 
 Each run is `python -m sidetune train RECIPE method.name=M ...` in its own process, starting from the recipe of
 that model (recipes/sst2_lora.yaml for minilm: classification; recipes/smollm2_lora.yaml for smollm2-135m: causal LM,
-accuracy = picking the likelier label completion). The method section is the method's defaults (switching
-method.name resets it); the aliases qlora / qlst add model.quantize=nf4. Learning rates: full fine-tuning takes the
+accuracy = picking the likelier label completion). lora keeps the recipe's method section; any other method starts
+from its own defaults (switching method.name resets the section); the aliases qlora / qlst add model.quantize=nf4. Learning rates: full fine-tuning takes the
 model's full-FT rate, every other method the recipe's. Dev accuracy is the final eval row of metrics.jsonl
 (SST-2 GLUE dev, 872 sentences, unless --eval-samples cuts it). Results go to bench/out/quality-<device>/.
 """

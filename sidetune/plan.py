@@ -138,7 +138,14 @@ def render(entries: list[dict], vram: int, batch: int, seq: int) -> str:
     for e in entries:
         fixes = [f"{c['change']}" + (f" `{' '.join(c['overrides'])}`" if c["change"] != "all of the above" else "")
                  + f": {c['peak_bytes'] / scale:.2f}" for c in e["changes"] if c["fits"]]
-        advice = "–" if e["fits"] else ("; ".join(fixes) if fixes else "nothing tried fits: a smaller batch or seq")
+        if e["fits"]:
+            advice = "–"
+        elif fixes:
+            advice = "; ".join(fixes)
+        elif e["largest_batch"]:
+            advice = f"nothing tried fits at this batch: batch {e['largest_batch']} does"
+        else:
+            advice = "nothing tried fits, not even at batch 1: more memory, or a method that freezes the backbone"
         lines.append(f"| {e['label']} | {e['peak_bytes'] / scale:.2f} | {'yes' if e['fits'] else 'no'} | "
                      f"{e['largest_batch']} | {advice} |")
     return "\n".join(lines)

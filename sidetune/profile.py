@@ -440,7 +440,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="config override for every row (train.loss_chunk_size=1024, model.dtype=bfloat16) or for one "
                         "method or alias (lora.r=16, qlora.targets=[all-linear]); repeatable")
-    p.add_argument("--vram", default=None, help="memory budget the reading judges against, e.g. 24GiB")
+    p.add_argument("--vram", default=None, help="memory budget the reading judges against, e.g. 24GiB (default on "
+                                                "CUDA: the GPU's memory)")
     p.add_argument("--out", required=True, help="directory for profile.json, profile.md, profile.png")
 
 
@@ -475,6 +476,8 @@ def run(args: argparse.Namespace) -> int:
         raise SidetuneError(f"--target {args.target} applies to --device meta only (a {device} run profiles {device})")
     target = args.target or (device if device != "meta" else "cuda")
     vram = parse_bytes(args.vram) if args.vram else None
+    if vram is None and device == "cuda":
+        vram = torch.cuda.get_device_properties(0).total_memory  # judge against the GPU it runs on
     check_model(args.model)
     specs = resolve_rows(args.methods, args.model, args.task, args.batch, args.seq, args.sets)
     out = Path(args.out)
