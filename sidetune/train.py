@@ -160,11 +160,11 @@ def train(cfg: Config) -> dict[str, float]:
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     optimizer = make_optimizer(model, method, t, accelerator.device)
     warmup = t.warmup_steps or int(t.warmup_ratio * total_steps)
-    # accelerate steps a prepared scheduler once per process per optimizer step.
     # Imported here: transformers.optimization pulls in peft when it is installed (seconds of import for every
     # command that only needs the model-building half of this module, e.g. `sidetune profile`'s workers).
     from transformers import get_scheduler
 
+    # accelerate steps a prepared scheduler once per process per optimizer step.
     scheduler = get_scheduler({"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler],
                               optimizer, num_warmup_steps=warmup * accelerator.num_processes,
                               num_training_steps=total_steps * accelerator.num_processes)
