@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
 # name -> (module, help). The module defines add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("sidetune.export", "merge a LoRA/QLoRA run into its base weights and save a plain Hugging Face model"),
+    "profile": ("sidetune.profile", "memory profile of every method: measured, predicted, as JSON, Markdown and PNG"),
+    "plan": ("sidetune.plan", "which methods fit a memory budget, the largest batch each takes, what to change"),
 }
 
 

@@ -1,17 +1,29 @@
-"""Memory: the numbers the trainer logs next to the loss.
+"""Memory accounting, measurement and prediction.
 
-On CUDA the measured peak is `torch.cuda.max_memory_allocated` (bytes handed out by PyTorch's caching allocator,
-what the model really used) and `max_memory_reserved` (what the allocator holds from the driver, closer to what
-nvidia-smi shows). On CPU only the process's peak resident set size is available, which includes Python, the
-libraries and the dataset.
+- `peak_memory`: the numbers the trainer logs next to the loss. On CUDA the measured peak is
+  `torch.cuda.max_memory_allocated` (bytes handed out by PyTorch's caching allocator, what the model really used) and
+  `max_memory_reserved` (what the allocator holds from the driver, closer to what nvidia-smi shows). On CPU only the
+  process's peak resident set size is available, which includes Python, the libraries and the dataset.
+- `SavedTensorTracker` + `module_roles`: bytes saved for backward, by role (backbone / method / head).
+- `weight_tensors`, `storage_bytes`, ...: bytes of weights, grads and optimizer state, from the tensors.
+- `LiveTracker`: the live storages op by op, their peak, and the backward FLOPs split into dL/dx and dL/dW.
+- `CPUAllocatorPeak`: the CPU allocator's own peak, the independent measurement on CPU.
+- `AllTrueMasks`, `fake_as_data`, `fake_quantize_linears`: what it takes to run the same step on fake tensors.
+`sidetune.profile` puts them together.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import resource
 import sys
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 GiB = 1024**3
 
@@ -86,6 +98,7 @@ class SavedTensorTracker:
     def __init__(self, module: torch.nn.Module, roles: dict[int, str]) -> None:
         self.module, self.roles = module, roles
         self.stack: list[torch.nn.Module] = []
+        self.grad_modes: list[bool] = []  # grad mode at each running module's entry
         self.records: list[tuple[str, str, int, tuple[int, ...], torch.dtype]] = []  # role, module, storage, shape, dtype
         self.nbytes: dict[int, int] = {}
         self.names = {id(m): n or "<root>" for n, m in module.named_modules()}
@@ -108,9 +121,11 @@ class SavedTensorTracker:
 
     def _enter(self, module: torch.nn.Module, args) -> None:
         self.stack.append(module)
+        self.grad_modes.append(torch.is_grad_enabled())
 
     def _exit(self, module: torch.nn.Module, args, output) -> None:
         self.stack.pop()  # returns None: a forward hook's return value would replace the module's output
+        self.grad_modes.pop()
 
     def __enter__(self) -> SavedTensorTracker:
         self.handles = []
@@ -138,3 +153,382 @@ class SavedTensorTracker:
             if role is None or r == role:
                 totals[name] = totals.get(name, 0) + self.nbytes[key]
         return totals
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bytes read from the tensors themselves: weights (with 4-bit quantization state), gradients, optimizer state
+
+
+def quant_state_tensors(p: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors of a bitsandbytes 4-bit weight's quantization state (absmax, code, offset, nested state): they are
+    weights too, but no `parameters()` or `buffers()` lists them."""
+    out, qs = [], getattr(p, "quant_state", None)
+    while qs is not None:
+        out += [t for t in (getattr(qs, "absmax", None), getattr(qs, "code", None), getattr(qs, "offset", None))
+                if isinstance(t, torch.Tensor)]
+        qs = getattr(qs, "state2", None)
+    return out
+
+
+def weight_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters, buffers and quantization state: everything the model holds before a step starts."""
+    params = list(module.parameters())
+    return [*params, *module.buffers(), *(t for p in params for t in quant_state_tensors(p))]
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and tied weights count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            seen.setdefault(storage_key(t), t.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
+def grad_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad for p in module.parameters() if p.grad is not None]
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The allocation timeline: live storages op by op (real, meta or fake tensors alike)
+#
+# Adding up weights + grads + optimizer state + saved activations misses the real peak by -27%..+20% (DESIGN.md):
+# weights saved for backward are counted twice, transients (the no-grad forward's largest intermediate, a loss chunk's
+# logits, a 4-bit layer's dequantized weight) are missed, and optimizer state only exists from the first step on. So
+# the tracker follows every storage from the op that creates it to the moment it is freed, as
+# torch.distributed._tools.mem_tracker.MemTracker does. Unlike MemTracker it registers gradient hooks only on
+# parameters that require grad (MemTracker hooks every parameter and fails on a frozen backbone in torch 2.13), and it
+# is driven by explicit phases set by the caller's training step rather than by module hooks.
+
+CATEGORIES = ("weights", "inputs", "activations", "grads", "temporaries", "optimizer", "other")
+PHASE_CATEGORY = {"setup": "other", "forward": "activations", "backward": "temporaries", "optimizer": "optimizer"}
+CUDA_BLOCK = 512  # the CUDA caching allocator hands out multiples of 512 bytes
+
+
+def _dequantized_weight_bytes(args, kwargs) -> int:
+    """bitsandbytes' gemm_4bit dequantizes the whole weight into the input's dtype before its matmul (the CPU kernel
+    and the CUDA fallback for more than a few hundred rows both do): a weight-sized transient the op never returns."""
+    a, shape = args[0], args[2]
+    if a.device.type == "cuda" and a.numel() // a.shape[-1] <= 256:
+        return 0  # CUDA runs a fused kernel on at most a few hundred rows: no dequantized copy
+    blocks = -(-shape[0] * shape[1] // args[4])
+    nested = kwargs.get("absmax_8bit", args[7] if len(args) > 7 else None) is not None
+    return shape[0] * shape[1] * a.element_size() + (4 * blocks if nested else 0)
+
+
+# Ops whose kernels allocate scratch memory the dispatcher never sees: name -> bytes of the scratch.
+OP_SCRATCH = {"bitsandbytes::gemm_4bit": _dequantized_weight_bytes}
+
+_MATMULS = {"aten::mm": (0, 1), "aten::bmm": (0, 1), "aten::addmm": (1, 2), "aten::baddbmm": (1, 2)}
+
+
+class _Storage:
+    __slots__ = ("category", "nbytes", "ref", "weightlike")
+
+
+class LiveTracker(TorchDispatchMode):
+    """Follow the live tensor storages through forward, backward and optimizer steps; record the peak.
+
+    `track(tensors, category)` registers storages that exist before the mode is entered (weights, the batch); every op
+    output made inside is registered with the category of the current `phase` ("forward" -> activations, "backward"
+    -> temporaries, "optimizer" -> optimizer state); gradients are re-labelled "grads" when autograd accumulates them.
+    A storage leaves the count when Python frees it (a weak reference per storage). With `block` = 512 every storage
+    is rounded up as the CUDA caching allocator rounds it.
+
+    In the forward it also splits the backward FLOPs that autograd will spend: every matmul whose operand requires
+    grad costs as many FLOPs again in backward for that operand, dL/dW when the operand is a weight (a parameter or
+    a cast / view / dequantization of one) and dL/dx otherwise, filed under the role of the module running it as
+    the SavedTensorTracker in `flops_from` sees it (set it for the one step whose FLOPs you want). Weights are
+    the storages registered with `track_model`.
+    """
+
+    def __init__(self, block: int = 1) -> None:
+        super().__init__()
+        self.block = block
+        # While set (the profiled step's forward and backward), FLOPs are counted and filed under the roles of the
+        # modules this SavedTensorTracker sees running.
+        self.flops_from: SavedTensorTracker | None = None
+        self._storages = WeakIdKeyDictionary()
+        self.phase = "setup"
+        self.current = dict.fromkeys(CATEGORIES, 0)
+        self.total = self.peak = 0
+        self.peak_phase = "setup"
+        self.peak_breakdown = dict(self.current)
+        self.timeline: list[tuple[str, int]] = []  # (phase, live bytes) after each op that allocated
+        self.fwd_flops = 0
+        self.bwd_flops = {(r, k): 0 for r in ROLES for k in ("dx", "dw")}
+        self.recompute_flops = 0  # forward FLOPs run again in backward (activation checkpointing)
+        self._hooks: list = []
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------------
+    def _nbytes(self, st: torch.UntypedStorage) -> int:
+        n = st.nbytes()
+        return -(-n // self.block) * self.block if n else 0
+
+    def _add(self, t: torch.Tensor, category: str, weightlike: bool = False) -> _Storage | None:
+        st = t.untyped_storage()
+        rec = self._storages.get(st)
+        if rec is not None:
+            return rec
+        rec = _Storage()
+        rec.category, rec.nbytes, rec.weightlike = category, self._nbytes(st), weightlike
+        rec.ref = weakref.ref(st, lambda _, rec=rec: self._free(rec))
+        self._storages[st] = rec
+        self.current[category] += rec.nbytes
+        self.total += rec.nbytes
+        return rec
+
+    def _free(self, rec: _Storage) -> None:
+        self.current[rec.category] -= rec.nbytes
+        self.total -= rec.nbytes
+
+    def _relabel(self, t: torch.Tensor, category: str) -> None:
+        rec = self._storages.get(t.untyped_storage())
+        if rec is not None and rec.category != category:
+            self.current[rec.category] -= rec.nbytes
+            self.current[category] += rec.nbytes
+            rec.category = category
+
+    def _check_peak(self, extra: int = 0) -> None:
+        if self.total + extra > self.peak:
+            self.peak = self.total + extra
+            self.peak_phase = self.phase
+            self.peak_breakdown = dict(self.current)
+            if extra:
+                self.peak_breakdown["temporaries"] += extra
+
+    def track(self, tensors, category: str, weightlike: bool = False) -> None:
+        """Register storages that already exist (weights, the batch)."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self._add(t, category, weightlike)
+        self._check_peak()
+
+    def track_model(self, model: torch.nn.Module) -> None:
+        """Register the model's weights, and relabel each trainable parameter's gradient as "grads" when autograd
+        accumulates it (hooks only on parameters that require grad)."""
+        self.track(weight_tensors(model), "weights", weightlike=True)
+        for p in model.parameters():
+            if p.requires_grad:
+                self._hooks.append(p.register_post_accumulate_grad_hook(lambda p: self._relabel(p.grad, "grads")))
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def live_bytes(self) -> int:
+        return self.total
+
+    # -- dispatch ------------------------------------------------------------------------------------------------
+    def _weightlike(self, t) -> bool:
+        if not isinstance(t, torch.Tensor):
+            return False
+        rec = self._storages.get(t.untyped_storage())
+        return rec is not None and rec.weightlike
+
+    def _grad_on(self) -> bool:
+        # Inside a custom autograd Function's forward (bitsandbytes' MatMul4Bit) grad mode is off even though autograd
+        # will differentiate it; the grad mode at the entry of the innermost running module says what the caller did.
+        modes = self.flops_from.grad_modes if self.flops_from is not None else []
+        return torch.is_grad_enabled() or bool(modes and modes[-1])
+
+    def _count_flops(self, func, args, kwargs, out) -> None:
+        name = func._schema.name
+        operands = None
+        if name in _MATMULS:
+            from torch.utils.flop_counter import flop_registry
+
+            flops = flop_registry[func._overloadpacket](*args, out_val=out, **kwargs)
+            operands = [args[i] for i in _MATMULS[name]]
+            per_operand = [flops] * 2
+        elif name == "bitsandbytes::gemm_4bit":
+            a, shape = args[0], args[2]
+            flops = 2 * (a.numel() // a.shape[-1]) * shape[0] * shape[1]
+            operands, per_operand = [a], [flops]
+        elif "scaled_dot_product" in name and "backward" not in name:
+            from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+            q, k, v = args[:3]
+            flops = sdpa_flop_count(q.shape, k.shape, v.shape)
+            grad_out = (*q.shape[:-1], v.shape[-1])
+            # Flash / memory-efficient backward recomputes the scores and returns dq, dk, dv together.
+            bwd = sdpa_backward_flop_count(grad_out, q.shape, k.shape, v.shape)
+            operands, per_operand = [q], [bwd if any(t.requires_grad for t in (q, k, v)) else 0]
+        if operands is None:
+            return
+        if self.phase == "backward":
+            self.recompute_flops += flops
+            return
+        self.fwd_flops += flops
+        if not self._grad_on():
+            return
+        role = self.flops_from._role()[0]
+        for t, f in zip(operands, per_operand):
+            if f and isinstance(t, torch.Tensor) and t.requires_grad:
+                self.bwd_flops[(role, "dw" if self._weightlike(t) else "dx")] += f
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.flops_from is not None:
+            self._count_flops(func, args, kwargs, out)
+
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if outs:
+            ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            # A cast, view or dequantization of weights only is itself a weight (autocast's bf16 copy of a LoRA
+            # matrix, a transposed or dequantized 4-bit weight): its gradient is dL/dW.
+            weightlike = self.phase == "forward" and bool(ins) and all(self._weightlike(t) for t in ins)
+            before = self.total
+            category = PHASE_CATEGORY[self.phase]
+            for t in outs:
+                self._add(t, category, weightlike)
+            scratch = OP_SCRATCH.get(func._schema.name)
+            self._check_peak(scratch(args, kwargs) if scratch else 0)
+            if self.total != before:
+                self.timeline.append((self.phase, self.total))
+        return out
+
+
+class CPUAllocatorPeak:
+    """The CPU allocator's own peak: bytes allocated inside the context and still live, at their maximum.
+
+    An independent measurement of a CPU step (it sees what no dispatch mode sees: scratch buffers inside kernels,
+    bitsandbytes' dequantized weights). torch's profiler with profile_memory reports every c10 CPU allocation with
+    the running total of the allocations it has seen; add whatever was allocated before (weights, the batch).
+    """
+
+    def __enter__(self) -> CPUAllocatorPeak:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from torch._C._profiler import _EventType
+
+        self._prof.__exit__(*exc)
+        events, stack = [], list(self._prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            e = stack.pop()
+            if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+                events.append((e.start_time_ns, e.extra_fields.alloc_size, e.extra_fields.total_allocated))
+            stack.extend(e.children)
+        events.sort()
+        # The running total is process-wide and keeps blocks a previous profiling session saw allocated but not
+        # freed; measure from where this session started.
+        start = events[0][2] - events[0][1] if events else 0
+        self.peak = max((total for _, _, total in events), default=start) - start
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prediction: the same step on fake tensors (shapes, dtypes and storages, no memory)
+
+
+class AllTrueMasks(TorchDispatchMode):
+    """Answers the data-dependent questions fake tensors cannot: `if mask.all()`, a boolean mask's `nonzero`, indexing
+    with a boolean mask. The profile's batches pad nothing and label every token, so every mask there is all-true, and
+    this mode answers as such (push it above a FakeTensorMode; real tensors never reach it)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name == "aten::_local_scalar_dense":
+            t = args[0]
+            if t.dtype == torch.bool:
+                return True
+            if t.is_floating_point():
+                return 1.0  # a counter read on the host (Adam's step count); no shape depends on it
+            raise NotImplementedError("a fake-tensor prediction met .item() on an integer tensor: the step reads a "
+                                      "value that only real data has")
+        if name == "aten::nonzero":
+            m = args[0]
+            return torch.empty((m.numel(), m.dim()), dtype=torch.long, device=m.device)
+        if name in _INDEX_OPS and any(_is_mask(i) for i in args[1]):
+            indices = []
+            for i in args[1]:
+                # An all-true mask of k dims selects every element: k long index tensors of mask.numel() entries.
+                indices += [torch.zeros(i.numel(), dtype=torch.long, device=i.device)] * i.dim() if _is_mask(i) else [i]
+            return func(args[0], indices, *args[2:], **kwargs)
+        return func(*args, **kwargs)
+
+
+_INDEX_OPS = frozenset({"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"})
+
+
+@contextlib.contextmanager
+def fake_as_data():
+    """Make transformers treat fake tensors as data, not as a trace. It skips its data-dependent shortcuts on fake
+    tensors (no causal mask for an unpadded batch, no packed-sequence mask), so a prediction would build masks the
+    real step never builds; with AllTrueMasks answering the reads, the fake step takes the real step's path."""
+    from transformers.utils import import_utils
+
+    original = import_utils.is_fake_tensor
+    import_utils.is_fake_tensor = lambda x: False
+    try:
+        yield
+    finally:
+        import_utils.is_fake_tensor = original
+
+
+def _is_mask(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
+
+
+def fake_quantize_linears(model: torch.nn.Module, quantize: str, double_quant: bool, compute: torch.dtype,
+                          device: torch.device) -> None:
+    """`models.quantize_linears` for fake tensors: the same bitsandbytes Linear4bit modules, holding fake tensors of
+    exactly the shapes and dtypes bitsandbytes' quantizer produces (packed uint8 weight, per-64-block absmax,
+    nested 8-bit absmax with per-256-block fp32 scales), so that the 4-bit bytes are counted from tensors and the
+    forward/backward run bitsandbytes' own autograd function on them (its ops have fake implementations)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import QuantState
+
+    from sidetune.models import HEAD_NAMES
+
+    if quantize not in ("nf4", "fp4"):
+        raise NotImplementedError(f"prediction of model.quantize={quantize} is not supported (nf4, fp4 are)")
+    skip = {*HEAD_NAMES, "lm_head"}
+    blocksize = 64
+
+    def empty(*shape, dtype=torch.float32):
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear) or name.rsplit(".", 1)[-1] in skip:
+            continue
+        n, k = module.out_features, module.in_features
+        blocks = -(-n * k // blocksize)
+        if double_quant:
+            state2 = QuantState(absmax=empty(-(-blocks // 256)), code=empty(256), blocksize=256, dtype=torch.float32)
+            absmax, offset = empty(blocks, dtype=torch.uint8), empty()
+        else:
+            state2, absmax, offset = None, empty(blocks), None
+        with _disable_current_modes():  # bitsandbytes wraps its meta placeholder weight in Params4bit: not fake
+            new = bnb.nn.Linear4bit(k, n, bias=module.bias is not None, compute_dtype=compute,
+                                    compress_statistics=double_quant, quant_type=quantize, device="meta")
+        weight = torch.nn.Parameter(empty((n * k + 1) // 2, 1, dtype=torch.uint8), requires_grad=False)
+        weight.quant_state = QuantState(absmax=absmax, shape=torch.Size([n, k]), code=empty(16), blocksize=blocksize,
+                                        quant_type=quantize, dtype=compute, offset=offset, state2=state2)
+        new.weight = weight
+        if module.bias is not None:
+            new.bias = torch.nn.Parameter(module.bias.detach().to(compute), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def param_count(module: torch.nn.Module, trainable: bool = False) -> int:
+    """Parameters as the model defines them: a 4-bit weight counts its logical N x K, not its packed bytes."""
+    n = 0
+    for p in module.parameters():
+        if trainable and not p.requires_grad:
+            continue
+        qs = getattr(p, "quant_state", None)
+        n += math.prod(qs.shape) if qs is not None and qs.shape is not None else p.numel()
+    return n

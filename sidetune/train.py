@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedTokenizerBase
 
 from sidetune import data as data_lib
 from sidetune.config import Config, TrainConfig, load_config, save_config
@@ -64,6 +64,19 @@ def setup(cfg: Config, device: torch.device, with_data: bool = True) -> Setup:
 def forward_module(model: nn.Module, cfg: Config) -> nn.Module:
     """The module the loop calls: the model itself, or wrapped so that the LM loss is computed in chunks."""
     return ChunkedLMLoss(model, cfg.train.loss_chunk_size) if cfg.train.loss_chunk_size else model
+
+
+def training_module(model: nn.Module, cfg: Config) -> nn.Module:
+    """The module a training step calls: gradient checkpointing switched on and the chunked LM loss wrapped around
+    when the config asks (shared with `sidetune profile`, whose steps must cost what the loop's steps cost)."""
+    if cfg.train.gradient_checkpointing:
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise SidetuneError(f"method {cfg.method.name!r} does not support train.gradient_checkpointing")
+        # Non-reentrant checkpointing keeps gradients flowing to adapters inside frozen blocks without forcing
+        # requires_grad on the embeddings' output (the enable_input_require_grads trap, peft #137).
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return forward_module(model, cfg)
 
 
 def make_optimizer(model: nn.Module, method: Any, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -139,14 +152,7 @@ def train(cfg: Config) -> dict[str, float]:
     set_seed(t.seed)
     s = setup(cfg, accelerator.device)
     model, method = s.model, s.method
-    if t.gradient_checkpointing:
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if enable is None:
-            raise SidetuneError(f"method {cfg.method.name!r} does not support train.gradient_checkpointing")
-        # Non-reentrant checkpointing keeps gradients flowing to adapters inside frozen blocks without forcing
-        # requires_grad on the embeddings' output (the enable_input_require_grads trap, peft #137).
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = forward_module(model, cfg)
+    module = training_module(model, cfg)
 
     collate = data_lib.collator(cfg.data.task, s.tokenizer)
     # The loader's own generator: starting an epoch's iterator then draws no number from the global RNG, which
@@ -157,6 +163,10 @@ def train(cfg: Config) -> dict[str, float]:
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     optimizer = make_optimizer(model, method, t, accelerator.device)
     warmup = t.warmup_steps or int(t.warmup_ratio * total_steps)
+    # Imported here: transformers.optimization pulls in peft when it is installed (seconds of import for every
+    # command that only needs the model-building half of this module, e.g. `sidetune profile`'s workers).
+    from transformers import get_scheduler
+
     # accelerate steps a prepared scheduler once per process per optimizer step.
     scheduler = get_scheduler({"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler],
                               optimizer, num_warmup_steps=warmup * accelerator.num_processes,

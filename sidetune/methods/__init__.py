@@ -12,6 +12,8 @@ Optional capabilities the trainer asks for with `getattr`, so that the loop neve
 - `gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)` on the returned module: transformers models have
   it; a method returning its own module defines it (P-tuning v2 checkpoints each block itself, keeping its prefix).
 - `lm_hidden_states(**inputs)` on the returned module: final hidden states for the chunked LM loss (sidetune.losses).
+- `plan_options: dict[str, dict]`: memory-cutting variants `sidetune plan` may propose, a description mapped to
+  method-config overrides (LST: dropping ladder layers).
 """
 
 from __future__ import annotations

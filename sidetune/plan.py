@@ -1,0 +1,177 @@
+"""`sidetune plan`: which methods fit a memory budget, the largest batch each can take, and what to change.
+
+Every number is a prediction from `sidetune profile`'s accounting on fake tensors (the live storages of one
+steady-state training step; nothing is allocated), so a 70B plan runs on a laptop. For each method (and the aliases
+qlora / qlst) the planner predicts the peak at the requested batch, searches the largest batch that fits (a handful of
+predictions, `largest_batch`) and, for a method that does not fit, predicts the changes that cut memory:
+
+- quantize the frozen base to 4-bit (model.quantize=nf4),
+- the chunked LM loss (train.loss_chunk_size), which never holds the B x T x V logits,
+- gradient checkpointing (train.gradient_checkpointing), for methods that backpropagate through the backbone,
+- a method's own options: a method class may declare `plan_options: dict[str, dict]`, a description mapped to
+  method-config overrides (e.g. LST: {"a side layer on every 2nd layer": {...}}),
+- all of these together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from sidetune.errors import SidetuneError
+from sidetune.profile import ALIASES, GiB, MiB, RowSpec, check_model, measure, parse_bytes, resolve_rows
+
+CHUNK = 1024  # loss chunk the planner proposes: at most 1024 positions of logits at a time
+
+
+def _measure(spec: RowSpec, target: str, extra: list[str] = (), batch: int | None = None) -> dict[str, Any]:
+    from sidetune.config import load_config
+
+    overrides = [*spec.overrides, *extra, *([f"train.batch_size={batch}"] if batch else [])]
+    return measure(load_config(None, overrides), spec.method is not None, target, fake=True)
+
+
+def _peak(spec: RowSpec, target: str, extra: list[str] = (), batch: int | None = None) -> int:
+    return _measure(spec, target, extra, batch)["peak_bytes"]
+
+
+def largest_batch(spec: RowSpec, target: str, vram: int, batch: int, peak_at_batch: int,
+                  extra: list[str] = ()) -> int:
+    """The largest batch whose predicted peak fits `vram` (0 if not even batch 1 fits).
+
+    The peak grows with the batch but is not one straight line: it is the largest of several (the forward's end, the
+    backward's start, the loss chunks, the optimizer step), each affine in the batch, and the one on top changes with
+    the batch. So: bracket the boundary (secant jumps, doubling), then close in alternating secant and bisection
+    steps; each step is one prediction.
+    """
+    known = {batch: peak_at_batch}
+
+    def peak(b: int) -> int:
+        if b not in known:
+            known[b] = _peak(spec, target, extra, b)
+        return known[b]
+
+    if peak_at_batch <= vram:
+        lo, hi = batch, None
+        while hi is None:
+            step = peak(2 * lo) - peak(lo)  # per lo samples
+            jump = int(lo + (vram - peak(lo)) * lo / step) if step > 0 else 4 * lo
+            cand = max(lo + 1, min(jump, 64 * lo))
+            if peak(cand) <= vram:
+                lo = cand
+                if cand > 1 << 24:
+                    return lo  # memory no longer grows with the batch
+            else:
+                hi = cand
+    else:
+        if peak(1) > vram:
+            return 0
+        lo, hi = 1, batch
+    secant = True
+    while hi - lo > 1:
+        if secant and peak(hi) > peak(lo):
+            mid = lo + int((vram - peak(lo)) * (hi - lo) / (peak(hi) - peak(lo)))
+        else:
+            mid = (lo + hi) // 2
+        mid = min(max(mid, lo + 1), hi - 1)
+        secant = not secant
+        if peak(mid) <= vram:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def changes(spec: RowSpec, task: str, trains_backbone_weights: bool = False) -> list[tuple[str, list[str]]]:
+    """The memory-cutting changes that apply to a row: (description, config overrides). A method that trains the
+    backbone's own weights is not offered 4-bit quantization: it would freeze them, a different method."""
+    from sidetune.config import load_config
+    from sidetune.methods import METHODS
+
+    cfg = load_config(None, spec.overrides)
+    cls = METHODS[spec.method]
+    out = []
+    if cfg.model.quantize is None and not trains_backbone_weights:
+        out.append(("4-bit base", ["model.quantize=nf4"]))
+    if task == "causal_lm" and not cfg.train.loss_chunk_size:
+        # At least 8 chunks per batch, so that only an eighth of the logits is ever alive.
+        chunk = min(CHUNK, max(1, cfg.train.batch_size * (cfg.data.max_length - 1) // 8))
+        out.append(("chunked LM loss", [f"train.loss_chunk_size={chunk}"]))
+    if getattr(cls, "backbone_trains", True) and not cfg.train.gradient_checkpointing:
+        out.append(("gradient checkpointing", ["train.gradient_checkpointing=true"]))
+    for description, fields in getattr(cls, "plan_options", {}).items():
+        out.append((description, [f"method.{k}={json.dumps(v)}" for k, v in fields.items()]))
+    if len(out) > 1:
+        out.append(("all of the above", [o for _, overrides in out for o in overrides]))
+    return out
+
+
+def plan(model: str, vram: int, batch: int, seq: int, task: str = "causal_lm", methods: str = "all",
+         target: str = "cuda", sets: list[str] = (), log=print) -> list[dict[str, Any]]:
+    """One entry per method: peak at `batch`, whether it fits, its largest batch, and the changes that make it fit."""
+    specs = resolve_rows(methods, model, task, batch, seq, list(sets), references=False)
+    result = []
+    for spec in specs:
+        log(f"sidetune: plan: {spec.label}")
+        base = _measure(spec, target)
+        peak = base["peak_bytes"]
+        entry: dict[str, Any] = {"label": spec.label, "method": spec.method, "peak_bytes": peak, "fits": peak <= vram,
+                                 "largest_batch": largest_batch(spec, target, vram, batch, peak), "changes": []}
+        if not entry["fits"]:
+            # Most parameters trainable: the method trains the backbone itself (full fine-tuning).
+            trains_backbone = base["params_trainable"] > base["params_total"] / 2
+            for description, extra in changes(spec, task, trains_backbone):
+                p = _peak(spec, target, extra)
+                entry["changes"].append({"change": description, "overrides": extra, "peak_bytes": p,
+                                         "fits": p <= vram})
+        result.append(entry)
+    return result
+
+
+def render(entries: list[dict], vram: int, batch: int, seq: int) -> str:
+    scale, unit = (GiB, "GiB") if vram >= GiB else (MiB, "MiB")
+    lines = [f"Budget {vram / scale:.2f} {unit}, batch {batch} x seq {seq} (predicted peaks):", "",
+             f"| method | peak {unit} | fits | largest batch | changes that make it fit: their peak {unit} |",
+             "|---|---|---|---|---|"]
+    for e in entries:
+        fixes = [f"{c['change']}" + (f" `{' '.join(c['overrides'])}`" if c["change"] != "all of the above" else "")
+                 + f": {c['peak_bytes'] / scale:.2f}" for c in e["changes"] if c["fits"]]
+        if e["fits"]:
+            advice = "–"
+        elif fixes:
+            advice = "; ".join(fixes)
+        elif e["largest_batch"]:
+            advice = f"nothing tried fits at this batch: batch {e['largest_batch']} does"
+        else:
+            advice = "nothing tried fits, not even at batch 1: more memory, or a method that freezes the backbone"
+        lines.append(f"| {e['label']} | {e['peak_bytes'] / scale:.2f} | {'yes' if e['fits'] else 'no'} | "
+                     f"{e['largest_batch']} | {advice} |")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="preset (llama-8b, llama-70b, ...), alias or model directory")
+    p.add_argument("--vram", required=True, help="memory budget, e.g. 8GiB or 24G")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--task", choices=["causal_lm", "classification"], default="causal_lm")
+    p.add_argument("--methods", default="all", help="comma-separated METHODS keys and aliases ("
+                   + ", ".join(ALIASES) + "), or all")
+    p.add_argument("--target", choices=["cuda", "cpu"], default="cuda", help="the device to plan for")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="config override, as for `sidetune profile`")
+    p.add_argument("--out", default=None, help="also write the plan as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch < 1 or args.seq < 2:
+        raise SidetuneError(f"--batch must be >= 1 and --seq >= 2, got {args.batch} and {args.seq}")
+    vram = parse_bytes(args.vram)
+    check_model(args.model)
+    entries = plan(args.model, vram, args.batch, args.seq, args.task, args.methods, args.target, args.sets)
+    print(render(entries, vram, args.batch, args.seq))
+    if args.out:
+        Path(args.out).write_text(json.dumps(entries, indent=1) + "\n")
+    return 0

@@ -1,0 +1,260 @@
+"""Memory profiles: live-storage tracking, the backward FLOP split, fake-tensor prediction against the CPU allocator,
+the `profile` / `plan` commands. Every check runs over whatever METHODS holds (plus the qlora / qlst aliases)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from conftest import tiny
+from test_cli import run_cli
+from torch.utils.flop_counter import FlopCounterMode
+
+from sidetune import memory as mem
+from sidetune.config import load_config
+from sidetune.methods import METHODS, build_method
+from sidetune.profile import ALIASES, measure, profile_row, resolve_rows
+
+LABELS = [*METHODS, *(a for a, (m, _) in ALIASES.items() if m in METHODS)]
+BATCH, SEQ = 2, 32
+
+
+def _spec(label: str, seq: int = SEQ, task: str = "causal_lm", sets=()):
+    return next(s for s in resolve_rows(label, "tiny-llama", task, BATCH, seq, list(sets)) if s.label == label)
+
+
+def _cfg(label: str, **kw):
+    return load_config(None, _spec(label, **kw).overrides)
+
+
+def _backbone_gets_grad(label: str) -> bool:
+    """Does any tensor a backbone module returns require grad? (Autograd's own answer, independent of the
+    accounting under test: if none does, no gradient can flow through the backbone.)"""
+    cfg = _cfg(label)
+    model = tiny("tiny-llama", "causal_lm")
+    backbone = [m for m in model.modules() if m is not model and m is not model.get_output_embeddings()]
+    trained = build_method(cfg.method).apply(model).train()
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, a, out: seen.append(
+        any(t.requires_grad for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor))))
+        for m in backbone]
+    ids = torch.randint(3, 1000, (BATCH, 8))
+    trained(input_ids=ids, labels=ids)
+    for h in hooks:
+        h.remove()
+    return any(seen)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command, once for every registered method
+
+
+@pytest.fixture(scope="module")
+def cpu_profile(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    result = run_cli("profile", "--model", "tiny-llama", "--methods", "all", "--device", "cpu", "--batch", str(BATCH),
+                     "--seq", str(SEQ), "--steps", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out, {r["label"]: r for r in json.loads((out / "profile.json").read_text())}
+
+
+def test_profile_writes_json_markdown_png(cpu_profile):
+    out, rows = cpu_profile
+    floors = {"floor", *(f"floor-{ALIASES[a][1]}" for a in LABELS if a in ALIASES)}
+    assert set(rows) == {*LABELS, *floors}
+    for r in rows.values():
+        assert r["error"] is None, r
+        assert r["measured_peak_source"].startswith("CPU allocator")
+    md = (out / "profile.md").read_text()
+    assert "| row | trainable params |" in md and "needs the least" in md and "![profile](profile.png)" in md
+    png = (out / "profile.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    assert width > 800 and height > 300
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_prediction_within_10_percent_of_cpu_allocator(cpu_profile, label):
+    r = cpu_profile[1][label]
+    assert r["prediction_error"] is not None, r.get("prediction_failed")
+    assert abs(r["prediction_error"]) <= 0.10, r
+    # The 4-bit simulation holds exactly the bytes bitsandbytes' quantizer makes.
+    assert r["predicted_breakdown"]["weights"] == r["peak_breakdown"]["weights"] == r["weights_bytes"]
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_gradient_to_input_cost_is_zero_exactly_when_no_gradient_enters_the_backbone(cpu_profile, label):
+    r = cpu_profile[1][label]
+    declared = getattr(METHODS[r["method"]], "backbone_trains", True)
+    if not declared or not _backbone_gets_grad(label):
+        assert r["act_backbone_bytes"] == 0 and r["bwd_dx_flops_backbone"] == 0, r
+    else:
+        assert r["act_backbone_bytes"] > 0 and r["bwd_dx_flops_backbone"] > 0, r
+
+
+def test_full_finetuning_dw_covers_every_linear_weight(cpu_profile):
+    r = cpu_profile[1]["full"]
+    model = tiny("tiny-llama", "causal_lm")
+    linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    # The tied LM head is a Linear too; each weight's dL/dW matmul costs 2 * tokens * in * out.
+    assert r["bwd_dw_flops"] == 2 * BATCH * SEQ * linear
+    assert r["params_trainable"] == r["params_total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_floor_is_below_every_method(cpu_profile):
+    rows = cpu_profile[1]
+    for label in LABELS:
+        floor = rows["floor" if rows[label]["quantize"] is None else f"floor-{rows[label]['quantize']}"]
+        assert floor["act_total_bytes"] == 0 and floor["grads_bytes"] == 0
+        assert floor["measured_peak_bytes"] < rows[label]["measured_peak_bytes"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Accounting in process (no subprocess): linear growth, other configs, FLOPs against FlopCounterMode
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_backbone_activations_grow_linearly_with_seq(label):
+    short = measure(_cfg(label, seq=16), True, "cpu", fake=False)
+    long = measure(_cfg(label, seq=32), True, "cpu", fake=False)
+    if short["act_backbone_bytes"] == 0:
+        assert long["act_backbone_bytes"] == 0 and long["bwd_dx_flops_backbone"] == 0
+        assert not _backbone_gets_grad(label)
+    else:
+        # flash attention saves O(T) per layer: every backbone activation is linear in T
+        assert long["act_backbone_bytes"] == 2 * short["act_backbone_bytes"]
+
+
+@pytest.mark.parametrize("label,task,sets", [
+    ("lora", "causal_lm", ["train.loss_chunk_size=16", "train.gradient_checkpointing=true"]),
+    ("qlora", "classification", []),
+    ("full", "classification", ["train.optimizer=adamw", "train.max_grad_norm=0"]),
+])
+def test_prediction_matches_allocator_on_other_configs(label, task, sets):
+    cfg = _cfg(label, task=task, sets=sets)
+    real = measure(cfg, True, "cpu", fake=False)
+    pred = measure(cfg, True, "cpu", fake=True)
+    assert abs(pred["peak_bytes"] / real["cpu_allocated_peak_bytes"] - 1) <= 0.10
+    assert pred["act_backbone_bytes"] == real["act_backbone_bytes"]
+    if "train.gradient_checkpointing=true" in sets:
+        assert real["recompute_flops"] > 0  # the checkpointed forward runs again in backward
+
+
+@pytest.mark.parametrize("label", [m for m in ("full", "lora") if m in METHODS])
+def test_backward_flop_split_adds_up_to_flop_counter(label):
+    """dL/dx + dL/dW predicted from the forward equals what FlopCounterMode counts in the real backward (eager
+    attention, so that every attention matmul is a counted bmm)."""
+    cfg = load_config(None, [*_spec(label).overrides, "model.attn_implementation=eager"])
+    model = tiny("tiny-llama", "causal_lm", attn_implementation="eager")
+    backbone = mem.snapshot_modules(model)
+    trained = build_method(cfg.method).apply(model).train()
+    roles = mem.module_roles(trained, backbone, model)
+    ids = torch.randint(3, 1000, (BATCH, SEQ))
+    tracker, saved = mem.LiveTracker(), mem.SavedTensorTracker(trained, roles)
+    tracker.track_model(trained)  # weights known to the tracker: their casts and views are weights too
+    tracker.flops_from = saved
+    with tracker, saved:
+        loss = trained(input_ids=ids, labels=ids).loss
+    with FlopCounterMode(display=False) as counter:
+        loss.backward()
+    assert sum(tracker.bwd_flops.values()) == counter.get_total_flops()
+    if label == "lora":  # a frozen backbone has no dL/dW; LoRA's A and B do
+        assert tracker.bwd_flops[("backbone", "dw")] == 0 < tracker.bwd_flops[("method", "dw")]
+
+
+def test_live_tracker_follows_allocations_and_counts_a_saved_weight_once():
+    lin = torch.nn.Linear(256, 256)  # 256 KiB weight, frozen: saved for dL/dx, yet counted once
+    lin.requires_grad_(False)
+    x = torch.randn(64, 256, requires_grad=True)
+    tracker = mem.LiveTracker()
+    tracker.track_model(lin)
+    tracker.track([x], "inputs")
+    with mem.CPUAllocatorPeak() as alloc, tracker:
+        tracker.phase = "forward"
+        y = lin(x)  # 64 KiB
+        z = (y * y).sum()
+        tracker.phase = "backward"
+        z.backward()
+    weights, act = (256 * 256 + 256) * 4, 64 * 256 * 4
+    assert tracker.current["weights"] == weights and tracker.current["inputs"] == act
+    assert tracker.peak == mem.storage_bytes([lin.weight, lin.bias, x]) + alloc.peak
+    assert weights + 3 * act < tracker.peak < weights + 6 * act  # x, y, y*y, and the backward grads
+    del y, z
+    assert tracker.current["activations"] == 0
+
+
+def test_fake_masks_answer_all_true():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), mem.AllTrueMasks():
+        x = torch.empty(3, 5, 4)
+        keep = torch.empty(3, 5, dtype=torch.bool)
+        assert x[keep].shape == (15, 4)
+        assert bool(keep.all())
+
+
+def test_profile_row_meta_for_an_8b_shape_needs_no_memory():
+    spec = next(s for s in resolve_rows("lora", "llama-8b", "causal_lm", 1, 64, []) if s.label == "lora")
+    row = profile_row(spec, "meta", "cuda", 0)
+    assert row["error"] is None and row["measured_peak_bytes"] is None
+    # bf16 weights of an 8B model: 16 GB; the prediction holds them without allocating them
+    assert 14.5 * 2**30 < row["weights_bytes"] < 15.5 * 2**30 and row["weights_bytes"] < row["predicted_peak_bytes"]
+    assert row["act_backbone_bytes"] > 0 and row["dtype"] == "bfloat16" and row["mixed_precision"] == "bf16"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# plan
+
+
+def test_plan_largest_batch_is_the_boundary():
+    from sidetune.plan import _peak, largest_batch, plan
+
+    spec = _spec("lora")
+    at2, at3 = _peak(spec, "cpu", batch=2), _peak(spec, "cpu", batch=3)
+    assert largest_batch(spec, "cpu", (at2 + at3) // 2, 2, at2) == 2
+    assert largest_batch(spec, "cpu", at3, 2, at2) == 3
+    [tight] = plan("tiny-llama", at2 - 1, 2, SEQ, methods="lora", target="cpu", log=lambda *_: None)
+    assert not tight["fits"]
+    fixes = {c["change"]: c for c in tight["changes"]}
+    assert any("chunked" in c for c in fixes) and any("checkpointing" in c for c in fixes)
+    for c in fixes.values():
+        assert c["fits"] == (c["peak_bytes"] <= at2 - 1)
+    assert any(c["fits"] for c in fixes.values())  # chunking the 49k-vocab loss frees far more than one byte
+    assert tight["largest_batch"] == 1 and _peak(spec, "cpu", batch=1) <= at2 - 1
+
+
+def test_plan_cli(tmp_path):
+    out = tmp_path / "plan.json"
+    result = run_cli("plan", "--model", "tiny-llama", "--vram", "1GiB", "--batch", "2", "--seq", "16",
+                     "--methods", "lora", "--target", "cpu", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| lora |" in result.stdout and json.loads(out.read_text())[0]["fits"] is True
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--methods", "nope"], "unknown method 'nope'"),
+    (["--set", "lora.rr=3"], "unknown config key 'method.rr'"),
+    (["--vram", "lots"], "memory size 'lots' is not understood"),
+    (["--model", "/nonexistent/model"], "does not exist"),
+    (["--target", "cuda", "--device", "cpu"], "--target cuda applies to --device meta only"),
+])
+def test_profile_bad_input(tmp_path, args, needle):
+    out = tmp_path / "p"
+    base = {"--model": "tiny-llama", "--device": "meta", "--out": str(out)}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    result = run_cli("profile", *[x for kv in base.items() for x in kv], "--seq", "8", "--batch", "1",
+                     "--methods", base.get("--methods", "lora"))
+    assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("label", LABELS)
+def test_cuda_prediction_within_10_percent_of_max_memory_allocated(label):
+    spec = next(s for s in resolve_rows(label, "tiny-llama", "causal_lm", 4, 128, []) if s.label == label)
+    row = profile_row(spec, "cuda", "cuda", 1)
+    assert abs(row["prediction_error"]) <= 0.10, row
