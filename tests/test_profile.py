@@ -117,14 +117,19 @@ def test_floor_is_below_every_method(cpu_profile):
 
 @pytest.mark.parametrize("label", LABELS)
 def test_backbone_activations_grow_linearly_with_seq(label):
-    short = measure(_cfg(label, seq=16), True, "cpu", fake=False)
-    long = measure(_cfg(label, seq=32), True, "cpu", fake=False)
-    if short["act_backbone_bytes"] == 0:
-        assert long["act_backbone_bytes"] == 0 and long["bwd_dx_flops_backbone"] == 0
+    a, b, c = (measure(_cfg(label, seq=seq), True, "cpu", fake=False)["act_backbone_bytes"] for seq in (16, 32, 48))
+    if a == 0:
+        assert b == c == 0 and measure(_cfg(label), True, "cpu", fake=False)["bwd_dx_flops_backbone"] == 0
         assert not _backbone_gets_grad(label)
     else:
-        # flash attention saves O(T) per layer: every backbone activation is linear in T
-        assert long["act_backbone_bytes"] == 2 * short["act_backbone_bytes"]
+        assert 0 < b - a <= c - b, (a, b, c)
+        if label == "ptuning_v2":
+            # The prefix needs an explicit B x 1 x T x (P+T) attention mask, which SDPA converts to a float bias and
+            # saves in every layer: a T^2 term on top of the linear ones (PEFT's prefix tuning pays the same).
+            assert c - b > b - a
+        else:
+            # SDPA with is_causal saves O(T) per layer: every backbone activation is linear in T.
+            assert b == 2 * a and c == 3 * a, (a, b, c)
 
 
 @pytest.mark.parametrize("label,task,sets", [
