@@ -104,7 +104,7 @@ def changes(spec: RowSpec, task: str, trains_backbone_weights: bool = False) -> 
     for description, fields in getattr(cls, "plan_options", {}).items():
         out.append((description, [f"method.{k}={json.dumps(v)}" for k, v in fields.items()]))
     if len(out) > 1:
-        out.append(("all of the above", [o for _, overrides in out for o in overrides]))
+        out.append(("all together (" + " + ".join(d for d, _ in out) + ")", [o for _, ov in out for o in ov]))
     return out
 
 
@@ -136,7 +136,7 @@ def render(entries: list[dict], vram: int, batch: int, seq: int) -> str:
              f"| method | peak {unit} | fits | largest batch | changes that make it fit: their peak {unit} |",
              "|---|---|---|---|---|"]
     for e in entries:
-        fixes = [f"{c['change']}" + (f" `{' '.join(c['overrides'])}`" if c["change"] != "all of the above" else "")
+        fixes = [f"{c['change']}" + (f" `{' '.join(c['overrides'])}`" if not c["change"].startswith("all together") else "")
                  + f": {c['peak_bytes'] / scale:.2f}" for c in e["changes"] if c["fits"]]
         if e["fits"]:
             advice = "–"

@@ -70,12 +70,15 @@ def training_module(model: nn.Module, cfg: Config) -> nn.Module:
     """The module a training step calls: gradient checkpointing switched on and the chunked LM loss wrapped around
     when the config asks (shared with `sidetune profile`, whose steps must cost what the loop's steps cost)."""
     if cfg.train.gradient_checkpointing:
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if enable is None:
-            raise SidetuneError(f"method {cfg.method.name!r} does not support train.gradient_checkpointing")
         # Non-reentrant checkpointing keeps gradients flowing to adapters inside frozen blocks without forcing
         # requires_grad on the embeddings' output (the enable_input_require_grads trap, peft #137).
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed the HF method
+            model.activation_checkpointing_enable(kwargs)
+        elif hasattr(model, "gradient_checkpointing_enable"):  # older transformers, and our own wrapper modules
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            raise SidetuneError(f"method {cfg.method.name!r} does not support train.gradient_checkpointing")
     return forward_module(model, cfg)
 
 

@@ -303,6 +303,11 @@ class LST:
     Config: ClassVar[type] = LSTConfig
     # No gradient flows through the backbone: it may run in eval mode, and checkpointing it would be pointless.
     backbone_trains: ClassVar[bool] = False
+    # Memory-cutting variants `sidetune plan` may propose: fewer ladders (the paper drops layers), a narrower side.
+    plan_options: ClassVar[dict[str, dict]] = {
+        "a side block on every 2nd layer": {"side_layers": "every:2"},
+        "side width d/16": {"r": 16},
+    }
 
     def __init__(self, cfg: LSTConfig) -> None:
         self.cfg = cfg
