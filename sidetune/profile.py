@@ -79,7 +79,8 @@ def resolve_rows(methods: str, model: str, task: str, batch: int, seq: int, sets
                  references: bool = True) -> list[RowSpec]:
     """The rows to profile: the requested methods (`all` = every registered method plus the aliases whose method is
     registered) and, with `references`, the full fine-tuning reference and the no-grad floor(s). `sets` are overrides
-    for every row (train.loss_chunk_size=1024) or for one label or method (lora.r=16 applies to lora and qlora rows)."""
+    for every row (train.loss_chunk_size=1024) or for one label or method (lora.r=16 applies to lora and qlora rows;
+    qlora.train.gradient_checkpointing=true to the qlora row only)."""
     from sidetune.config import load_config
     from sidetune.methods import METHODS
 
@@ -113,7 +114,8 @@ def resolve_rows(methods: str, model: str, task: str, batch: int, seq: int, sets
         for item in scoped:
             scope, _, rest = item.partition(".")
             if scope in (name, method, "method"):
-                overrides.append(f"method.{rest}")
+                # qlora.r=16 sets the method's field; qlora.train.gradient_checkpointing=true a section's, one row only
+                overrides.append(rest if rest.split(".")[0] in ("model", "data", "train") else f"method.{rest}")
         rows.append(RowSpec(name, method, overrides))
         quantized.add(load_config(None, overrides).model.quantize)  # validates every override now
     floors = [RowSpec("floor" if q is None else f"floor-{q}", None,
@@ -439,7 +441,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per row after the tracked one")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="config override for every row (train.loss_chunk_size=1024, model.dtype=bfloat16) or for one "
-                        "method or alias (lora.r=16, qlora.targets=[all-linear]); repeatable")
+                        "method or alias (lora.r=16, qlora.targets=[all-linear], qlora.train.gradient_checkpointing=true); "
+                        "repeatable")
     p.add_argument("--vram", default=None, help="memory budget the reading judges against, e.g. 24GiB (default on "
                                                 "CUDA: the GPU's memory)")
     p.add_argument("--out", required=True, help="directory for profile.json, profile.md, profile.png")

@@ -14,7 +14,7 @@ from torch.testing import assert_close
 from sidetune.config import ModelConfig, TrainConfig, load_config
 from sidetune.methods.lora import LoRA, LoRAConfig, lora_layers
 from sidetune.models import load_model, load_tokenizer
-from sidetune.train import make_optimizer, setup
+from sidetune.train import make_optimizer, setup, training_module
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +40,9 @@ def test_no_fp32_upcast_of_embeddings_or_head(source, llama_dir):
     assert loaded.get_input_embeddings().weight.dtype == torch.bfloat16
     # The trainer's path: setup() (load + LoRA all-linear) and its non-reentrant gradient checkpointing.
     cfg = load_config(None, [f"model.name={name}", "model.quantize=nf4", "model.dtype=bfloat16", "method.name=lora",
-                             "method.targets=all-linear", "data.task=causal_lm"])
+                             "method.targets=all-linear", "data.task=causal_lm", "train.gradient_checkpointing=true"])
     model = setup(cfg, torch.device("cpu"), with_data=False).model
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()(**batch_for(model, "causal_lm")).loss.backward()
+    training_module(model, cfg).train()(**batch_for(model, "causal_lm")).loss.backward()
     after = {n.replace(".base.", "."): b for n, b in _float_bytes(model, frozen_only=True).items()}
     assert after == before  # every frozen float tensor kept its dtype: not one byte of upcast
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
