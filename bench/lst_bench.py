@@ -72,6 +72,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def train_step(module, optimizer, accelerator, batch):
+    """One optimizer step of `module` on `batch`, as a function `measure` can time."""
+
+    def step():
+        loss = module(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def measure(name: str, step, device: torch.device, warmup: int, steps: int) -> dict:
     for _ in range(warmup):
         step()
@@ -134,13 +146,8 @@ def run(args: argparse.Namespace) -> dict:
     module, optimizer = accelerator.prepare(ChunkedLMLoss(lst, args.chunk), optimizer)
     module.train()
 
-    def lst_step():
-        loss = module(**batch).loss
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    row = measure(f"Q-LST r={args.r} side_layers={args.side_layers} ({n_side / 1e6:.2f}M trainable)", lst_step,
+    row = measure(f"Q-LST r={args.r} side_layers={args.side_layers} ({n_side / 1e6:.2f}M trainable)",
+                  train_step(module, optimizer, accelerator, batch),
                   device, args.warmup, args.steps)
     roles = module_roles(module, backbone_ids, model)
     with SavedTensorTracker(module, roles) as tracker:
@@ -173,14 +180,9 @@ def run(args: argparse.Namespace) -> dict:
         module, optimizer = accelerator.prepare(ChunkedLMLoss(peft_model.get_base_model(), args.chunk), optimizer)
         module.train()
 
-        def qlora_step():
-            loss = module(**batch).loss
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
         rows.append(measure(f"PEFT QLoRA all-linear r={args.lora_r} + grad checkpointing ({n_lora / 1e6:.2f}M "
-                            f"trainable)", qlora_step, device, args.warmup, args.steps))
+                            f"trainable)", train_step(module, optimizer, accelerator, batch), device, args.warmup,
+                            args.steps))
     return {"rows": rows, "ratios": ratios(rows), "device": device_name(device), "args": vars(args)}
 
 

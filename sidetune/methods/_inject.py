@@ -38,6 +38,23 @@ def linear_features(layer: nn.Module) -> tuple[int, int]:
     return layer.in_features, layer.out_features
 
 
+class WrappedLinear(nn.Module):
+    """Base of a module that replaces a linear layer and keeps it as `self.base` (LoRA, a sequential adapter).
+
+    Some modeling code reads a projection's weight directly (T5 checks `wo.weight.dtype`): answer for the wrapped layer.
+    """
+
+    base: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+
 def find_targets(model: nn.Module, targets: list[str]) -> list[str]:
     """Names of the linear layers to wrap. Each entry of `targets` is one of:
 

@@ -40,7 +40,14 @@ import torch
 from torch import nn
 
 from sidetune.errors import SidetuneError
-from sidetune.methods._inject import freeze, head_module_names, linear_features, module_device, replace_module
+from sidetune.methods._inject import (
+    WrappedLinear,
+    freeze,
+    head_module_names,
+    linear_features,
+    module_device,
+    replace_module,
+)
 
 # Module-name patterns (regexes matched against the end of the full module name, at a "." boundary), per role.
 ATTN_OUT = [r"attention\.output\.dense", r"self_attn\.o_proj", r"attn\.c_proj", r"SelfAttention\.o"]
@@ -89,7 +96,7 @@ class Bottleneck(nn.Module):
         return self.up(self.act(self.down(self.dropout(x))))
 
 
-class SequentialAdapter(nn.Module):
+class SequentialAdapter(WrappedLinear):
     """An output projection followed by an adapter: o = base(x);  o + s * A(o)  (Houlsby / Pfeiffer)."""
 
     def __init__(self, base: nn.Module, width: int, activation: str, dropout: float, scaling: float) -> None:
@@ -97,15 +104,6 @@ class SequentialAdapter(nn.Module):
         self.base = base
         self.adapter = Bottleneck(linear_features(base)[1], width, activation, dropout, module_device(base))
         self.scaling = scaling
-
-    # Modeling code reads a projection's weight (T5 checks `wo.weight.dtype`): answer for the wrapped layer.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)

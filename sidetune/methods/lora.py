@@ -29,7 +29,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from sidetune.errors import SidetuneError
-from sidetune.methods._inject import find_targets, freeze, linear_features, module_device, replace_module
+from sidetune.methods._inject import WrappedLinear, find_targets, freeze, linear_features, module_device, replace_module
 
 # Query and value projections under the names the common families use (Llama/Mistral/Qwen, BERT, GPT-2's fused
 # c_attn, T5): the original paper's choice and PEFT's default for these models.
@@ -56,7 +56,7 @@ class LoRAConfig:
     loraplus_lr_ratio: float = 1.0
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(WrappedLinear):
     """A frozen linear layer plus a trainable low-rank update."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
@@ -88,15 +88,6 @@ class LoRALinear(nn.Module):
                 nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
             else:
                 raise SidetuneError(f"method.init={init!r} is unknown; use standard, a_zero or gaussian")
-
-    # Some modeling code reads a projection's weight (T5 checks `wo.weight.dtype`): answer for the wrapped layer.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
