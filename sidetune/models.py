@@ -171,7 +171,8 @@ def load_model(cfg: ModelConfig, task: str, num_labels: int | None = None, devic
     """
     device = torch.device(device)
     auto = AUTO_CLASSES[task]
-    task_kwargs: dict[str, Any] = {"num_labels": num_labels} if task == "classification" else {}
+    # Without a label count (no data read yet) the head keeps the checkpoint's own, or transformers' default of 2.
+    task_kwargs: dict[str, Any] = {"num_labels": num_labels} if task == "classification" and num_labels else {}
     if pad_token_id is not None:
         task_kwargs["pad_token_id"] = pad_token_id
     if cfg.attn_implementation:
