@@ -209,6 +209,16 @@ def test_profile_row_meta_for_an_8b_shape_needs_no_memory():
     assert row["act_backbone_bytes"] > 0 and row["dtype"] == "bfloat16" and row["mixed_precision"] == "bf16"
 
 
+def test_scoped_sets_reach_their_rows_only():
+    rows = {s.label: s.overrides for s in resolve_rows(
+        "lora,qlora,lst", "tiny-llama", "causal_lm", 2, 16,
+        ["train.loss_chunk_size=8", "lora.r=4", "qlora.train.gradient_checkpointing=true"])}
+    assert all("train.loss_chunk_size=8" in o for o in rows.values())  # global: every row, references included
+    assert "method.r=4" in rows["lora"] and "method.r=4" in rows["qlora"] and "method.r=4" not in rows["lst"]
+    assert [label for label, o in rows.items() if "train.gradient_checkpointing=true" in o] == ["qlora"]
+    assert load_config(None, rows["qlora"]).train.gradient_checkpointing
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # plan
 
