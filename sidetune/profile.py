@@ -452,10 +452,11 @@ def parse_bytes(text: str) -> int:
     """'8GiB', '8G', '7.5 GB', '512MiB', '1e9' -> bytes (G/GB/GiB all mean 2**30: GPUs are sold in GiB)."""
     import re
 
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]?)(i?b)?\s*", text.lower())
-    if not m:
-        raise SidetuneError(f"memory size {text!r} is not understood; write it like 8GiB, 24G or 512MiB")
-    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    size = int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " ")) if m else 0
+    if size <= 0:
+        raise SidetuneError(f"memory size {text!r} is not understood; write a positive size like 8GiB, 24G or 512MiB")
+    return size
 
 
 def check_model(name: str) -> None:

@@ -252,6 +252,8 @@ def test_plan_cli(tmp_path):
     (["--methods", "nope"], "unknown method 'nope'"),
     (["--set", "lora.rr=3"], "unknown config key 'method.rr'"),
     (["--vram", "lots"], "memory size 'lots' is not understood"),
+    (["--vram", "0"], "memory size '0' is not understood"),
+    (["--vram", "1.2.3GiB"], "memory size '1.2.3GiB' is not understood"),
     (["--model", "/nonexistent/model"], "does not exist"),
     (["--target", "cuda", "--device", "cpu"], "--target cuda applies to --device meta only"),
 ])
