@@ -59,7 +59,21 @@ def load_rows(spec: str, key: str) -> datasets.Dataset:
         if path.suffix.lower() == ".tsv":
             # GLUE-style TSV: tab-separated, no quoting (sentences contain bare quote characters).
             kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
-        return datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+        level = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a parse failure is reported once, below
+        try:
+            rows = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+        except (ValueError, datasets.exceptions.DatasetGenerationError) as e:
+            if "corresponds to no data" not in str(e):  # what datasets says of a header-only csv/tsv
+                cause = e.__cause__ or e  # DatasetGenerationError wraps the parser's own error
+                raise SidetuneError(f"{key}={spec!r} could not be read as {fmt}: "
+                                    f"{' '.join(str(cause).split())[:200]}") from None
+            rows = None
+        finally:
+            datasets.logging.set_verbosity(level)
+        if rows is None or len(rows) == 0:
+            raise SidetuneError(f"{key}={spec!r} holds no rows; point it at a file with data")
+        return rows
     looks_local = Path(spec).suffix.lower() in FORMATS or spec.startswith((".", "/", "~"))
     if looks_local or os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
         raise SidetuneError(f"{key}={spec!r}: no such data file; give a csv/tsv/json/jsonl/parquet path "
@@ -84,6 +98,7 @@ def _require_columns(rows: datasets.Dataset, columns: list[str], key: str) -> No
 
 
 def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> TaskData:
+    _check_max_length(cfg, tokenizer)
     train_rows = load_rows(cfg.train, "data.train")
     if cfg.max_train_samples is not None:
         train_rows = train_rows.shuffle(seed=seed).select(range(min(cfg.max_train_samples, len(train_rows))))
@@ -95,9 +110,9 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) ->
     num_labels = None
     if cfg.task == "classification" or cfg.label_names is not None:
         label_names, num_labels, to_id = _label_mapping(cfg, train_rows)
-        train_rows = train_rows.map(lambda r: {cfg.label_field: to_id(r[cfg.label_field])})
+        train_rows = _relabel(train_rows, cfg.label_field, to_id)
         if eval_rows is not None:
-            eval_rows = eval_rows.map(lambda r: {cfg.label_field: to_id(r[cfg.label_field])})
+            eval_rows = _relabel(eval_rows, cfg.label_field, to_id)
 
     encode = {"classification": _encode_classification, "causal_lm": _encode_causal_lm,
               "seq2seq": _encode_seq2seq}[cfg.task]
@@ -116,6 +131,21 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) ->
                                 remove_columns=eval_rows.column_names, desc="building choices", with_indices=True)
     return TaskData(tokenize(train_rows), tokenize(eval_rows) if eval_rows is not None else None, choices,
                     num_labels, label_names)
+
+
+def _relabel(rows: datasets.Dataset, field: str, to_id) -> datasets.Dataset:
+    """Labels to class ids, in a fresh integer column: mapped in place, a string column would keep its string type
+    ("1"), which the collator cannot turn into a tensor."""
+    ids = rows.map(lambda r: {"_sidetune_label": to_id(r[field])}, remove_columns=[field])
+    return ids.rename_column("_sidetune_label", field)
+
+
+def _check_max_length(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    # A tokenizer cannot truncate below its own special tokens: it would warn and silently keep the full text.
+    special = tokenizer.num_special_tokens_to_add(pair=bool(cfg.text_pair_field))
+    if cfg.max_length <= special:
+        raise SidetuneError(f"data.max_length={cfg.max_length} leaves no room for text: this tokenizer adds {special} "
+                            f"special tokens; use data.max_length >= {special + 1}")
 
 
 def _needed_columns(cfg: DataConfig) -> list[str]:

@@ -95,3 +95,22 @@ def test_bad_data_is_one_line(bert_tok, tmp_path):
         build(DataConfig(train=path, eval=None), bert_tok)
     with pytest.raises(SidetuneError, match="names column 'review'"):
         build(DataConfig(task="causal_lm", train=path, eval=None, prompt_template="{review}"), bert_tok)
+    header_only = tmp_path / "empty.tsv"
+    header_only.write_text("sentence\tlabel\n")
+    with pytest.raises(SidetuneError, match="holds no rows"):
+        build(DataConfig(train=str(header_only), eval=None), bert_tok)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"sentence": "ok", "label": 1}\n{broken\n')
+    with pytest.raises(SidetuneError, match="could not be read as json"):
+        build(DataConfig(train=str(broken), eval=None), bert_tok)
+    with pytest.raises(SidetuneError, match=r"data\.max_length=2 leaves no room for text"):
+        build(DataConfig(train="sst2/dev.tsv", eval=None, max_length=2), bert_tok)  # [CLS] [SEP] alone
+
+
+def test_string_labels_in_a_tsv_become_integer_ids(bert_tok, tmp_path):
+    path = tmp_path / "words.tsv"
+    path.write_text("sentence\tlabel\ngood film\tpos\nbad film\tneg\nfine\tpos\n")
+    d = build(DataConfig(train=str(path), eval=str(path)), bert_tok)
+    assert d.label_names == ["neg", "pos"] and d.train["labels"] == [1, 0, 1] == d.eval["labels"]
+    batch = collator("classification", bert_tok)([d.train[i] for i in range(3)])
+    assert batch["labels"].tolist() == [1, 0, 1]
