@@ -177,6 +177,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
+    if isinstance(parsed, dict):
+        # No config field is a mapping: `data.prompt_template={sentence}` or `Review: {sentence}` is text, which YAML
+        # would read as a mapping. Keep the text as given (leading spaces included).
+        parsed = value
     if not isinstance(raw.get(section), dict):
         raw[section] = {}
     if section == "method" and name == "name" and raw["method"].get("name") not in (None, parsed):

@@ -18,7 +18,7 @@ import importlib.util
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -194,12 +194,7 @@ def load_model(cfg: ModelConfig, task: str, num_labels: int | None = None, devic
                 # bitsandbytes quantizes while placing weights, so a quantized model loads straight onto its device.
                 device_map={"": device} if quant is not None else None, **task_kwargs)
     except ValueError as e:
-        if "Unrecognized configuration class" in str(e):
-            raise SidetuneError(
-                f"model {cfg.name!r} ({config.model_type}) has no {auto.__name__[9:]} head in transformers; "
-                f"pick a data.task it supports"
-            ) from None
-        raise
+        _no_task_head(e, cfg.name, config.model_type, auto)
     model.sidetune_head = _new_modules(model, info["missing_keys"])
     return model if quant is not None else model.to(device)
 
@@ -239,6 +234,15 @@ def _new_modules(model: nn.Module, missing_keys: set[str] | list[str]) -> list[s
     return sorted(names)
 
 
+def _no_task_head(error: ValueError, name: str, model_type: str, auto) -> NoReturn:
+    """Re-raise transformers' "Unrecognized configuration class" (e.g. seq2seq on a decoder) as one line."""
+    if "Unrecognized configuration class" in str(error):
+        tasks = [t for t, cls in AUTO_CLASSES.items() if model_type in cls._model_mapping._model_mapping]
+        raise SidetuneError(f"model {name!r} ({model_type}) has no {auto.__name__[9:]} head in transformers; "
+                            f"pick a data.task it supports ({', '.join(tasks)})") from None
+    raise error
+
+
 def _build_preset(cfg: ModelConfig, auto, task_kwargs: dict[str, Any], device: torch.device) -> nn.Module:
     model_type, kwargs, _ = PRESETS[cfg.name]
     # The task (tokenizer pad id, labels) overrides the preset: tiny-gpt2 sets a pad_token_id of its own.
@@ -248,8 +252,11 @@ def _build_preset(cfg: ModelConfig, auto, task_kwargs: dict[str, Any], device: t
     dtype = resolve_dtype(cfg.dtype, device)
     # Build straight on the target device (or on meta, for accounting): an 8B model never exists twice.
     torch.manual_seed(0)
-    with torch.device(device):
-        model = auto.from_config(config, dtype=dtype)
+    try:
+        with torch.device(device):
+            model = auto.from_config(config, dtype=dtype)
+    except ValueError as e:
+        _no_task_head(e, cfg.name, model_type, auto)
     if cfg.quantize is not None:
         quantize_linears(model, cfg, device)
     return model

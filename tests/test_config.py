@@ -22,6 +22,12 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.model.name == "tiny-bert"
 
 
+def test_template_overrides_stay_text():
+    # YAML would read `{sentence}` as a mapping and drop the leading space of ` {label_name}`.
+    cfg = load_config(None, ["data.prompt_template=Review: {sentence}", "data.completion_template= {label_name}"])
+    assert cfg.data.prompt_template == "Review: {sentence}" and cfg.data.completion_template == " {label_name}"
+
+
 def test_roundtrip(tmp_path):
     cfg = load_config(None, ["method.name=lora", "method.alpha=32", "train.batch_size=4"])
     save_config(cfg, tmp_path / "config.yaml")

@@ -63,3 +63,10 @@ def test_unknown_model_is_one_line(tmp_path):
         load_model(ModelConfig(name=str(tmp_path / "nope")), "causal_lm")
     with pytest.raises(SidetuneError, match=r"has no config\.json"):
         load_model(ModelConfig(name=str(tmp_path)), "causal_lm")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert"])
+def test_task_without_a_head_is_one_line(name):
+    with pytest.raises(SidetuneError, match=r"has no ForSeq2SeqLM head in transformers; pick a data.task it supports "
+                                            r"\(classification, causal_lm\)"):
+        load_model(ModelConfig(name=name), "seq2seq")
