@@ -490,11 +490,11 @@ def fake_quantize_linears(model: torch.nn.Module, quantize: str, double_quant: b
     import bitsandbytes as bnb
     from bitsandbytes.functional import QuantState
 
-    from sidetune.models import HEAD_NAMES
+    from sidetune.models import unquantized_names
 
     if quantize not in ("nf4", "fp4"):
         raise NotImplementedError(f"prediction of model.quantize={quantize} is not supported (nf4, fp4 are)")
-    skip = {*HEAD_NAMES, "lm_head"}
+    skip = unquantized_names(model)
     blocksize = 64
 
     def empty(*shape, dtype=torch.float32):

@@ -262,6 +262,13 @@ def _build_preset(cfg: ModelConfig, auto, task_kwargs: dict[str, Any], device: t
     return model
 
 
+def unquantized_names(model: nn.Module) -> set[str]:
+    """Last name components of the linears a quantized base keeps in floating point: the task heads, and what the
+    model class asks to keep in fp32 (T5's `wo`: its FFN casts its input to `wo.weight.dtype`, which for a 4-bit
+    weight would be uint8), as transformers' own bitsandbytes loading does."""
+    return {*HEAD_NAMES, "lm_head", *(getattr(model, "_keep_in_fp32_modules", None) or ())}
+
+
 def quantize_linears(model: nn.Module, cfg: ModelConfig, device: torch.device) -> None:
     """Replace every nn.Linear except heads with a bitsandbytes 4-bit or 8-bit layer holding the same weights.
 
@@ -272,7 +279,7 @@ def quantize_linears(model: nn.Module, cfg: ModelConfig, device: torch.device) -
 
     if device.type == "meta":
         return  # accounting on meta counts quantized bytes analytically (memory.py)
-    skip = {*HEAD_NAMES, "lm_head"}
+    skip = unquantized_names(model)
     compute = _compute_dtype(cfg, device)
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name.rsplit(".", 1)[-1] in skip:

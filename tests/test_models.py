@@ -70,3 +70,17 @@ def test_task_without_a_head_is_one_line(name):
     with pytest.raises(SidetuneError, match=r"has no ForSeq2SeqLM head in transformers; pick a data.task it supports "
                                             r"\(classification, causal_lm\)"):
         load_model(ModelConfig(name=name), "seq2seq")
+
+
+def test_nf4_t5_keeps_wo_in_float_and_follows_its_twin():
+    # T5's FFN casts its input to `wo.weight.dtype`: a 4-bit `wo` (uint8) would turn the activations into bytes.
+    base = load_model(ModelConfig(name="tiny-t5"), "seq2seq").eval()  # T5 has dropout
+    q = load_model(ModelConfig(name="tiny-t5", quantize="nf4"), "seq2seq").eval()
+    ffn = q.encoder.block[0].layer[-1].DenseReluDense
+    assert type(ffn.wo).__name__ == "Linear" and ffn.wo.weight.dtype == torch.float32
+    assert type(ffn.wi_0 if hasattr(ffn, "wi_0") else ffn.wi).__name__ == "Linear4bit"
+    batch = batch_for(base, "seq2seq")
+    with torch.no_grad():
+        a, b = base(**batch).logits, q(**batch).logits
+    assert torch.isfinite(b).all()
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.97
