@@ -61,6 +61,30 @@ def test_zero_init_attention_makes_step0_exact(preset, task, projection):
         assert (model(**batch).logits - base(**batch).logits).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
+def test_generate_with_the_prefix(preset):
+    base = tiny(preset, "causal_lm").eval()
+    batch = batch_for(base, "causal_lm", batch=2, seq=8)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    model = _apply(base, zero_init_attention=True).eval()
+    with torch.no_grad():
+        # A zero-init-attention prefix is exactly invisible at step 0: transformers' own cached greedy decoding of
+        # the base model is the oracle.
+        expected = base.generate(ids[1:], max_new_tokens=5, do_sample=False, min_new_tokens=5)
+        assert torch.equal(model.generate(ids[1:], max_new_tokens=5, eos_token_id=[]), expected)
+        # A trained prefix changes what is generated, each new token being the argmax of the full forward, and a
+        # padded row decodes as it does alone.
+        model.prefix.embedding.weight.normal_(std=3.0)
+        out = model.generate(ids, mask, max_new_tokens=4, eos_token_id=[])
+        real = int(mask[0].sum())
+        alone = model.generate(ids[:1, :real], max_new_tokens=4, eos_token_id=[])
+        assert torch.equal(out[0, : real + 4], alone[0])
+        first = model(input_ids=ids[1:]).logits[0, -1].argmax()
+        assert out[1, ids.shape[1]] == first and not torch.equal(out[1:], expected[:, : ids.shape[1] + 4])
+    with pytest.raises(SidetuneError, match="generate needs a causal LM"):
+        _apply(tiny("tiny-bert", "classification")).generate(ids)
+
+
 @pytest.mark.parametrize("preset,task", [("tiny-llama", "causal_lm"), ("tiny-bert", "classification")])
 def test_a_zero_prefix_is_not_invisible_under_the_joint_softmax(preset, task):
     # Why zero_init_attention exists: q.0 = 0 adds e^0 terms to each softmax denominator.

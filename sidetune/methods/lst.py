@@ -31,6 +31,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput, SequenceClassifierOutput
 
 from sidetune.errors import SidetuneError
+from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
 from sidetune.methods._inject import freeze, head_module_names
 from sidetune.methods._lst_blocks import SideStack, Stack, capture, stacks_of, tapped_layers
 from sidetune.methods._lst_prune import init_pruned, keep_hidden
@@ -254,40 +255,20 @@ class LSTModel(nn.Module):
         prompt plus the new tokens for causal LMs, the decoder sequence for T5, right-padded with `pad_token_id`."""
         if self.task == "classification":
             raise SidetuneError("generate needs a causal_lm or seq2seq model; this LST model classifies")
-        c = self.config
-        eos = c.eos_token_id if eos_token_id is None else eos_token_id
-        eos = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
-        pad = pad_token_id if pad_token_id is not None else (c.pad_token_id if c.pad_token_id is not None
-                                                             else next(iter(eos), 0))
+        eos, pad = special_tokens(self.config, eos_token_id, pad_token_id)
         rows = []
-        for b in range(input_ids.shape[0]):
-            ids = input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]
+        for ids in unpadded_rows(input_ids, attention_mask):
             if self.side_encoder is not None:
-                enc, side_enc = self.encode(ids[None], None)
-                seq = torch.full((1, 1), c.decoder_start_token_id, dtype=ids.dtype, device=ids.device)
+                enc, side_enc = self.encode(ids, None)
+                start = torch.full((1, 1), self.config.decoder_start_token_id, dtype=ids.dtype, device=ids.device)
 
                 def step(s, enc=enc, side_enc=side_enc):
                     return self.head(self.decode(s, enc, side_enc, None, None), None, None).logits[:, -1]
-            else:
-                seq = ids[None]
 
-                def step(s):
-                    return self(input_ids=s).logits[:, -1]
-            for _ in range(max_new_tokens):
-                logits = step(seq).float()
-                if do_sample:
-                    logits = logits / max(temperature, 1e-5)
-                    if top_k:
-                        logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
-                    token = torch.multinomial(logits.softmax(-1), 1)
-                else:
-                    token = logits.argmax(-1, keepdim=True)
-                seq = torch.cat((seq, token.to(seq.dtype)), dim=1)
-                if token.item() in eos:
-                    break
-            rows.append(seq[0])
-        width = max(len(r) for r in rows)
-        return torch.stack([F.pad(r, (0, width - len(r)), value=pad) for r in rows])
+                rows.append((start, step))
+            else:
+                rows.append((ids, lambda s: self(input_ids=s).logits[:, -1]))
+        return decode_rows(rows, max_new_tokens, eos, pad, do_sample, temperature, top_k)
 
 
 def _task(model: nn.Module) -> str:

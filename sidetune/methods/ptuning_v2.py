@@ -50,6 +50,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from sidetune.errors import SidetuneError
+from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
 from sidetune.methods._inject import freeze
 
 
@@ -227,6 +228,20 @@ class PTuningV2Model(nn.Module):
 
     def get_output_embeddings(self) -> nn.Module | None:
         return self.model.get_output_embeddings()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, eos_token_id=None,
+                 pad_token_id: int | None = None) -> torch.Tensor:
+        """Greedy or sampled decoding with the prefix (causal LMs). transformers' `generate` would append to the
+        read-only prefix cache and number positions after the prefix, so this runs the plain loop of
+        sidetune.methods._decode: the full forward the model was trained with, once per new token. Returns the
+        prompt plus the new tokens, right-padded with `pad_token_id`."""
+        if self.model.get_output_embeddings() is None or self.config.is_encoder_decoder:
+            raise SidetuneError(f"generate needs a causal LM; this ptuning_v2 model is a {type(self.model).__name__}")
+        eos, pad = special_tokens(self.config, eos_token_id, pad_token_id)
+        rows = [(ids, lambda s: self(input_ids=s).logits[:, -1]) for ids in unpadded_rows(input_ids, attention_mask)]
+        return decode_rows(rows, max_new_tokens, eos, pad, do_sample, temperature, top_k)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Checkpoint every transformer block, keeping the (read-only) prefix cache. Non-reentrant only: a reentrant
