@@ -96,8 +96,9 @@ def changes(spec: RowSpec, task: str, trains_backbone_weights: bool = False) -> 
     if cfg.model.quantize is None and not trains_backbone_weights:
         out.append(("4-bit base", ["model.quantize=nf4"]))
     if task == "causal_lm" and not cfg.train.loss_chunk_size:
-        # At least 8 chunks per batch, so that only an eighth of the logits is ever alive.
-        chunk = min(CHUNK, max(1, cfg.train.batch_size * (cfg.data.max_length - 1) // 8))
+        # At least 8 chunks per batch, so that only an eighth of the logits is ever alive (a power of two: 512, not 511).
+        positions = max(1, cfg.train.batch_size * (cfg.data.max_length - 1) // 8)
+        chunk = min(CHUNK, 1 << (positions.bit_length() - 1))
         out.append(("chunked LM loss", [f"train.loss_chunk_size={chunk}"]))
     if getattr(cls, "backbone_trains", True) and not cfg.train.gradient_checkpointing:
         out.append(("gradient checkpointing", ["train.gradient_checkpointing=true"]))
