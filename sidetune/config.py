@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sidetune.errors import SidetuneError
+from sidetune.errors import SidetuneError, one_line
 
 
 @dataclass
@@ -156,7 +156,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise SidetuneError(f"config file {str(path)!r} is not valid YAML: {_one_line(e)}") from None
+            raise SidetuneError(f"config file {str(path)!r} is not valid YAML: {one_line(e)}") from None
         if not isinstance(raw, dict):
             raise SidetuneError(f"config file {str(path)!r} must be a mapping with sections model/method/data/train")
     for item in overrides:
@@ -336,5 +336,3 @@ def _suggest(key: str, options: list[str], prefix: str = "") -> str:
     return f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)"
 
 
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())

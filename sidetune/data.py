@@ -19,7 +19,7 @@ import datasets
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from sidetune.config import DataConfig
-from sidetune.errors import SidetuneError
+from sidetune.errors import SidetuneError, one_line
 
 ASSETS = Path(__file__).parent / "assets"
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
@@ -67,7 +67,7 @@ def load_rows(spec: str, key: str) -> datasets.Dataset:
             if "corresponds to no data" not in str(e):  # what datasets says of a header-only csv/tsv
                 cause = e.__cause__ or e  # DatasetGenerationError wraps the parser's own error
                 raise SidetuneError(f"{key}={spec!r} could not be read as {fmt}: "
-                                    f"{' '.join(str(cause).split())[:200]}") from None
+                                    f"{one_line(cause)}") from None
             rows = None
         finally:
             datasets.logging.set_verbosity(level)
@@ -83,7 +83,7 @@ def load_rows(spec: str, key: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as e:
-        raise SidetuneError(f"{key}={spec!r} could not be loaded from the hub: {' '.join(str(e).split())[:200]}") from None
+        raise SidetuneError(f"{key}={spec!r} could not be loaded from the hub: {one_line(e)}") from None
 
 
 def _require_columns(rows: datasets.Dataset, columns: list[str], key: str) -> None:

@@ -38,6 +38,12 @@ def linear_features(layer: nn.Module) -> tuple[int, int]:
     return layer.in_features, layer.out_features
 
 
+def to_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The input of a trainable fp32 layer beside a frozen (maybe bf16) model: without autocast it must be cast to
+    the layer's dtype; under autocast the matmul casts for itself."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(weight.dtype)
+
+
 class WrappedLinear(nn.Module):
     """Base of a module that replaces a linear layer and keeps it as `self.base` (LoRA, a sequential adapter).
 

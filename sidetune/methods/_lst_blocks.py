@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
 from sidetune.errors import SidetuneError
+from sidetune.methods._inject import to_input
 
 NEG_INF = float("-inf")
 
@@ -175,12 +176,6 @@ def capture(layers: nn.ModuleList, tapped: list[int]):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Side modules
-
-
-def to_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Without autocast, an fp32 side layer needs an fp32 input (the backbone may be bf16); under autocast the
-    matmul casts for itself."""
-    return x if torch.is_autocast_enabled(x.device.type) else x.to(weight.dtype)
 
 
 class SideNorm(nn.Module):

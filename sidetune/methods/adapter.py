@@ -47,6 +47,7 @@ from sidetune.methods._inject import (
     linear_features,
     module_device,
     replace_module,
+    to_input,
 )
 
 # Module-name patterns (regexes matched against the end of the full module name, at a "." boundary), per role.
@@ -91,9 +92,7 @@ class Bottleneck(nn.Module):
             nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        # Without autocast the fp32 adapter needs an fp32 input; under autocast the matmuls cast for themselves.
-        x = h if torch.is_autocast_enabled(h.device.type) else h.to(self.down.weight.dtype)
-        return self.up(self.act(self.down(self.dropout(x))))
+        return self.up(self.act(self.down(self.dropout(to_input(h, self.down.weight)))))
 
 
 class SequentialAdapter(WrappedLinear):

@@ -29,7 +29,15 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from sidetune.errors import SidetuneError
-from sidetune.methods._inject import WrappedLinear, find_targets, freeze, linear_features, module_device, replace_module
+from sidetune.methods._inject import (
+    WrappedLinear,
+    find_targets,
+    freeze,
+    linear_features,
+    module_device,
+    replace_module,
+    to_input,
+)
 
 # Query and value projections under the names the common families use (Llama/Mistral/Qwen, BERT, GPT-2's fused
 # c_attn, T5): the original paper's choice and PEFT's default for these models.
@@ -93,9 +101,7 @@ class LoRALinear(WrappedLinear):
         result = self.base(x)
         if self.merged:
             return result
-        # Without autocast the fp32 adapter needs an fp32 input; under autocast the matmuls cast for themselves.
-        lora_x = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
-        update = self.lora_B(self.lora_A(self.dropout(lora_x))) * self.scaling
+        update = self.lora_B(self.lora_A(self.dropout(to_input(x, self.lora_A.weight)))) * self.scaling
         return result + update.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
