@@ -1,10 +1,10 @@
 """Q-LST against its floor and against QLoRA, measured in one run on one batch.
 
-Three phases on the same 4-bit model and the same batch (random tokens, every token scored):
+Three phases on the same 4-bit model (built afresh per phase) and the same batch (random tokens, every token scored):
 
 1. floor:  a no-grad forward of the 4-bit model + sidetune's chunked LM loss (what inference of the loss costs);
-2. Q-LST:  a full training step of sidetune's `lst` method on that model (ChunkedLMLoss, make_optimizer, accelerate's
-           mixed precision and backward: the same objects `sidetune train` uses);
+2. Q-LST:  a full training step of sidetune's `lst` method, built by `session.build` and run by `session.train_step`
+           under accelerate's mixed precision and backward, with gradient clipping: what `sidetune train` runs;
 3. QLoRA:  PEFT LoRA on all linear layers (r=16) + gradient checkpointing, the usual low-memory reference.
 
 Reported per phase: peak `torch.cuda.max_memory_allocated` over the timed steps (after warm-up, so optimizer state is
@@ -36,12 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from sidetune.config import ModelConfig, TrainConfig
-from sidetune.losses import ChunkedLMLoss
-from sidetune.memory import GiB, SavedTensorTracker, module_roles, snapshot_modules
-from sidetune.methods.lst import LST, LSTConfig
+from sidetune.config import load_config
+from sidetune.memory import GiB, SavedTensorTracker, module_roles
 from sidetune.models import load_model
-from sidetune.train import _mixed_precision, make_optimizer
+from sidetune.session import build, forward_module, make_optimizer, mixed_precision, train_step
 
 TARGETS = {"mem_vs_floor": 1.25, "time_vs_floor": 1.3, "mem_vs_qlora": 0.6, "time_vs_qlora": 0.25}
 
@@ -72,18 +70,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(module, optimizer, accelerator, batch):
-    """One optimizer step of `module` on `batch`, as a function `measure` can time."""
-
-    def step():
-        loss = module(**batch).loss
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def measure(name: str, step, device: torch.device, warmup: int, steps: int) -> dict:
     for _ in range(warmup):
         step()
@@ -108,81 +94,87 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _config(args: argparse.Namespace, *extra: str):
+    """The run config of one phase, as `sidetune train` would read it."""
+    return load_config(None, [f"model.name={args.model}", f"model.quantize={args.quantize}", "data.task=causal_lm",
+                              f"train.batch_size={args.batch}", f"data.max_length={args.seq}",
+                              f"train.loss_chunk_size={args.chunk}", "train.lr=1e-4", *extra])
+
+
+def _stepper(s, accelerator, batch):
+    """One sidetune training step (session.train_step: forward, accelerate backward, clipping, optimizer), timed."""
+    module, optimizer = accelerator.prepare(s.module, s.optimizer)
+    module.train()
+    return module, lambda: train_step(module, batch, optimizer, s.trainable, s.cfg.train.max_grad_norm,
+                                      backward=accelerator.backward, clip=accelerator.clip_grad_norm_)
+
+
 def run(args: argparse.Namespace) -> dict:
     from accelerate import Accelerator
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("lst_bench: --device cuda but no CUDA GPU is visible; use --device cpu for the code path")
+    lst_cfg = _config(args, "method.name=lst", f"method.r={args.r}", f"method.side_layers={args.side_layers}",
+                      f"method.gradient_checkpointing={str(args.side_checkpointing).lower()}",
+                      f"method.compile={str(args.compile).lower()}")
     # The trainer's own mixed-precision choice: bf16 autocast on a bf16-capable GPU, none on CPU.
-    accelerator = Accelerator(mixed_precision=_mixed_precision(TrainConfig()), cpu=device.type == "cpu")
-    model = load_model(ModelConfig(name=args.model, quantize=args.quantize), "causal_lm", device=device).eval()
-    backbone_ids = snapshot_modules(model)
+    accelerator = Accelerator(mixed_precision=mixed_precision(lst_cfg.train), cpu=device.type == "cpu")
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(device)
-    # No padding: every phase takes the same unmasked batch (SDPA's causal path, no mask tensor).
-    batch = {"input_ids": ids, "labels": ids}
     rows = []
     print(f"lst_bench: {args.model} {args.quantize} on {device_name(device)}, batch {args.batch} x seq {args.seq}, "
           f"mixed precision {accelerator.mixed_precision}", flush=True)
 
     # 1. The floor: the same model and batch, forward only, loss in chunks.
-    floor = accelerator.prepare(ChunkedLMLoss(model, args.chunk))
+    model = load_model(lst_cfg.model, "causal_lm", device=device).eval()
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(device)
+    # No padding: every phase takes the same unmasked batch (SDPA's causal path, no mask tensor).
+    batch = {"input_ids": ids, "labels": ids}
+    floor = accelerator.prepare(forward_module(model.requires_grad_(False), lst_cfg))
 
     def floor_step():
         with torch.no_grad():
             floor(**batch).loss.item()
 
     rows.append(measure("no-grad 4-bit forward + chunked loss (floor)", floor_step, device, args.warmup, args.steps))
-    floor = None  # drop the wrapper before the next phase
+    floor = model = None  # drop the floor before the next phase
     free(device)
 
-    # 2. Q-LST through sidetune's method, loss, optimizer and accelerate backward.
-    method = LST(LSTConfig(r=args.r, side_layers=args.side_layers, gradient_checkpointing=args.side_checkpointing,
-                           compile=args.compile))
-    lst = method.apply(model)
-    n_side = sum(p.numel() for p in lst.parameters() if p.requires_grad)
-    optimizer = make_optimizer(lst, method, TrainConfig(lr=1e-4), device)
-    module, optimizer = accelerator.prepare(ChunkedLMLoss(lst, args.chunk), optimizer)
-    module.train()
-
-    row = measure(f"Q-LST r={args.r} side_layers={args.side_layers} ({n_side / 1e6:.2f}M trainable)",
-                  train_step(module, optimizer, accelerator, batch),
+    # 2. Q-LST: sidetune's build and step, exactly as `sidetune train` runs them.
+    s = build(lst_cfg, device, with_data=False, with_optimizer=True)
+    n_side = sum(p.numel() for p in s.trainable)
+    module, step = _stepper(s, accelerator, batch)
+    row = measure(f"Q-LST r={args.r} side_layers={args.side_layers} ({n_side / 1e6:.2f}M trainable)", step,
                   device, args.warmup, args.steps)
-    roles = module_roles(module, backbone_ids, model)
+    roles = module_roles(module, s.base_modules, s.base, s.method.head_modules(s.model))
     with SavedTensorTracker(module, roles) as tracker:
         loss = module(**batch).loss
     accelerator.backward(loss)
-    optimizer.zero_grad(set_to_none=True)
     row["saved_for_backward_gib"] = {k: v / GiB for k, v in tracker.by_role().items()}
     print(f"    saved for backward by role (GiB): {json.dumps(row['saved_for_backward_gib'])}", flush=True)
     rows.append(row)
-    del module, optimizer, lst, method, loss, tracker
+    del module, step, s, loss, tracker
     accelerator.free_memory()
     free(device)
 
-    # 3. PEFT QLoRA all-linear + gradient checkpointing on the same (untouched) 4-bit model.
+    # 3. PEFT QLoRA all-linear + gradient checkpointing, on the same build path (PEFT's apply instead of ours).
     if not args.skip_qlora:
         from peft import LoraConfig, get_peft_model
 
-        # Presets are quantized by sidetune, not by transformers: tell PEFT to use its bitsandbytes LoRA layers.
-        with contextlib.suppress(AttributeError):
-            model.is_loaded_in_4bit = True
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        peft_model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                                      target_modules="all-linear", task_type="CAUSAL_LM"))
-        n_lora = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-        module, optimizer = accelerator.prepare(ChunkedLMLoss(peft_model.get_base_model(), args.chunk), optimizer)
-        module.train()
+        def peft_apply(model):
+            # Presets are quantized by sidetune, not by transformers: tell PEFT to use its bitsandbytes LoRA layers.
+            with contextlib.suppress(AttributeError):
+                model.is_loaded_in_4bit = True
+            config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                target_modules="all-linear", task_type="CAUSAL_LM")
+            return get_peft_model(model, config).get_base_model()
 
+        s = build(_config(args, "train.gradient_checkpointing=true"), device, with_data=False, apply=peft_apply)
+        s.optimizer = make_optimizer(s.model, None, s.cfg.train, device)
+        n_lora = sum(p.numel() for p in s.trainable)
+        _, step = _stepper(s, accelerator, batch)
         rows.append(measure(f"PEFT QLoRA all-linear r={args.lora_r} + grad checkpointing ({n_lora / 1e6:.2f}M "
-                            f"trainable)", train_step(module, optimizer, accelerator, batch), device, args.warmup,
-                            args.steps))
+                            f"trainable)", step, device, args.warmup, args.steps))
     return {"rows": rows, "ratios": ratios(rows), "device": device_name(device), "args": vars(args)}
 
 

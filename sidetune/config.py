@@ -20,111 +20,123 @@ from typing import Any, Literal
 import yaml
 
 from sidetune.errors import SidetuneError, one_line
+from sidetune.fields import opt
+from sidetune.tasks import get_task
 
 
 @dataclass
 class ModelConfig:
-    # An alias (minilm, smollm2-135m), a random-init shape preset (tiny-llama, llama-8b, ...; see models.PRESETS),
-    # or a local Hugging Face model directory.
-    name: str = "minilm"
-    # Weight dtype: auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.
-    dtype: str = "auto"
-    # Quantize the frozen base with bitsandbytes: null, nf4, fp4 (4-bit) or int8. nf4 + lora = QLoRA, nf4 + lst = Q-LST.
-    quantize: str | None = None
-    # 4-bit only: quantize the quantization constants too (QLoRA's double quantization, ~0.4 bit/param saved).
-    double_quant: bool = True
-    # 4-bit only: dtype the dequantized matmul runs in. auto = bfloat16 on CUDA, float32 on CPU (bf16 is ~20x slower
-    # on AVX2 CPUs).
-    compute_dtype: str = "auto"
-    # Tokenizer directory; null = the model's own (presets borrow their family's real tokenizer).
-    tokenizer: str | None = None
-    # Attention implementation passed to transformers (sdpa, eager, ...); null = transformers' default.
-    attn_implementation: str | None = None
+    name: str = opt(
+        "minilm",
+        "An alias (minilm, smollm2-135m), a random-init shape preset (tiny-llama, llama-8b, ...; see "
+        "models.PRESETS), or a local Hugging Face model directory.",
+    )
+    dtype: str = opt(
+        "auto", "Weight dtype: auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
+    quantize: str | None = opt(
+        None,
+        "Quantize the frozen base with bitsandbytes: null, nf4, fp4 (4-bit) or int8. nf4 + lora = QLoRA, nf4 + "
+        "lst = Q-LST.",
+    )
+    double_quant: bool = opt(
+        True,
+        "4-bit only: quantize the quantization constants too (QLoRA's double quantization, ~0.4 bit/param saved).",
+    )
+    compute_dtype: str = opt(
+        "auto",
+        "4-bit only: dtype the dequantized matmul runs in. auto = bfloat16 on CUDA, float32 on CPU (bf16 is ~20x "
+        "slower on AVX2 CPUs).",
+    )
+    tokenizer: str | None = opt(
+        None, "Tokenizer directory; null = the model's own (presets borrow their family's real tokenizer).")
+    attn_implementation: str | None = opt(
+        None, "Attention implementation passed to transformers (sdpa, eager, ...); null = transformers' default.")
 
 
 @dataclass
 class DataConfig:
-    # classification (text or text pair -> label), causal_lm (text, or prompt -> completion) or seq2seq.
-    task: Literal["classification", "causal_lm", "seq2seq"] = "classification"
-    # Training data: a csv/tsv/json/jsonl/parquet path (relative paths also resolve against sidetune's bundled data,
-    # e.g. sst2/train.tsv), or a dataset name on the hub when online ("glue:sst2:train" = name:config:split).
-    train: str = "sst2/train.tsv"
-    # Evaluation data, same forms; null = no evaluation.
-    eval: str | None = "sst2/dev.tsv"
-    # Column holding the input text (classification, plain causal_lm, seq2seq source).
-    text_field: str = "sentence"
-    # Optional second text column for sentence-pair classification.
-    text_pair_field: str | None = None
-    # Column holding the integer (or string) label for classification.
-    label_field: str = "label"
-    # Column holding the target text for seq2seq.
-    target_field: str = "target"
-    # causal_lm / seq2seq: Python format string over the row's columns that builds the prompt (source),
-    # e.g. "Review: {sentence}\nSentiment:". {label_name} is available when label_names is set.
-    prompt_template: str | None = None
-    # causal_lm / seq2seq: format string for the completion (target); the LM loss is on these tokens only.
-    completion_template: str | None = None
-    # Names for integer labels: label_names[i] becomes {label_name}. For causal_lm they also define the choices that
-    # eval_accuracy scores (the completion with the highest likelihood wins).
-    label_names: list[str] | None = None
-    # Number of classes for classification; null = inferred from the training labels.
-    num_labels: int | None = None
-    # Truncate every tokenized example to this many tokens.
-    max_length: int = 128
-    # Use only the first N training / evaluation rows (after a seeded shuffle for training); null = all.
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+    task: Literal["classification", "causal_lm", "seq2seq"] = opt(
+        "classification",
+        "classification (text or text pair -> label), causal_lm (text, or prompt -> completion) or seq2seq.",
+    )
+    train: str = opt(
+        "sst2/train.tsv",
+        "Training data: a csv/tsv/json/jsonl/parquet path (relative paths also resolve against sidetune's bundled "
+        "data, e.g. sst2/train.tsv), or a dataset name on the hub when online (\"glue:sst2:train\" = "
+        "name:config:split).",
+    )
+    eval: str | None = opt("sst2/dev.tsv", "Evaluation data, same forms; null = no evaluation.")
+    text_field: str = opt(
+        "sentence", "Column holding the input text (classification, plain causal_lm, seq2seq source).")
+    text_pair_field: str | None = opt(None, "Optional second text column for sentence-pair classification.")
+    label_field: str = opt("label", "Column holding the integer (or string) label for classification.")
+    target_field: str = opt("target", "Column holding the target text for seq2seq.")
+    prompt_template: str | None = opt(
+        None,
+        "causal_lm / seq2seq: Python format string over the row's columns that builds the prompt (source), e.g. "
+        "\"Review: {sentence}\\nSentiment:\". {label_name} is available when label_names is set.",
+    )
+    completion_template: str | None = opt(
+        None, "causal_lm / seq2seq: format string for the completion (target); the LM loss is on these tokens only.")
+    label_names: list[str] | None = opt(
+        None,
+        "Names for integer labels: label_names[i] becomes {label_name}. For causal_lm they also define the "
+        "choices that eval_accuracy scores (the completion with the highest likelihood wins).",
+    )
+    num_labels: int | None = opt(
+        None, "Number of classes for classification; null = inferred from the training labels.")
+    max_length: int = opt(128, "Truncate every tokenized example to this many tokens.")
+    max_train_samples: int | None = opt(
+        None, "Use only the first N training / evaluation rows (after a seeded shuffle for training); null = all.")
+    max_eval_samples: int | None = opt(None, "Use only the first N evaluation rows; null = all.")
 
 
 @dataclass
 class TrainConfig:
-    # Run directory: config.yaml, metrics.jsonl, checkpoints/, final/.
-    output_dir: str = "runs/sidetune"
-    seed: int = 42
-    # Peak learning rate after warmup.
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    # adamw (torch), adamw_8bit, paged_adamw_32bit, paged_adamw_8bit (bitsandbytes; paged ones need CUDA).
-    optimizer: str = "adamw"
-    # Examples per micro-batch (per device).
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    # Micro-batches accumulated per optimizer step.
-    grad_accum: int = 1
-    # Optimizer steps; null = run `epochs` epochs.
-    max_steps: int | None = None
-    epochs: float = 1.0
-    # Warmup as a fraction of the optimizer steps (ignored when warmup_steps > 0).
-    warmup_ratio: float = 0.06
-    warmup_steps: int = 0
-    # LR decay after warmup: cosine, linear or constant.
-    scheduler: Literal["cosine", "linear", "constant"] = "linear"
-    # Clip the global gradient norm; 0 = off.
-    max_grad_norm: float = 1.0
-    # auto = the `accelerate launch` config if any, else bf16 autocast on a bf16-capable GPU, else none; or no, bf16, fp16.
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    # Recompute backbone activations in backward (transformers' gradient checkpointing) to trade time for memory.
-    gradient_checkpointing: bool = False
-    # Causal LM: compute the loss over the vocabulary in chunks of this many tokens so the B x T x V logits are never
-    # held at once (each chunk's logits are recomputed in backward). 0 = one shot.
-    loss_chunk_size: int = 0
-    # Evaluate every N optimizer steps (0 = only at the end).
-    eval_every: int = 100
-    # Log a training row every N optimizer steps.
-    log_every: int = 10
-    # Save a resumable checkpoint every N optimizer steps (0 = none; the final weights are always saved).
-    save_every: int = 0
-    # Resume from a checkpoint directory, or "latest" for the newest one in output_dir/checkpoints.
-    resume: str | None = None
-    # Experiment tracker through accelerate (tensorboard, wandb, ...); null = metrics.jsonl only.
-    tracker: str | None = None
-    # DataLoader worker processes.
-    num_workers: int = 0
-    # Show the tqdm progress bar.
-    progress: bool = True
+    output_dir: str = opt("runs/sidetune", "Run directory: config.yaml, metrics.jsonl, checkpoints/, final/.")
+    seed: int = opt(42, "Seed for initialisation (presets and new modules), shuffling and dropout.")
+    lr: float = opt(1e-4, "Peak learning rate after warmup.")
+    weight_decay: float = opt(0.0, "AdamW weight decay on matrices (biases and norm gains never decay).")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.")
+    optimizer: str = opt(
+        "adamw", "adamw (torch), adamw_8bit, paged_adamw_32bit, paged_adamw_8bit (bitsandbytes; paged ones need CUDA).")
+    batch_size: int = opt(32, "Examples per micro-batch (per device).")
+    eval_batch_size: int = opt(64, "Examples per evaluation batch (per device).")
+    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
+    max_steps: int | None = opt(None, "Optimizer steps; null = run `epochs` epochs.")
+    epochs: float = opt(1.0, "Epochs to train when max_steps is null (fractions allowed).")
+    warmup_ratio: float = opt(0.06, "Warmup as a fraction of the optimizer steps (ignored when warmup_steps > 0).")
+    warmup_steps: int = opt(0, "Warmup in optimizer steps; overrides warmup_ratio when > 0.")
+    scheduler: Literal["cosine", "linear", "constant"] = opt(
+        "linear", "LR decay after warmup: cosine, linear or constant.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm; 0 = off.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt(
+        "auto",
+        "auto = the `accelerate launch` config if any, else bf16 autocast on a bf16-capable GPU, else none; or "
+        "no, bf16, fp16.",
+    )
+    gradient_checkpointing: bool = opt(
+        False,
+        "Recompute backbone activations in backward (transformers' gradient checkpointing) to trade time for "
+        "memory.",
+    )
+    loss_chunk_size: int = opt(
+        0,
+        "Causal LM: compute the loss over the vocabulary in chunks of this many tokens so the B x T x V logits "
+        "are never held at once (each chunk's logits are recomputed in backward). 0 = one shot.",
+    )
+    eval_every: int = opt(100, "Evaluate every N optimizer steps (0 = only at the end).")
+    log_every: int = opt(10, "Log a training row every N optimizer steps.")
+    save_every: int = opt(
+        0, "Save a resumable checkpoint every N optimizer steps (0 = none; the final weights are always saved).")
+    resume: str | None = opt(
+        None, "Resume from a checkpoint directory, or \"latest\" for the newest one in output_dir/checkpoints.")
+    tracker: str | None = opt(
+        None, "Experiment tracker through accelerate (tensorboard, wandb, ...); null = metrics.jsonl only.")
+    num_workers: int = opt(0, "DataLoader worker processes.")
+    progress: bool = opt(True, "Show the tqdm progress bar.")
 
 
 @dataclass
@@ -203,7 +215,10 @@ def from_dict(raw: dict[str, Any]) -> Config:
     name = method_raw.setdefault("name", "lora")
     if name not in METHODS:
         raise SidetuneError(f"unknown method {name!r}{_suggest(str(name), list(METHODS))}; choose one of {', '.join(METHODS)}")
-    cfg.method = _build(METHODS[name].Config, method_raw, "method")
+    cfg.method = _build(METHODS[name].Config, method_raw, "method")  # its __post_init__ validates its fields
+    if cfg.data.task not in METHODS[name].tasks:
+        raise SidetuneError(f"method {name!r} does not train data.task={cfg.data.task}; it trains "
+                            f"{', '.join(sorted(METHODS[name].tasks))}")
     validate(cfg)
     return cfg
 
@@ -237,9 +252,10 @@ def validate(cfg: Config) -> None:
             raise SidetuneError(f"train.tracker={t.tracker} needs its package; run: pip install {t.tracker}")
     if t.lr <= 0:
         raise SidetuneError(f"train.lr must be > 0, got {t.lr}")
-    if d.task == "seq2seq" and d.completion_template is None and not d.target_field:
+    task = get_task(d.task)
+    if task.seq2seq and d.completion_template is None and not d.target_field:
         raise SidetuneError("data.task=seq2seq needs data.target_field or data.completion_template")
-    if d.task != "causal_lm" and t.loss_chunk_size:
+    if not task.shift_labels and t.loss_chunk_size:
         raise SidetuneError("train.loss_chunk_size applies to data.task=causal_lm only; set it to 0")
 
 

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from sidetune.config import DataConfig
 from sidetune.errors import SidetuneError, one_line
+from sidetune.tasks import Task, get_task
 
 ASSETS = Path(__file__).parent / "assets"
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
@@ -98,6 +99,7 @@ def _require_columns(rows: datasets.Dataset, columns: list[str], key: str) -> No
 
 
 def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> TaskData:
+    task = get_task(cfg.task)
     _check_max_length(cfg, tokenizer)
     train_rows = load_rows(cfg.train, "data.train")
     if cfg.max_train_samples is not None:
@@ -108,15 +110,14 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) ->
 
     label_names = cfg.label_names
     num_labels = None
-    if cfg.task == "classification" or cfg.label_names is not None:
+    if task.classifies or cfg.label_names is not None:
         label_names, num_labels, to_id = _label_mapping(cfg, train_rows)
         train_rows = _relabel(train_rows, cfg.label_field, to_id)
         if eval_rows is not None:
             eval_rows = _relabel(eval_rows, cfg.label_field, to_id)
 
-    encode = {"classification": _encode_classification, "causal_lm": _encode_causal_lm,
-              "seq2seq": _encode_seq2seq}[cfg.task]
-    columns = _needed_columns(cfg)
+    encode = _encode_classification if task.classifies else _encode_seq2seq if task.seq2seq else _encode_causal_lm
+    columns = _needed_columns(cfg, task)
     _require_columns(train_rows, columns, "data.train")
     if eval_rows is not None:
         _require_columns(eval_rows, columns, "data.eval")
@@ -126,7 +127,7 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) ->
                         remove_columns=rows.column_names, desc="tokenizing")
 
     choices = None
-    if cfg.task == "causal_lm" and label_names and eval_rows is not None:
+    if task.shift_labels and label_names and eval_rows is not None:
         choices = eval_rows.map(lambda batch, idx: choice_rows(cfg, tokenizer, batch, label_names, idx), batched=True,
                                 remove_columns=eval_rows.column_names, desc="building choices", with_indices=True)
     return TaskData(tokenize(train_rows), tokenize(eval_rows) if eval_rows is not None else None, choices,
@@ -148,12 +149,12 @@ def _check_max_length(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> No
                             f"special tokens; use data.max_length >= {special + 1}")
 
 
-def _needed_columns(cfg: DataConfig) -> list[str]:
-    if cfg.task == "classification":
+def _needed_columns(cfg: DataConfig, task: Task) -> list[str]:
+    if task.classifies:
         return [cfg.text_field, cfg.label_field] + ([cfg.text_pair_field] if cfg.text_pair_field else [])
     if cfg.prompt_template or cfg.completion_template:
         return []  # the templates name their own columns; a missing one is reported by _render
-    return [cfg.text_field] + ([cfg.target_field] if cfg.task == "seq2seq" else [])
+    return [cfg.text_field] + ([cfg.target_field] if task.seq2seq else [])
 
 
 def _label_mapping(cfg: DataConfig, rows: datasets.Dataset):
@@ -268,8 +269,6 @@ def choice_rows(cfg, tok, batch, label_names, indices):
     return out
 
 
-def collator(task: str, tokenizer: PreTrainedTokenizerBase):
-    """Dynamic padding per batch: labels of LM tasks are padded with -100 so padding never counts in the loss."""
-    if task == "classification":
-        return DataCollatorWithPadding(tokenizer, return_tensors="pt")
-    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
+def collator(task: str | Task, tokenizer: PreTrainedTokenizerBase):
+    """Dynamic padding per batch (see Task.collator)."""
+    return get_task(task).collator(tokenizer)

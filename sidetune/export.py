@@ -43,10 +43,9 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "auto", ove
     """Merge the run's trained weights into its base model and save model + tokenizer to `out`. Returns `out`."""
     import torch
 
-    from sidetune.methods import build_method
-    from sidetune.methods._inject import replace_module
-    from sidetune.methods.lora import LoRALinear, merge_and_unwrap
-    from sidetune.models import _quiet_transformers, load_model, load_tokenizer
+    from sidetune.methods._inject import float32_linear, is_quantized_linear, replace_module
+    from sidetune.models import _quiet_transformers
+    from sidetune.session import build
     from sidetune.train import load_trainable, run_config
 
     cfg, weights = run_config(run_dir)
@@ -54,29 +53,16 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "auto", ove
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise SidetuneError(f"export target {str(out)!r} exists and is not empty; pick a new directory or pass "
                             f"--overwrite")
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, cfg.data.task, cfg.data.num_labels, "cpu", tokenizer.pad_token_id)
-    loaded = {id(m) for m in model.modules()}
-    trained = build_method(cfg.method).apply(model)
-    # Mergeable = the method returned the model itself and created no module except LoRA wrappers (and their A/B).
-    lora_parts = {id(m) for w in trained.modules() if isinstance(w, LoRALinear) for m in w.modules()}
-    extra = [n or "<root>" for n, m in trained.named_modules() if id(m) not in loaded and id(m) not in lora_parts]
-    if extra:
-        raise SidetuneError(
-            f"method {cfg.method.name!r} cannot be merged into the base weights (only LoRA updates are linear in "
-            f"them); serve the run with sidetune.load({str(run_dir)!r}) instead")
+    s = build(cfg, "cpu", with_data=False)
+    model, tokenizer = s.model, s.tokenizer
     load_trainable(model, weights)
 
     save_dtype = model.get_input_embeddings().weight.dtype if dtype == "auto" else getattr(torch, dtype)
     with torch.no_grad():
         for name, module in list(model.named_modules()):
-            if _is_quantized_linear(module):  # wrapped by LoRA or not: every layer of a 4/8-bit base
+            if is_quantized_linear(module):  # every layer of a 4/8-bit base, trained around or not
                 replace_module(model, name, float32_linear(module))
-        for module in model.modules():
-            if isinstance(module, LoRALinear):
-                # Merge in float32: a bf16 add of a small B A onto W loses most of the update's low bits.
-                module.base = float32_linear(module.base)
-        merge_and_unwrap(model)
+        model = s.method.merge(model)  # one line and no output for a method whose update is not in the weights
     _strip_quantization(model)
     model.to(save_dtype)
     model.config.dtype = save_dtype
@@ -85,37 +71,6 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "auto", ove
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
-
-
-def _is_quantized_linear(module) -> bool:
-    weight = getattr(module, "weight", None)
-    return weight is not None and hasattr(module, "in_features") and not weight.is_floating_point()
-
-
-def float32_linear(layer):
-    """A float32 copy of a linear layer: dequantized from bitsandbytes 4-bit/8-bit storage, or upcast."""
-    import torch
-    from torch import nn
-
-    if not _is_quantized_linear(layer):
-        return layer.to(torch.float32)  # nn.Linear or GPT-2's Conv1D: upcast in place
-    import bitsandbytes as bnb
-
-    w = layer.weight
-    if getattr(w, "quant_state", None) is not None:  # Params4bit (NF4 / FP4, with or without double quantization)
-        weight = bnb.functional.dequantize_4bit(w.data, w.quant_state)
-    else:  # Int8Params: int8 rows with one absmax scale each
-        scb = getattr(w, "SCB", None)
-        if scb is None:
-            scb = layer.state.SCB
-        weight = bnb.functional.int8_vectorwise_dequant(w.data, scb)
-    new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device,
-                    dtype=torch.float32)
-    new.weight.copy_(weight.reshape(layer.out_features, layer.in_features).float())
-    if layer.bias is not None:
-        new.bias.copy_(layer.bias.float())
-    new.requires_grad_(False)
-    return new
 
 
 def _strip_quantization(model) -> None:

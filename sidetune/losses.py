@@ -12,10 +12,19 @@ The result equals transformers' `ForCausalLMLoss` (mean over labelled next-token
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+
+@runtime_checkable
+class LMHiddenStates(Protocol):
+    """A trained module that gives the final hidden states itself, for the chunked LM loss to apply the head to."""
+
+    def lm_hidden_states(self, **inputs) -> torch.Tensor: ...
 
 
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -53,7 +62,7 @@ class ChunkedLMLoss(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, labels: torch.Tensor | None = None, **inputs):
-        if hasattr(self.model, "lm_hidden_states"):
+        if isinstance(self.model, LMHiddenStates):  # a method's own module (LST adds its side network there)
             hidden = self.model.lm_hidden_states(**inputs)
         else:
             hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state

@@ -25,6 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from sidetune.losses import ChunkedLMLoss
+
 GiB = 1024**3
 
 
@@ -66,9 +68,13 @@ def snapshot_modules(model: torch.nn.Module) -> set[int]:
     return {id(m) for m in model.modules()}
 
 
-def module_roles(module: torch.nn.Module, backbone_ids: set[int], loaded_root: torch.nn.Module) -> dict[int, str]:
-    """Role of every module under `module` (the module that trains), keyed by id."""
+def module_roles(module: torch.nn.Module, backbone_ids: set[int], loaded_root: torch.nn.Module,
+                 head_modules: list[torch.nn.Module] = ()) -> dict[int, str]:
+    """Role of every module under `module` (the module that trains), keyed by id. `head_modules` are the method's
+    own modules that compute logits and loss (`Method.head_modules`: LST's task head)."""
     head = {id(loaded_root)}
+    for m in head_modules:
+        head |= {id(x) for x in m.modules()}
     for name in getattr(loaded_root, "sidetune_head", ()):
         head |= {id(m) for m in loaded_root.get_submodule(name).modules()}
     out_emb = loaded_root.get_output_embeddings() if hasattr(loaded_root, "get_output_embeddings") else None
@@ -76,8 +82,7 @@ def module_roles(module: torch.nn.Module, backbone_ids: set[int], loaded_root: t
         head |= {id(m) for m in out_emb.modules()}
     roles = {}
     for m in module.modules():
-        # A method's module may declare `sidetune_role = "head"` (LST's task head computes logits and loss).
-        if id(m) in head or type(m).__name__ == "ChunkedLMLoss" or getattr(m, "sidetune_role", None) == "head":
+        if id(m) in head or isinstance(m, ChunkedLMLoss):
             roles[id(m)] = "head"
         else:
             roles[id(m)] = "backbone" if id(m) in backbone_ids else "method"

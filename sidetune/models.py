@@ -18,31 +18,17 @@ import importlib.util
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
-from sidetune.config import ModelConfig
 from sidetune.errors import SidetuneError
+from sidetune.tasks import HEAD_NAMES, TASKS, Task, get_task
 
-AUTO_CLASSES = {
-    "classification": AutoModelForSequenceClassification,
-    "causal_lm": AutoModelForCausalLM,
-    "seq2seq": AutoModelForSeq2SeqLM,
-}
-
-# Module names a task head goes by in transformers (BERT/RoBERTa, Llama/GPT-2, T5/BART). They are never quantized.
-HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs")
+if TYPE_CHECKING:
+    from sidetune.config import ModelConfig
 
 _TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512, tie_word_embeddings=True)
@@ -162,31 +148,35 @@ def resolve_dtype(name: str, device: torch.device | str, default: torch.dtype | 
     return torch.float32
 
 
-def load_model(cfg: ModelConfig, task: str, num_labels: int | None = None, device: torch.device | str = "cpu",
-               pad_token_id: int | None = None) -> nn.Module:
+def load_model(cfg: ModelConfig, task: str | Task, num_labels: int | None = None, device: torch.device | str = "cpu",
+               pad_token_id: int | None = None, seed: int = 0, fake: bool = False) -> nn.Module:
     """Build the model for `task` on `device`, frozen nowhere yet (methods freeze).
 
     `model.sidetune_head` lists the modules initialised from scratch for the task (e.g. `classifier`): every method
-    trains them.
+    trains them. `seed` seeds a preset's random init (the run's train.seed). `fake`: the model is being built under
+    FakeTensorMode for a memory prediction, so a 4-bit/8-bit preset gets stand-in packed weights of bitsandbytes'
+    exact shapes instead of running its quantizer.
     """
     device = torch.device(device)
-    auto = AUTO_CLASSES[task]
+    task = get_task(task)
+    auto = task.model_class()
     # Without a label count (no data read yet) the head keeps the checkpoint's own, or transformers' default of 2.
-    task_kwargs: dict[str, Any] = {"num_labels": num_labels} if task == "classification" and num_labels else {}
+    task_kwargs: dict[str, Any] = {"num_labels": num_labels} if task.classifies and num_labels else {}
     if pad_token_id is not None:
         task_kwargs["pad_token_id"] = pad_token_id
     if cfg.attn_implementation:
         task_kwargs["attn_implementation"] = cfg.attn_implementation
 
     if cfg.name in PRESETS:
-        model = _build_preset(cfg, auto, task_kwargs, device)
+        model = _build_preset(cfg, auto, task_kwargs, device, seed, fake)
         model.sidetune_head = [n for n in HEAD_NAMES if hasattr(model, n)]
         return model
 
     path = resolve_path(cfg.name)
     config = AutoConfig.from_pretrained(path)
     dtype = resolve_dtype(cfg.dtype, device, _checkpoint_dtype(config))
-    quant = _bnb_config(cfg, device)
+    # A prediction on fake tensors cannot run bitsandbytes' quantizer: load in float, then fake-quantize.
+    quant = _bnb_config(cfg, device) if not fake else None
     try:
         with _quiet_transformers():
             model, info = auto.from_pretrained(
@@ -196,6 +186,8 @@ def load_model(cfg: ModelConfig, task: str, num_labels: int | None = None, devic
     except ValueError as e:
         _no_task_head(e, cfg.name, config.model_type, auto)
     model.sidetune_head = _new_modules(model, info["missing_keys"])
+    if fake and cfg.quantize is not None:
+        _quantize_built(model, cfg, device, fake)
     return model if quant is not None else model.to(device)
 
 
@@ -237,13 +229,14 @@ def _new_modules(model: nn.Module, missing_keys: set[str] | list[str]) -> list[s
 def _no_task_head(error: ValueError, name: str, model_type: str, auto) -> NoReturn:
     """Re-raise transformers' "Unrecognized configuration class" (e.g. seq2seq on a decoder) as one line."""
     if "Unrecognized configuration class" in str(error):
-        tasks = [t for t, cls in AUTO_CLASSES.items() if model_type in cls._model_mapping._model_mapping]
+        tasks = [name for name, t in TASKS.items() if model_type in t.model_class()._model_mapping._model_mapping]
         raise SidetuneError(f"model {name!r} ({model_type}) has no {auto.__name__[9:]} head in transformers; "
                             f"pick a data.task it supports ({', '.join(tasks)})") from None
     raise error
 
 
-def _build_preset(cfg: ModelConfig, auto, task_kwargs: dict[str, Any], device: torch.device) -> nn.Module:
+def _build_preset(cfg: ModelConfig, auto, task_kwargs: dict[str, Any], device: torch.device, seed: int,
+                  fake: bool) -> nn.Module:
     model_type, kwargs, _ = PRESETS[cfg.name]
     # The task (tokenizer pad id, labels) overrides the preset: tiny-gpt2 sets a pad_token_id of its own.
     config = AutoConfig.for_model(model_type, **{**kwargs, **task_kwargs})
@@ -251,15 +244,25 @@ def _build_preset(cfg: ModelConfig, auto, task_kwargs: dict[str, Any], device: t
         config.pad_token_id = 0
     dtype = resolve_dtype(cfg.dtype, device)
     # Build straight on the target device (or on meta, for accounting): an 8B model never exists twice.
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     try:
         with torch.device(device):
             model = auto.from_config(config, dtype=dtype)
     except ValueError as e:
         _no_task_head(e, cfg.name, model_type, auto)
     if cfg.quantize is not None:
-        quantize_linears(model, cfg, device)
+        _quantize_built(model, cfg, device, fake)
     return model
+
+
+def _quantize_built(model: nn.Module, cfg: ModelConfig, device: torch.device, fake: bool) -> None:
+    """Quantize the linears of a model built in full precision: really, or with fake stand-ins for a prediction."""
+    if fake:
+        from sidetune.memory import fake_quantize_linears
+
+        fake_quantize_linears(model, cfg.quantize, cfg.double_quant, _compute_dtype(cfg, device), device)
+    else:
+        quantize_linears(model, cfg, device)
 
 
 def unquantized_names(model: nn.Module) -> set[str]:

@@ -8,8 +8,8 @@ predictions, `largest_batch`) and, for a method that does not fit, predicts the 
 - quantize the frozen base to 4-bit (model.quantize=nf4),
 - the chunked LM loss (train.loss_chunk_size), which never holds the B x T x V logits,
 - gradient checkpointing (train.gradient_checkpointing), for methods that backpropagate through the backbone,
-- a method's own options: a method class may declare `plan_options: dict[str, dict]`, a description mapped to
-  method-config overrides (e.g. LST: {"a side layer on every 2nd layer": {...}}),
+- a method's own options: `Method.plan_options`, a description mapped to method-config overrides (e.g. LST:
+  {"a side layer on every 2nd layer": {...}}),
 - all of these together.
 """
 
@@ -22,6 +22,7 @@ from typing import Any
 
 from sidetune.errors import SidetuneError
 from sidetune.profile import ALIASES, GiB, MiB, RowSpec, check_model, measure, parse_bytes, resolve_rows
+from sidetune.tasks import get_task
 
 CHUNK = 1024  # loss chunk the planner proposes: at most 1024 positions of logits at a time
 
@@ -95,14 +96,14 @@ def changes(spec: RowSpec, task: str, trains_backbone_weights: bool = False) -> 
     out = []
     if cfg.model.quantize is None and not trains_backbone_weights:
         out.append(("4-bit base", ["model.quantize=nf4"]))
-    if task == "causal_lm" and not cfg.train.loss_chunk_size:
+    if get_task(task).shift_labels and not cfg.train.loss_chunk_size:
         # At least 8 chunks per batch, so that only an eighth of the logits is ever alive (a power of two: 512, not 511).
         positions = max(1, cfg.train.batch_size * (cfg.data.max_length - 1) // 8)
         chunk = min(CHUNK, 1 << (positions.bit_length() - 1))
         out.append(("chunked LM loss", [f"train.loss_chunk_size={chunk}"]))
-    if getattr(cls, "backbone_trains", True) and not cfg.train.gradient_checkpointing:
+    if cls.backbone_trains and not cfg.train.gradient_checkpointing:
         out.append(("gradient checkpointing", ["train.gradient_checkpointing=true"]))
-    for description, fields in getattr(cls, "plan_options", {}).items():
+    for description, fields in cls.plan_options.items():
         out.append((description, [f"method.{k}={json.dumps(v)}" for k, v in fields.items()]))
     if len(out) > 1:
         out.append(("all together (" + " + ".join(d for d, _ in out) + ")", [o for _, ov in out for o in ov]))

@@ -1,18 +1,16 @@
 """The one training loop, on accelerate. Every method runs through it unchanged.
 
-Reading order: `setup` builds tokenizer, data, model and method (all input errors surface here, before the run
-directory is touched); `train` is the loop; `evaluate` computes the eval metrics; `save_trainable` / `load_run`
-write and read the trainable set.
+Reading order: `train` is the loop (it builds everything through `session.build`, where all input errors surface
+before the run directory is touched, and steps with `session.train_step`); `evaluate` computes the eval metrics;
+`save_trainable` / `load_run` write and read the trainable set.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,94 +24,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from sidetune import data as data_lib
-from sidetune.config import Config, TrainConfig, load_config, save_config
+from sidetune.config import Config, load_config, save_config
 from sidetune.errors import SidetuneError
-from sidetune.losses import ChunkedLMLoss
 from sidetune.memory import peak_memory, short
-from sidetune.methods import build_method, trainable_parameters
-from sidetune.models import load_model, load_tokenizer
+from sidetune.methods import trainable_parameters
+from sidetune.session import Setup, build, forward_module, mixed_precision, train_step
+from sidetune.tasks import Task
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "logs")
-
-
-@dataclass
-class Setup:
-    """Everything a run needs, built and validated before any file is written."""
-
-    cfg: Config
-    tokenizer: PreTrainedTokenizerBase
-    data: data_lib.TaskData
-    model: nn.Module  # the module the method returned; its trainable set is what gets saved
-    method: Any
-
-
-def setup(cfg: Config, device: torch.device, with_data: bool = True) -> Setup:
-    tokenizer = load_tokenizer(cfg.model)
-    data = data_lib.build(cfg.data, tokenizer, cfg.train.seed) if with_data else None
-    if data is not None and data.num_labels is not None:
-        cfg.data.num_labels = data.num_labels  # resolved into the saved config, so a reload needs no data
-    model = load_model(cfg.model, cfg.data.task, cfg.data.num_labels, device, tokenizer.pad_token_id)
-    method = build_method(cfg.method)
-    model = method.apply(model)
-    if not trainable_parameters(model):
-        raise SidetuneError(f"method {cfg.method.name!r} left no trainable parameter on this model")
-    return Setup(cfg, tokenizer, data, model, method)
-
-
-def forward_module(model: nn.Module, cfg: Config) -> nn.Module:
-    """The module the loop calls: the model itself, or wrapped so that the LM loss is computed in chunks."""
-    return ChunkedLMLoss(model, cfg.train.loss_chunk_size) if cfg.train.loss_chunk_size else model
-
-
-def training_module(model: nn.Module, cfg: Config) -> nn.Module:
-    """The module a training step calls: gradient checkpointing switched on and the chunked LM loss wrapped around
-    when the config asks (shared with `sidetune profile`, whose steps must cost what the loop's steps cost)."""
-    if cfg.train.gradient_checkpointing:
-        # Non-reentrant checkpointing keeps gradients flowing to adapters inside frozen blocks without forcing
-        # requires_grad on the embeddings' output (the enable_input_require_grads trap, peft #137).
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed the HF method
-            model.activation_checkpointing_enable(kwargs)
-        elif hasattr(model, "gradient_checkpointing_enable"):  # older transformers, and our own wrapper modules
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        else:
-            raise SidetuneError(f"method {cfg.method.name!r} does not support train.gradient_checkpointing")
-    return forward_module(model, cfg)
-
-
-def make_optimizer(model: nn.Module, method: Any, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    # A method may split its parameters into groups (LoRA+); by default all trainable parameters share one lr.
-    groups_fn = getattr(method, "param_groups", None)
-    groups = groups_fn(model, t.lr) if groups_fn else [{"params": list(trainable_parameters(model).values()), "lr": t.lr}]
-    # No weight decay on biases and norm gains (1-D tensors): decaying them hurts and saves nothing.
-    split = []
-    for g in groups:
-        for decay in (True, False):
-            params = [p for p in g["params"] if (p.ndim >= 2) == decay]
-            if params:
-                split.append({**g, "params": params, "weight_decay": t.weight_decay if decay else 0.0})
-    kwargs = {"lr": t.lr, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_eps}
-    name = t.optimizer
-    if name.startswith("paged_") and device.type != "cuda":
-        # Paged optimizers page state to host memory via CUDA unified memory; on CPU there is nothing to page.
-        name = {"paged_adamw_32bit": "adamw", "paged_adamw_8bit": "adamw_8bit"}[name]
-        print(f"sidetune: train.optimizer={t.optimizer} needs CUDA; using {name} on CPU")
-    if name == "adamw":
-        return torch.optim.AdamW(split, fused=device.type == "cuda", **kwargs)
-    import bitsandbytes as bnb
-
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
-    return cls(split, **kwargs)
-
-
-def _mixed_precision(t: TrainConfig) -> str | None:
-    if t.mixed_precision != "auto":
-        return t.mixed_precision
-    if "ACCELERATE_MIXED_PRECISION" in os.environ:
-        return None  # under `accelerate launch`: its config decides
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def _prepare_output_dir(out: Path, resuming: bool) -> None:
@@ -145,7 +63,7 @@ def train(cfg: Config) -> dict[str, float]:
     t = cfg.train
     out = Path(t.output_dir)
     accelerator = Accelerator(
-        mixed_precision=_mixed_precision(t),
+        mixed_precision=mixed_precision(t),
         gradient_accumulation_steps=t.grad_accum,
         log_with=t.tracker,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
@@ -153,18 +71,18 @@ def train(cfg: Config) -> dict[str, float]:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(t.seed)
-    s = setup(cfg, accelerator.device)
-    model, method = s.model, s.method
-    module = training_module(model, cfg)
+    s = build(cfg, accelerator.device, with_optimizer=True)
+    model, task = s.model, s.task
 
-    collate = data_lib.collator(cfg.data.task, s.tokenizer)
+    collate = task.collator(s.tokenizer)
     # The loader's own generator: starting an epoch's iterator then draws no number from the global RNG, which
     # feeds dropout; otherwise a resumed run's dropout masks would be shifted by one draw.
     train_loader = DataLoader(s.data.train, batch_size=t.batch_size, shuffle=True, collate_fn=collate,
                               num_workers=t.num_workers, generator=torch.Generator().manual_seed(t.seed))
-    steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum)
+    module, optimizer, train_loader = accelerator.prepare(s.module, s.optimizer, train_loader)
+    # Counted on the prepared loader: under `accelerate launch` each process sees only its shard of the batches.
+    steps_per_epoch = max(1, math.ceil(len(train_loader) / t.grad_accum))
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    optimizer = make_optimizer(model, method, t, accelerator.device)
     warmup = t.warmup_steps or int(t.warmup_ratio * total_steps)
     # Imported here: transformers.optimization pulls in peft when it is installed (seconds of import for every
     # command that only needs the model-building half of this module, e.g. `sidetune profile`'s workers).
@@ -174,7 +92,7 @@ def train(cfg: Config) -> dict[str, float]:
     scheduler = get_scheduler({"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler],
                               optimizer, num_warmup_steps=warmup * accelerator.num_processes,
                               num_training_steps=total_steps * accelerator.num_processes)
-    module, optimizer, train_loader, scheduler = accelerator.prepare(module, optimizer, train_loader, scheduler)
+    scheduler = accelerator.prepare(scheduler)
     eval_loaders = _eval_loaders(s, cfg.train.eval_batch_size, collate, accelerator)
     counter = _Counter()
     accelerator.register_for_checkpointing(counter)
@@ -194,7 +112,9 @@ def train(cfg: Config) -> dict[str, float]:
     n_trainable = sum(p.numel() for p in trainable_parameters(model).values())
     n_total = sum(p.numel() for p in model.parameters())
     accelerator.print(f"sidetune: {cfg.method.name} on {cfg.model.name}: {n_trainable:,} trainable of {n_total:,} "
-                      f"parameters ({100 * n_trainable / n_total:.2f}%), {total_steps} steps")
+                      f"parameters ({100 * n_trainable / n_total:.2f}%), {total_steps} steps; global batch "
+                      f"{t.batch_size * t.grad_accum * accelerator.num_processes} = batch_size {t.batch_size} x "
+                      f"grad_accum {t.grad_accum} x {accelerator.num_processes} process(es)")
 
     bar = tqdm(total=total_steps, initial=counter.step, disable=not (t.progress and accelerator.is_main_process),
                desc="train", dynamic_ncols=True)
@@ -214,14 +134,11 @@ def train(cfg: Config) -> dict[str, float]:
             batches = accelerator.skip_first_batches(train_loader, done_in_epoch * t.grad_accum)
         for batch in batches:
             with accelerator.accumulate(module):
-                loss = module(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
+                # Gradients are clipped only once they are synchronised (the last micro-batch of an accumulation).
+                loss = train_step(module, batch, optimizer, s.trainable, t.max_grad_norm, scheduler=scheduler,
+                                  backward=accelerator.backward,
+                                  clip=accelerator.clip_grad_norm_ if accelerator.sync_gradients else None)
+            loss_sum += loss
             tokens += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
             micro_batches += 1
             if not accelerator.sync_gradients:
@@ -231,9 +148,12 @@ def train(cfg: Config) -> dict[str, float]:
             bar.update(1)
             if step % t.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - last_log
-                row = {"step": step, "loss": (loss_sum / micro_batches).item(), "lr": scheduler.get_last_lr()[0],
-                       "tokens_per_s": tokens.item() * accelerator.num_processes / elapsed,
-                       **peak_memory(accelerator.device)}
+                # Every process logs the same steps, so these collectives line up; the row is the mean loss over
+                # all processes and the tokens of all of them.
+                mean_loss = accelerator.reduce(loss_sum / micro_batches, reduction="mean")
+                all_tokens = accelerator.reduce(tokens, reduction="sum")
+                row = {"step": step, "loss": mean_loss.item(), "lr": scheduler.get_last_lr()[0],
+                       "tokens_per_s": all_tokens.item() / elapsed, **peak_memory(accelerator.device)}
                 log.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
                                 mem=short(peak_memory(accelerator.device)))
@@ -241,7 +161,7 @@ def train(cfg: Config) -> dict[str, float]:
                 tokens.zero_()
                 micro_batches, last_log = 0, time.perf_counter()
             if eval_loaders and t.eval_every and step % t.eval_every == 0 and step < total_steps:
-                eval_metrics = evaluate(module, eval_loaders, cfg.data.task, accelerator)
+                eval_metrics = evaluate(module, eval_loaders, task, accelerator)
                 log.write({"step": step, **eval_metrics})
                 module.train()
                 last_log = time.perf_counter()  # eval time is not training throughput
@@ -252,7 +172,7 @@ def train(cfg: Config) -> dict[str, float]:
     bar.close()
 
     if eval_loaders:
-        eval_metrics = evaluate(module, eval_loaders, cfg.data.task, accelerator)
+        eval_metrics = evaluate(module, eval_loaders, task, accelerator)
         log.write({"step": step, **eval_metrics})
     if accelerator.is_main_process:
         save_trainable(model, cfg, out / "final")
@@ -276,7 +196,7 @@ def _eval_loaders(s: Setup, batch_size: int, collate, accelerator: Accelerator) 
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, loaders: dict[str, DataLoader], task: str,
+def evaluate(module: nn.Module, loaders: dict[str, DataLoader], task: Task,
              accelerator: Accelerator | None = None) -> dict[str, float]:
     """eval_loss for every task; eval_accuracy for classification, and for causal LM with label choices;
     eval_perplexity for LM tasks. Losses are averaged per example (classification) or per target token (LM)."""
@@ -286,21 +206,18 @@ def evaluate(module: nn.Module, loaders: dict[str, DataLoader], task: str,
     for batch in loaders.get("eval", ()):
         out = module(**batch)
         labels = batch["labels"]
-        if task == "classification":
-            n = labels.shape[0]
+        # Mean losses (per example, or per target token for LM tasks): weight each batch by its count.
+        n = task.loss_weight(labels)
+        if task.classifies:
             preds, golds = gather((out.logits.argmax(-1), labels))
             correct += (preds == golds).sum().item()
             seen += golds.numel()
-        else:
-            # transformers' LM losses are means over target tokens; weight each batch by its count.
-            targets = labels[:, 1:] if task == "causal_lm" else labels
-            n = (targets != -100).sum()
         loss_sum += gather(out.loss.detach().float() * n).sum().item()
         count += gather(torch.as_tensor(n, device=out.loss.device)).sum().item()
     metrics: dict[str, float] = {}
     if count:
         metrics["eval_loss"] = loss_sum / count
-        if task != "classification":
+        if task.generates:
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     if seen:
         metrics["eval_accuracy"] = correct / seen
@@ -392,7 +309,7 @@ def run_config(run_dir: str | Path) -> tuple[Config, Path]:
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Rebuild a trained model from its run directory: base model + method + trained weights, in eval mode."""
     cfg, weights = run_config(run_dir)
-    s = setup(cfg, torch.device(device), with_data=False)
+    s = build(cfg, torch.device(device), with_data=False)
     load_trainable(s.model, weights)
     s.model.eval()
     return s.model, s.tokenizer
@@ -405,12 +322,12 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None) -> dict[str,
         cfg.data.eval = data_path
     if cfg.data.eval is None:
         raise SidetuneError("this run has no data.eval; pass --data PATH")
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train))
-    s = setup(cfg, accelerator.device)
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train))
+    s = build(cfg, accelerator.device)
     load_trainable(s.model, weights)
     module = accelerator.prepare(forward_module(s.model, cfg))
-    loaders = _eval_loaders(s, cfg.train.eval_batch_size, data_lib.collator(cfg.data.task, s.tokenizer), accelerator)
-    return evaluate(module, loaders, cfg.data.task, accelerator)
+    loaders = _eval_loaders(s, cfg.train.eval_batch_size, s.task.collator(s.tokenizer), accelerator)
+    return evaluate(module, loaders, s.task, accelerator)
 
 
 class _MetricsLog:

@@ -22,6 +22,7 @@ import torch
 
 from sidetune.config import ModelConfig
 from sidetune.data import ASSETS
+from sidetune.methods import Context
 from sidetune.models import load_model
 
 torch.set_num_threads(1)
@@ -83,3 +84,15 @@ def sst2_small(tmp_path_factory) -> dict[str, str]:
         path.write_text("\n".join(lines) + "\n")
         paths[split] = str(path)
     return paths
+
+
+def ctx(task_or_model) -> Context:
+    """The method context for a task name, or for a tiny model (its task read off its class: tests only; the trainer
+    always knows its task)."""
+    if isinstance(task_or_model, str):
+        return Context.for_task(task_or_model)
+    model = task_or_model
+    name = type(model).__name__
+    task = ("classification" if "SequenceClassification" in name else
+            "seq2seq" if model.config.is_encoder_decoder else "causal_lm")
+    return Context.for_task(task)

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import RECIPES, batch_for, read_metrics, run_cli, tiny
+from conftest import RECIPES, batch_for, ctx, read_metrics, run_cli, tiny
 from torch.testing import assert_close
 
 from sidetune.errors import SidetuneError
@@ -51,7 +51,7 @@ def test_wraps_the_right_modules_and_step0_equals_base(preset, task, variant):
     if preset == "tiny-t5":  # the decoder's cross-attention output is never wrapped
         assert not any("EncDecAttention" in n for n in names)
     batch = batch_for(base, task)
-    model = method.apply(copy.deepcopy(base)).eval()
+    model = method.apply(copy.deepcopy(base), ctx(base)).eval()
     with torch.no_grad():
         assert_close(model(**batch).logits, base(**batch).logits, rtol=0, atol=0)
         _randomize(model)
@@ -64,7 +64,7 @@ def _bottleneck(layer, h):
 
 
 def test_bert_houlsby_sits_before_residual_and_layernorm():
-    model = Adapter(AdapterConfig(variant="houlsby", activation="gelu")).apply(tiny("tiny-bert", "classification"))
+    model = Adapter(AdapterConfig(variant="houlsby", activation="gelu")).apply(tiny("tiny-bert", "classification"), ctx("classification"))
     _randomize(model)
     block = model.bert.encoder.layer[0].attention.output  # BertSelfOutput: LayerNorm(dropout(dense(x)) + residual)
     assert isinstance(block.dense, SequentialAdapter)
@@ -77,7 +77,7 @@ def test_bert_houlsby_sits_before_residual_and_layernorm():
 
 
 def test_bert_parallel_reads_the_ffn_input_and_lands_before_layernorm():
-    model = Adapter(AdapterConfig(variant="parallel", scaling=4.0)).apply(tiny("tiny-bert", "classification"))
+    model = Adapter(AdapterConfig(variant="parallel", scaling=4.0)).apply(tiny("tiny-bert", "classification"), ctx("classification"))
     _randomize(model)
     layer = model.bert.encoder.layer[0]
     assert isinstance(layer.output, ParallelAdapter)
@@ -94,7 +94,7 @@ def test_bert_parallel_reads_the_ffn_input_and_lands_before_layernorm():
                                                      ("tiny-gpt2", "causal_lm", "transformer.h.0")])
 def test_pre_ln_adapters_live_inside_the_residual_branch(preset, task, block_path):
     for variant in ("pfeiffer", "parallel"):
-        model = Adapter(AdapterConfig(variant=variant)).apply(tiny(preset, task)).eval()
+        model = Adapter(AdapterConfig(variant=variant)).apply(tiny(preset, task), ctx(task)).eval()
         _randomize(model)
         block = model.get_submodule(block_path)
         x = torch.randn(1, 4, 64)
@@ -114,7 +114,7 @@ def test_pre_ln_adapters_live_inside_the_residual_branch(preset, task, block_pat
 
 def test_only_adapters_and_head_get_gradients():
     method = Adapter(AdapterConfig(reduction_factor=8, activation="gelu"))
-    model = method.apply(tiny("tiny-bert", "classification")).train()
+    model = method.apply(tiny("tiny-bert", "classification"), ctx("classification")).train()
     _randomize(model)  # non-zero up-projections, so that the down-projections get non-zero gradients too
     model(**batch_for(model, "classification")).loss.backward()
     for name, p in model.named_parameters():
@@ -129,7 +129,7 @@ def test_only_adapters_and_head_get_gradients():
 def test_works_on_a_4bit_base():
     base = tiny("tiny-llama", "causal_lm", quantize="nf4").eval()
     batch = batch_for(base, "causal_lm")
-    model = Adapter(AdapterConfig(activation="gelu")).apply(copy.deepcopy(base))  # gelu: no dead units
+    model = Adapter(AdapterConfig(activation="gelu")).apply(copy.deepcopy(base), ctx(base))  # gelu: no dead units
     assert type(adapter_layers(model)[0].base).__name__ == "Linear4bit"
     with torch.no_grad():
         assert_close(model.eval()(**batch).logits, base(**batch).logits, rtol=0, atol=0)
@@ -144,7 +144,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     batch = batch_for(base, "causal_lm")
     grads = []
     for checkpointing in (False, True):
-        model = Adapter(AdapterConfig()).apply(copy.deepcopy(base)).train()
+        model = Adapter(AdapterConfig()).apply(copy.deepcopy(base), ctx(base)).train()
         _randomize(model)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -157,9 +157,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_bad_configs_are_one_line_errors():
     with pytest.raises(SidetuneError, match="reduction_factor=1000 leaves no bottleneck"):
-        Adapter(AdapterConfig(reduction_factor=1000)).apply(tiny("tiny-llama", "causal_lm"))
+        Adapter(AdapterConfig(reduction_factor=1000)).apply(tiny("tiny-llama", "causal_lm"), ctx("causal_lm"))
     with pytest.raises(SidetuneError, match=r"method.targets=\['nope'\] matched no module"):
-        Adapter(AdapterConfig(targets=["nope"])).apply(tiny("tiny-llama", "causal_lm"))
+        Adapter(AdapterConfig(targets=["nope"])).apply(tiny("tiny-llama", "causal_lm"), ctx("causal_lm"))
     with pytest.raises(SidetuneError, match="must be >= 1"):
         Adapter(AdapterConfig(reduction_factor=0))
 

@@ -16,7 +16,8 @@ from sidetune.config import load_config
 from sidetune.errors import SidetuneError
 from sidetune.export import export_merged
 from sidetune.methods.lora import LoRALinear, lora_layers, merge_and_unwrap
-from sidetune.train import load_run, save_trainable, setup
+from sidetune.session import build
+from sidetune.train import load_run, save_trainable
 
 
 def _run(tmp_path, *overrides, seed=1):
@@ -24,7 +25,7 @@ def _run(tmp_path, *overrides, seed=1):
     cfg = load_config(None, ["method.name=lora", "method.targets=all-linear", f"train.output_dir={tmp_path}/run",
                              *overrides])
     cfg.data.num_labels = 2 if cfg.data.task == "classification" else None
-    model = setup(cfg, torch.device("cpu"), with_data=False).model
+    model = build(cfg, torch.device("cpu"), with_data=False).model
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model):
@@ -98,7 +99,7 @@ def test_bf16_export_within_rounding(tmp_path):
 
 def test_non_mergeable_methods_and_bad_targets_fail_in_one_line(tmp_path, capsys):
     cfg = load_config(None, ["model.name=tiny-llama", "method.name=adapter", "data.task=causal_lm"])
-    model = setup(cfg, torch.device("cpu"), with_data=False).model
+    model = build(cfg, torch.device("cpu"), with_data=False).model
     save_trainable(model, cfg, tmp_path / "adapter" / "final")
     out = tmp_path / "merged"
     capsys.readouterr()

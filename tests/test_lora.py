@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import batch_for, tiny
+from conftest import batch_for, ctx, tiny
 from torch.testing import assert_close
 
 from sidetune.methods.lora import LoRA, LoRAConfig, LoRALinear, lora_layers, merge, merge_and_unwrap, unmerge
@@ -21,14 +21,14 @@ def test_step0_equals_base(preset, task):
     base = tiny(preset, task).eval()
     batch = batch_for(base, task)
     expected = base(**batch).logits
-    model = LoRA(LoRAConfig(targets=["all-linear"])).apply(copy.deepcopy(base)).eval()
+    model = LoRA(LoRAConfig(targets=["all-linear"])).apply(copy.deepcopy(base), ctx(base)).eval()
     assert len(lora_layers(model)) > 0
     assert_close(model(**batch).logits, expected)
 
 
 @pytest.mark.parametrize("init", ["standard", "gaussian", "a_zero"])
 def test_inits(init):
-    model = LoRA(LoRAConfig(init=init)).apply(tiny("tiny-llama", "causal_lm"))
+    model = LoRA(LoRAConfig(init=init)).apply(tiny("tiny-llama", "causal_lm"), ctx("causal_lm"))
     layer = lora_layers(model)[0]
     a, b = layer.lora_A.weight, layer.lora_B.weight
     if init == "a_zero":
@@ -40,7 +40,7 @@ def test_inits(init):
 
 
 def test_only_lora_and_head_get_gradients():
-    model = LoRA(LoRAConfig(r=4)).apply(tiny("tiny-bert", "classification"))
+    model = LoRA(LoRAConfig(r=4)).apply(tiny("tiny-bert", "classification"), ctx("classification"))
     model.train()
     batch = batch_for(model, "classification")
     for layer in lora_layers(model):  # make B non-zero so that A receives a gradient too
@@ -73,7 +73,7 @@ def _randomize(model, seed=1):
 def test_forward_equals_peft(preset, task, targets, rslora):
     peft = pytest.importorskip("peft")
     base = tiny(preset, task).eval()
-    ours = LoRA(LoRAConfig(targets=targets, r=4, alpha=8, rslora=rslora)).apply(copy.deepcopy(base)).eval()
+    ours = LoRA(LoRAConfig(targets=targets, r=4, alpha=8, rslora=rslora)).apply(copy.deepcopy(base), ctx(base)).eval()
     _randomize(ours)
     peft_targets = "all-linear" if targets == ["all-linear"] else targets
     ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
@@ -96,7 +96,7 @@ def test_forward_equals_peft(preset, task, targets, rslora):
 
 @pytest.mark.parametrize("preset,task", [("tiny-llama", "causal_lm"), ("tiny-gpt2", "causal_lm")])
 def test_merge_unmerge_roundtrip(preset, task):
-    model = LoRA(LoRAConfig(targets=["all-linear"])).apply(tiny(preset, task)).eval()
+    model = LoRA(LoRAConfig(targets=["all-linear"])).apply(tiny(preset, task), ctx(task)).eval()
     _randomize(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if ".base." in n}
     batch = batch_for(model, task)
@@ -116,7 +116,7 @@ def test_merge_unmerge_roundtrip(preset, task):
 
 
 def test_scaling_and_loraplus_groups():
-    model = LoRA(LoRAConfig(r=4, alpha=8, rslora=True, loraplus_lr_ratio=16)).apply(tiny("tiny-llama", "causal_lm"))
+    model = LoRA(LoRAConfig(r=4, alpha=8, rslora=True, loraplus_lr_ratio=16)).apply(tiny("tiny-llama", "causal_lm"), ctx("causal_lm"))
     layer = lora_layers(model)[0]
     assert layer.scaling == pytest.approx(8 / math.sqrt(4))
     method = LoRA(LoRAConfig(loraplus_lr_ratio=16))
@@ -133,4 +133,4 @@ def test_no_targets_is_one_clear_error():
     from sidetune.errors import SidetuneError
 
     with pytest.raises(SidetuneError, match="matched no linear layer"):
-        LoRA(LoRAConfig(targets=["nope"])).apply(tiny("tiny-llama", "causal_lm"))
+        LoRA(LoRAConfig(targets=["nope"])).apply(tiny("tiny-llama", "causal_lm"), ctx("causal_lm"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import batch_for, tiny
+from conftest import batch_for, ctx, tiny
 from torch.testing import assert_close
 
 import sidetune
@@ -20,7 +20,8 @@ from sidetune.losses import ChunkedLMLoss
 from sidetune.memory import SavedTensorTracker, module_roles, snapshot_modules
 from sidetune.methods import trainable_parameters
 from sidetune.methods.lst import LST, LSTConfig, LSTModel, tapped_layers
-from sidetune.train import save_trainable, setup, train
+from sidetune.session import build
+from sidetune.train import save_trainable, train
 
 FAMILIES = [("tiny-llama", "causal_lm"), ("tiny-gpt2", "causal_lm"), ("tiny-bert", "classification"),
             ("tiny-t5", "seq2seq")]
@@ -34,8 +35,9 @@ CASES = [pytest.param(p, t, None, id=f"{p}-{t}") for p, t in FAMILIES] + [
 def _lst(preset, task, quantize=None, **cfg):
     base = tiny(preset, task, quantize=quantize)
     backbone = snapshot_modules(base)
-    model = LST(LSTConfig(**cfg)).apply(base)
-    return model, base, module_roles(model, backbone, base)
+    method = LST(LSTConfig(**cfg))
+    model = method.apply(base, ctx(base))
+    return model, base, module_roles(model, backbone, base, method.head_modules(model))
 
 
 def _randomize_trainable(model, seed=0):
@@ -82,7 +84,7 @@ def test_step0_equals_frozen_model(preset, task, quantize):
     batch = batch_for(base, task)
     with torch.no_grad():
         expected = base(**batch)
-        actual = LST(LSTConfig()).apply(base).eval()(**batch)
+        actual = LST(LSTConfig()).apply(base, ctx(base)).eval()(**batch)
     assert_close(actual.logits, expected.logits, rtol=0, atol=0)
     assert_close(actual.loss, expected.loss, rtol=1e-6, atol=1e-6)
 
@@ -94,7 +96,7 @@ def test_pruned_side_network_at_r1_reproduces_the_backbone(preset, task):
     blocks (norms, attention, RoPE/relative bias, masks, MLP) and the weight mapping for each family at once."""
     base = tiny(preset, task).eval()
     batch = batch_for(base, task)
-    model = LST(LSTConfig(r=1)).apply(base).eval()
+    model = LST(LSTConfig(r=1)).apply(base, ctx(base)).eval()
     real = batch["attention_mask"].bool()
     with torch.no_grad():
         for side in (model.side_encoder, model.side):
@@ -124,7 +126,7 @@ def test_pruning_keeps_the_dims_with_the_largest_weights():
         for layer in base.model.layers:
             layer.self_attn.q_proj.weight[:, strong] *= 50
             layer.mlp.down_proj.weight[:, heavy_units] *= 50
-    model = LST(LSTConfig(r=8)).apply(base)  # d=64 -> 8 kept dims
+    model = LST(LSTConfig(r=8)).apply(base, ctx(base))  # d=64 -> 8 kept dims
     block, layer = model.side.blocks[0], base.model.layers[0]
     kept = model.side.ladders[0].weight.argmax(1)  # ladders start as the selection of the kept dims
     assert set(strong) <= set(kept.tolist())
@@ -154,7 +156,7 @@ def test_side_layers_forms_and_errors():
         with pytest.raises(SidetuneError, match="side_layers"):
             tapped_layers(bad, 4)
     with pytest.raises(SidetuneError, match="names block 9"):
-        LST(LSTConfig(side_layers=[9])).apply(tiny("tiny-llama", "causal_lm"))
+        LST(LSTConfig(side_layers=[9])).apply(tiny("tiny-llama", "causal_lm"), ctx("causal_lm"))
     cfg = load_config(None, ["method.name=lst", "method.side_layers=[1,3]", "method.r=4"])
     assert cfg.method.side_layers == [1, 3] and cfg.method.r == 4
     with pytest.raises(SidetuneError, match=r"method\.side_layers=.every-2."):
@@ -213,7 +215,7 @@ def test_bf16_autocast_keeps_fp32_master_weights():
 
 def test_bf16_backbone_without_autocast():
     base = tiny("tiny-llama", "causal_lm", dtype="bfloat16")
-    model = LST(LSTConfig()).apply(base)
+    model = LST(LSTConfig()).apply(base, ctx(base))
     loss = model(**batch_for(base, "causal_lm")).loss
     loss.backward()
     assert model.side.blocks[0].attn.q.weight.dtype == torch.float32
@@ -229,7 +231,7 @@ def test_compiled_side_blocks_match(monkeypatch):
     # the default backend gave the same logits to 1.4e-6 when tried by hand).
     real_compile = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real_compile(self, backend="eager"))
-    compiled = LST(LSTConfig(init="random", compile=True)).apply(base)
+    compiled = LST(LSTConfig(init="random", compile=True)).apply(base, ctx(base))
     compiled.load_state_dict(model.state_dict())
     assert all(b._compiled_call_impl is not None for b in compiled.side.blocks)
     assert_close(compiled(**batch).logits, expected, rtol=1e-5, atol=1e-5)
@@ -246,7 +248,7 @@ def test_save_then_load_gives_identical_logits(tmp_path, preset, task, quantize)
     if task == "classification":
         overrides.append("data.num_labels=2")
     cfg = load_config(None, overrides)
-    model = setup(cfg, torch.device("cpu"), with_data=False).model  # the model a run trains, built as load_run does
+    model = build(cfg, torch.device("cpu"), with_data=False).model  # the model a run trains, built as load_run does
     base = model.backbone
     _randomize_trainable(model)
     save_trainable(model, cfg, tmp_path / "final")
@@ -267,7 +269,7 @@ def test_generate_equals_transformers_greedy_at_step0(preset, task):
     ids = batch_for(base, task, batch=1, seq=6)["input_ids"]
     with torch.no_grad():
         expected = base.generate(ids, max_new_tokens=5, do_sample=False)
-    model = LST(LSTConfig()).apply(base).eval()
+    model = LST(LSTConfig()).apply(base, ctx(base)).eval()
     actual = model.generate(ids, max_new_tokens=5)
     assert torch.equal(actual, expected)
 
@@ -289,9 +291,9 @@ def test_generate_uses_the_side_network_and_ignores_padding():
 
 def test_unsupported_inputs_are_one_line_errors():
     with pytest.raises(SidetuneError, match="seq2seq only"):
-        LST(LSTConfig()).apply(tiny("tiny-t5", "classification"))
+        LST(LSTConfig()).apply(tiny("tiny-t5", "classification"), ctx("classification"))
     with pytest.raises(SidetuneError, match=r"method\.r=128 leaves no width"):
-        LST(LSTConfig(r=128)).apply(tiny("tiny-llama", "causal_lm"))
+        LST(LSTConfig(r=128)).apply(tiny("tiny-llama", "causal_lm"), ctx("causal_lm"))
     model, _, _ = _lst("tiny-bert", "classification")
     with pytest.raises(SidetuneError, match="generate needs"):
         model.generate(torch.ones(1, 3, dtype=torch.long))
@@ -334,7 +336,7 @@ def test_recipes_are_valid_configs():
     qlst = load_config(RECIPES / "llama8b_qlst.yaml")
     assert qlst.model.quantize == "nf4" and qlst.train.loss_chunk_size > 0 and qlst.train.mixed_precision == "bf16"
     with pytest.raises(SidetuneError, match="does not exist"):  # the placeholder path says what to do
-        setup(qlst, torch.device("cpu"), with_data=False)
+        build(qlst, torch.device("cpu"), with_data=False)
 
 
 @pytest.mark.slow
@@ -361,13 +363,13 @@ def test_qlst_on_cuda_bf16():
     batch = {k: v.cuda() for k, v in batch_for(base, "causal_lm", seq=64).items()}
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         expected = base(**batch).logits
-    model = LST(LSTConfig(side_layers="every:2")).apply(base)
+    model = LST(LSTConfig(side_layers="every:2")).apply(base, ctx(base))
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         assert_close(model.eval()(**batch).logits, expected, rtol=1e-3, atol=1e-3)
     model.train()
     _randomize_trainable(model)
     chunked = ChunkedLMLoss(model, chunk_size=32)
-    roles = {**module_roles(model, backbone, base), id(chunked): "head"}
+    roles = {**module_roles(model, backbone, base, [model.head]), id(chunked): "head"}
     with SavedTensorTracker(chunked, roles) as tracker, torch.autocast("cuda", dtype=torch.bfloat16):
         loss = chunked(**batch).loss
     loss.backward()

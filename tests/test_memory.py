@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import batch_for, tiny
+from conftest import batch_for, ctx, tiny
 
 from sidetune.memory import SavedTensorTracker, module_roles, snapshot_modules
 from sidetune.methods.full import Full, FullConfig
@@ -13,7 +13,7 @@ from sidetune.methods.lora import LoRA, LoRAConfig
 def _trace(method, preset="tiny-llama", task="causal_lm", seq=12):
     model = tiny(preset, task)
     backbone = snapshot_modules(model)
-    trained = method.apply(model)
+    trained = method.apply(model, ctx(model))
     roles = module_roles(trained, backbone, model)
     batch = batch_for(model, task, seq=seq)
     with SavedTensorTracker(trained, roles) as tracker:

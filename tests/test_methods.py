@@ -1,10 +1,10 @@
-"""The contract every registered method keeps, checked for each entry of METHODS on tiny models.
+"""The contract every registered method keeps, checked for each entry of METHODS on tiny models, read off the
+method's own declarations (`tasks`, `start_exact`): a new method is picked up here with no edit.
 
-- step 0 equals the frozen model (where the method allows it: LoRA B=0, adapter up=0, LST output at 0 for LM tasks);
+- step 0 equals the frozen model wherever the method says it can (`start_exact`);
 - after backward, exactly the trainable set has gradients (the frozen backbone has `grad is None`);
-- the trainable set is what `apply` left with requires_grad, and it is not empty.
-
-A new method adds its entry to CASES (the configs that make step 0 exact) when it is registered.
+- the trainable set is what `apply` left with requires_grad, and it is not empty;
+- a task the method does not declare is refused when the config is parsed, in one line.
 """
 
 from __future__ import annotations
@@ -13,60 +13,66 @@ import copy
 
 import pytest
 import torch
-from conftest import batch_for, tiny
+from conftest import batch_for, ctx, tiny
 from torch.testing import assert_close
 
+from sidetune.config import load_config
+from sidetune.errors import SidetuneError
 from sidetune.methods import METHODS, build_method, trainable_parameters
+from sidetune.tasks import get_task
 
-# method name -> (method config overrides, [(preset, task), ...] it must support)
-CASES: dict[str, tuple[dict, list[tuple[str, str]]]] = {
-    "full": ({}, [("tiny-llama", "causal_lm"), ("tiny-bert", "classification")]),
-    "lora": ({"targets": ["all-linear"]}, [("tiny-llama", "causal_lm"), ("tiny-llama", "classification"),
-                                           ("tiny-bert", "classification"), ("tiny-gpt2", "causal_lm"),
-                                           ("tiny-t5", "seq2seq")]),
-    "adapter": ({}, [("tiny-llama", "causal_lm"), ("tiny-llama", "classification"), ("tiny-bert", "classification"),
-                     ("tiny-gpt2", "causal_lm"), ("tiny-t5", "seq2seq")]),
-    # zero_init_attention: a prefix under P-tuning v2's joint softmax cannot be invisible (see ptuning_v2.py).
-    "ptuning_v2": ({"zero_init_attention": True}, [("tiny-llama", "causal_lm"), ("tiny-llama", "classification"),
-                                                   ("tiny-bert", "classification"), ("tiny-gpt2", "causal_lm")]),
-    # LM tasks only: for classification LST's classifier reads its own pooling of h_final + side (e.g. the last real
-    # token by attention mask), not transformers' pooler, so step 0 is a different (linear-probe) model by design;
-    # tests/test_lst.py checks gradients and saved tensors for classification.
-    "lst": ({"side_layers": "every:2"}, [("tiny-llama", "causal_lm"), ("tiny-gpt2", "causal_lm"),
-                                         ("tiny-t5", "seq2seq")]),
-}
-
-
-def test_every_registered_method_has_a_contract_case():
-    assert set(CASES) == set(METHODS)
+# Every method must train on tiny-llama for each task it declares but seq2seq, and on T5 for seq2seq. The other
+# presets are tried too: there a method either trains or refuses in one line (SidetuneError).
+NATURAL = {"causal_lm": "tiny-llama", "classification": "tiny-llama", "seq2seq": "tiny-t5"}
+OTHERS = {"causal_lm": ["tiny-gpt2"], "classification": ["tiny-bert"], "seq2seq": []}
 
 
 def _params():
-    for name, (overrides, targets) in CASES.items():
-        for preset, task in targets:
-            yield pytest.param(name, overrides, preset, task, id=f"{name}-{preset}-{task}")
+    for name, cls in METHODS.items():
+        for task in sorted(cls.tasks):
+            for preset in [NATURAL[task], *OTHERS[task]]:
+                yield pytest.param(name, preset, task, preset == NATURAL[task], id=f"{name}-{preset}-{task}")
 
 
-def _apply(name, overrides, base):
-    cfg = METHODS[name].Config(**overrides)
-    return build_method(cfg).apply(copy.deepcopy(base))
+def _build(name, task, base, overrides=None):
+    method = METHODS[name]
+    cfg = method.Config(**(overrides or {}))
+    m = build_method(cfg)
+    return m.apply(copy.deepcopy(base), ctx(task))
 
 
-@pytest.mark.parametrize("name,overrides,preset,task", list(_params()))
-def test_step0_equals_frozen_model(name, overrides, preset, task):
-    base = tiny(preset, task).eval()
+def _base(name, preset, task):
+    model_task = build_method(METHODS[name].Config()).model_task(get_task(task))
+    return tiny(preset, model_task.name)
+
+
+@pytest.mark.parametrize("name,preset,task,must", list(_params()))
+def test_step0_equals_frozen_model(name, preset, task, must):
+    overrides = build_method(METHODS[name].Config()).start_exact(get_task(task))
+    if overrides is None:
+        pytest.skip(f"{name} declares that step 0 cannot equal the frozen model on {task} (see its file)")
+    base = _base(name, preset, task).eval()
     batch = batch_for(base, task)
+    try:
+        model = _build(name, task, base, overrides).eval()
+    except SidetuneError:
+        assert not must, f"{name} must train {preset} {task}"
+        return
     with torch.no_grad():
         expected = base(**batch)
-        actual = _apply(name, overrides, base).eval()(**batch)
+        actual = model(**batch)
     assert_close(actual.logits, expected.logits, rtol=1e-5, atol=1e-5)
     assert_close(actual.loss, expected.loss, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,overrides,preset,task", list(_params()))
-def test_exactly_the_trainable_set_gets_gradients(name, overrides, preset, task):
-    base = tiny(preset, task)
-    model = _apply(name, overrides, base).train()
+@pytest.mark.parametrize("name,preset,task,must", list(_params()))
+def test_exactly_the_trainable_set_gets_gradients(name, preset, task, must):
+    base = _base(name, preset, task)
+    try:
+        model = _build(name, task, base).train()
+    except SidetuneError:
+        assert not must, f"{name} must train {preset} {task}"
+        return
     trainable = trainable_parameters(model)
     assert trainable
     model(**batch_for(base, task)).loss.backward()
@@ -75,3 +81,26 @@ def test_exactly_the_trainable_set_gets_gradients(name, overrides, preset, task)
             assert p.grad is not None, f"{pname} is trainable but got no gradient"
         else:
             assert p.grad is None, f"{pname} is frozen but got a gradient"
+
+
+@pytest.mark.parametrize("name", [n for n, cls in METHODS.items() if len(cls.tasks) < 3])
+def test_an_undeclared_task_is_refused_when_the_config_is_parsed(name):
+    task = next(t for t in ("seq2seq", "causal_lm", "classification") if t not in METHODS[name].tasks)
+    with pytest.raises(SidetuneError, match=f"does not train data.task={task}"):
+        load_config(None, [f"method.name={name}", f"data.task={task}"])
+
+
+def test_the_profiled_step_is_the_trainers_step(monkeypatch):
+    """`sidetune profile` and the trainer call the one `session.train_step`."""
+    import sidetune.session
+    import sidetune.train
+    from sidetune.profiling.measure import measure
+
+    assert sidetune.train.train_step is sidetune.session.train_step
+    calls = []
+    real = sidetune.session.train_step
+    monkeypatch.setattr(sidetune.session, "train_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = load_config(None, ["model.name=tiny-llama", "data.task=causal_lm", "train.batch_size=1",
+                             "data.max_length=8", "method.name=lora"])
+    measure(cfg, True, "cpu", fake=False)
+    assert calls == [1]

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 import torch
-from conftest import tiny
+from conftest import ctx, tiny
 from test_cli import run_cli
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -35,7 +35,7 @@ def _backbone_gets_grad(label: str) -> bool:
     cfg = _cfg(label)
     model = tiny("tiny-llama", "causal_lm")
     backbone = [m for m in model.modules() if m is not model and m is not model.get_output_embeddings()]
-    trained = build_method(cfg.method).apply(model).train()
+    trained = build_method(cfg.method).apply(model, ctx(model)).train()
     seen = []
     hooks = [m.register_forward_hook(lambda m, a, out: seen.append(
         any(t.requires_grad for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor))))
@@ -154,7 +154,7 @@ def test_backward_flop_split_adds_up_to_flop_counter(label):
     cfg = load_config(None, [*_spec(label).overrides, "model.attn_implementation=eager"])
     model = tiny("tiny-llama", "causal_lm", attn_implementation="eager")
     backbone = mem.snapshot_modules(model)
-    trained = build_method(cfg.method).apply(model).train()
+    trained = build_method(cfg.method).apply(model, ctx(model)).train()
     roles = mem.module_roles(trained, backbone, model)
     ids = torch.randint(3, 1000, (BATCH, SEQ))
     tracker, saved = mem.LiveTracker(), mem.SavedTensorTracker(trained, roles)

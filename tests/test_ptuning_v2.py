@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import RECIPES, batch_for, read_metrics, run_cli, tiny
+from conftest import RECIPES, batch_for, ctx, read_metrics, run_cli, tiny
 from torch.testing import assert_close
 
 from sidetune.errors import SidetuneError
@@ -22,7 +22,7 @@ CASES = [("tiny-llama", "causal_lm"), ("tiny-llama", "classification"), ("tiny-g
 
 
 def _apply(base, **kw):
-    return PTuningV2(PTuningV2Config(num_virtual_tokens=kw.pop("p", 5), **kw)).apply(copy.deepcopy(base))
+    return PTuningV2(PTuningV2Config(num_virtual_tokens=kw.pop("p", 5), **kw)).apply(copy.deepcopy(base), ctx(base))
 
 
 @pytest.mark.parametrize("projection", [False, True])
@@ -179,12 +179,12 @@ def test_chunked_lm_loss_sees_the_prefix():
 
 def test_unsupported_models_and_bad_configs_fail_in_one_line():
     with pytest.raises(SidetuneError, match="not encoder-decoder t5"):
-        PTuningV2(PTuningV2Config()).apply(tiny("tiny-t5", "seq2seq"))
+        PTuningV2(PTuningV2Config()).apply(tiny("tiny-t5", "seq2seq"), ctx("seq2seq"))
     with pytest.raises(SidetuneError, match="num_virtual_tokens must be >= 1"):
         PTuningV2(PTuningV2Config(num_virtual_tokens=0))
     with pytest.raises(SidetuneError, match="attn_implementation sdpa or eager"):
         PTuningV2(PTuningV2Config(zero_init_attention=True)).apply(
-            tiny("tiny-llama", "causal_lm", attn_implementation="flex_attention"))
+            tiny("tiny-llama", "causal_lm", attn_implementation="flex_attention"), ctx("causal_lm"))
 
 
 def test_eager_attention_zero_init_matches_sdpa():

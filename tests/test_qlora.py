@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RECIPES, batch_for, read_metrics, run_cli, tiny
+from conftest import RECIPES, batch_for, ctx, read_metrics, run_cli, tiny
 from torch.testing import assert_close
 
 from sidetune.config import ModelConfig, TrainConfig, load_config
 from sidetune.methods.lora import LoRA, LoRAConfig, lora_layers
 from sidetune.models import load_model, load_tokenizer
-from sidetune.train import make_optimizer, setup, training_module
+from sidetune.session import build, make_optimizer
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +38,12 @@ def test_no_fp32_upcast_of_embeddings_or_head(source, llama_dir):
     loaded = load_model(ModelConfig(name=name, quantize="nf4", dtype="bfloat16"), "causal_lm", None, "cpu")
     before = _float_bytes(loaded)
     assert loaded.get_input_embeddings().weight.dtype == torch.bfloat16
-    # The trainer's path: setup() (load + LoRA all-linear) and its non-reentrant gradient checkpointing.
+    # The trainer's path: session.build() (load + LoRA all-linear) and its non-reentrant gradient checkpointing.
     cfg = load_config(None, [f"model.name={name}", "model.quantize=nf4", "model.dtype=bfloat16", "method.name=lora",
                              "method.targets=all-linear", "data.task=causal_lm", "train.gradient_checkpointing=true"])
-    model = setup(cfg, torch.device("cpu"), with_data=False).model
-    training_module(model, cfg).train()(**batch_for(model, "causal_lm")).loss.backward()
+    s = build(cfg, torch.device("cpu"), with_data=False)
+    model = s.model
+    s.module.train()(**batch_for(model, "causal_lm")).loss.backward()
     after = {n.replace(".base.", "."): b for n, b in _float_bytes(model, frozen_only=True).items()}
     assert after == before  # every frozen float tensor kept its dtype: not one byte of upcast
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
@@ -69,7 +70,7 @@ def test_gradient_checkpointing_trains_lora_without_the_input_grad_trap():
     runs = {}
     for mode in ("off", "non-reentrant", "reentrant"):
         torch.manual_seed(0)  # the same LoRA A init in every run
-        model = LoRA(LoRAConfig(targets=["all-linear"])).apply(copy.deepcopy(base)).train()
+        model = LoRA(LoRAConfig(targets=["all-linear"])).apply(copy.deepcopy(base), ctx(base)).train()
         if mode != "off":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
             # transformers 5.x now always forces requires_grad on the embeddings' output (the peft #137 workaround,
@@ -103,7 +104,7 @@ def test_lora_on_4bit_base_matches_peft_qlora(llama_dir):
 
     cfg = ModelConfig(name=str(llama_dir), quantize="nf4", compute_dtype="float32")
     base = load_model(cfg, "causal_lm", None, "cpu").eval()
-    ours = LoRA(LoRAConfig(targets=["all-linear"], r=4, alpha=8)).apply(load_model(cfg, "causal_lm", None, "cpu"))
+    ours = LoRA(LoRAConfig(targets=["all-linear"], r=4, alpha=8)).apply(load_model(cfg, "causal_lm", None, "cpu"), ctx("causal_lm"))
     ref = peft.get_peft_model(load_model(cfg, "causal_lm", None, "cpu"),
                               peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
     ref_layers = {n.removeprefix("base_model.model."): m for n, m in ref.named_modules() if hasattr(m, "lora_A")}
@@ -128,7 +129,7 @@ def test_lora_on_4bit_base_matches_peft_qlora(llama_dir):
 @pytest.mark.parametrize("name,expected", [("paged_adamw_32bit", "AdamW"), ("adamw_8bit", "AdamW8bit"),
                                            ("paged_adamw_8bit", "AdamW8bit")])
 def test_bitsandbytes_optimizers_fall_back_on_cpu_and_step(name, expected):
-    model = LoRA(LoRAConfig(targets=["all-linear"])).apply(tiny("tiny-llama", "causal_lm", quantize="nf4"))
+    model = LoRA(LoRAConfig(targets=["all-linear"])).apply(tiny("tiny-llama", "causal_lm", quantize="nf4"), ctx("causal_lm"))
     optimizer = make_optimizer(model, LoRA(LoRAConfig()), TrainConfig(optimizer=name, lr=1e-2), torch.device("cpu"))
     assert type(optimizer).__name__ == expected
     model(**batch_for(model, "causal_lm")).loss.backward()

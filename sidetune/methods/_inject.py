@@ -100,3 +100,31 @@ def module_device(layer: nn.Module) -> torch.device:
     and a bf16 base trains badly with bf16 updates. Autocast runs their matmuls in the compute dtype.
     """
     return next(layer.parameters()).device
+
+
+def is_quantized_linear(module) -> bool:
+    weight = getattr(module, "weight", None)
+    return weight is not None and hasattr(module, "in_features") and not weight.is_floating_point()
+
+
+def float32_linear(layer):
+    """A float32 copy of a linear layer: dequantized from bitsandbytes 4-bit/8-bit storage, or upcast."""
+    if not is_quantized_linear(layer):
+        return layer.to(torch.float32)  # nn.Linear or GPT-2's Conv1D: upcast in place
+    import bitsandbytes as bnb
+
+    w = layer.weight
+    if getattr(w, "quant_state", None) is not None:  # Params4bit (NF4 / FP4, with or without double quantization)
+        weight = bnb.functional.dequantize_4bit(w.data, w.quant_state)
+    else:  # Int8Params: int8 rows with one absmax scale each
+        scb = getattr(w, "SCB", None)
+        if scb is None:
+            scb = layer.state.SCB
+        weight = bnb.functional.int8_vectorwise_dequant(w.data, scb)
+    new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device,
+                    dtype=torch.float32)
+    new.weight.copy_(weight.reshape(layer.out_features, layer.in_features).float())
+    if layer.bias is not None:
+        new.bias.copy_(layer.bias.float())
+    new.requires_grad_(False)
+    return new

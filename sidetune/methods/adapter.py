@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from sidetune.errors import SidetuneError
+from sidetune.fields import check_dropout, check_positive, check_targets, opt
 from sidetune.methods._inject import (
     WrappedLinear,
     freeze,
@@ -49,6 +50,7 @@ from sidetune.methods._inject import (
     replace_module,
     to_input,
 )
+from sidetune.methods.base import Context, Method
 
 # Module-name patterns (regexes matched against the end of the full module name, at a "." boundary), per role.
 ATTN_OUT = [r"attention\.output\.dense", r"self_attn\.o_proj", r"attn\.c_proj", r"SelfAttention\.o"]
@@ -60,21 +62,29 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tan
 
 @dataclass
 class AdapterConfig:
-    name: Literal["adapter"] = "adapter"
-    # houlsby: after the attention and the FFN output projections; pfeiffer: after the FFN output only; parallel:
-    # beside the FFN, reading its input.
-    variant: Literal["houlsby", "pfeiffer", "parallel"] = "houlsby"
-    # Bottleneck width m = hidden size // reduction_factor (Houlsby and Pfeiffer use 16 for BERT-base: m = 48).
-    reduction_factor: int = 16
-    # Non-linearity between the down- and the up-projection.
-    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
-    # Multiplier s on the adapter's output (He et al. use s = 4 for the parallel adapter).
-    scaling: float = 1.0
-    # Dropout on the adapter's input.
-    dropout: float = 0.0
-    # Override the per-family choice of wrapped modules: names (suffix match) or "re:<regex>" (full name). Sequential
-    # variants wrap them as output layers (o -> o + A(o)); parallel wraps them as FFN modules (FFN(x) + s A(x)).
-    targets: list[str] | None = None
+    name: Literal["adapter"] = opt("adapter", "Selects this method.")
+    variant: Literal["houlsby", "pfeiffer", "parallel"] = opt(
+        "houlsby",
+        "houlsby: after the attention and the FFN output projections; pfeiffer: after the FFN output only; "
+        "parallel: beside the FFN, reading its input.",
+    )
+    reduction_factor: int = opt(
+        16, "Bottleneck width m = hidden size // reduction_factor (Houlsby and Pfeiffer use 16 for BERT-base: m = 48).")
+    activation: Literal["relu", "gelu", "silu", "tanh"] = opt(
+        "relu", "Non-linearity between the down- and the up-projection.")
+    scaling: float = opt(1.0, "Multiplier s on the adapter's output (He et al. use s = 4 for the parallel adapter).")
+    dropout: float = opt(0.0, "Dropout on the adapter's input.")
+    targets: list[str] | None = opt(
+        None,
+        "Override the per-family choice of wrapped modules: names (suffix match) or \"re:<regex>\" (full name). "
+        "Sequential variants wrap them as output layers (o -> o + A(o)); parallel wraps them as FFN modules "
+        "(FFN(x) + s A(x)).",
+    )
+
+    def __post_init__(self) -> None:
+        check_positive("method.reduction_factor", self.reduction_factor)
+        check_dropout("method.dropout", self.dropout)
+        check_targets("method.targets", self.targets)
 
 
 class Bottleneck(nn.Module):
@@ -152,13 +162,11 @@ def _hidden_size(model: nn.Module) -> int:
                         f"config.hidden_size")
 
 
-class Adapter:
+class Adapter(Method):
     name: ClassVar[str] = "adapter"
     Config: ClassVar[type] = AdapterConfig
 
     def __init__(self, cfg: AdapterConfig) -> None:
-        if cfg.reduction_factor < 1:
-            raise SidetuneError(f"method.reduction_factor must be >= 1, got {cfg.reduction_factor}")
         self.cfg = cfg
 
     def targets(self, model: nn.Module) -> list[str]:
@@ -180,7 +188,7 @@ class Adapter:
                 names.append(name)
         return names
 
-    def apply(self, model: nn.Module) -> nn.Module:
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         freeze(model)
         c = self.cfg
         names = self.targets(model)

@@ -21,7 +21,7 @@ through all the layers above the lowest adapter, and autograd keeps their activa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -29,15 +29,18 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from sidetune.errors import SidetuneError
+from sidetune.fields import check_dropout, check_positive, check_targets, opt
 from sidetune.methods._inject import (
     WrappedLinear,
     find_targets,
+    float32_linear,
     freeze,
     linear_features,
     module_device,
     replace_module,
     to_input,
 )
+from sidetune.methods.base import Context, Method
 
 # Query and value projections under the names the common families use (Llama/Mistral/Qwen, BERT, GPT-2's fused
 # c_attn, T5): the original paper's choice and PEFT's default for these models.
@@ -46,22 +49,29 @@ DEFAULT_TARGETS = ["q_proj", "v_proj", "query", "value", "c_attn", "q", "v"]
 
 @dataclass
 class LoRAConfig:
-    name: Literal["lora"] = "lora"
-    # Layers to wrap: names (matched as a suffix of the module name), "re:<regex>" for a full-name regex, or
-    # "all-linear" (every linear layer except the output head, as QLoRA does).
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    # Rank of the update.
-    r: int = 8
-    # Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora).
-    alpha: float = 16.0
-    # Dropout on the LoRA branch's input.
-    dropout: float = 0.0
-    # Rank-stabilised scaling alpha / sqrt(r).
-    rslora: bool = False
-    # standard (A Kaiming-uniform, B = 0), a_zero (A = 0, B Kaiming-uniform), gaussian (A ~ N(0, 1/r), B = 0).
-    init: Literal["standard", "a_zero", "gaussian"] = "standard"
-    # LoRA+: learning rate of B relative to A (1 = plain LoRA; the paper uses 16).
-    loraplus_lr_ratio: float = 1.0
+    name: Literal["lora"] = opt("lora", "Selects this method.")
+    targets: list[str] = opt(
+        factory=lambda: list(DEFAULT_TARGETS),
+        help="Layers to wrap: names (matched as a suffix of the module name), \"re:<regex>\" for a full-name "
+        "regex, or \"all-linear\" (every linear layer except the output head, as QLoRA does).",
+    )
+    r: int = opt(8, "Rank of the update.")
+    alpha: float = opt(16.0, "Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora).")
+    dropout: float = opt(0.0, "Dropout on the LoRA branch's input.")
+    rslora: bool = opt(False, "Rank-stabilised scaling alpha / sqrt(r).")
+    init: Literal["standard", "a_zero", "gaussian"] = opt(
+        "standard",
+        "standard (A Kaiming-uniform, B = 0), a_zero (A = 0, B Kaiming-uniform), gaussian (A ~ N(0, 1/r), B = 0).",
+    )
+    loraplus_lr_ratio: float = opt(1.0, "LoRA+: learning rate of B relative to A (1 = plain LoRA; the paper uses 16).")
+
+    def __post_init__(self) -> None:
+        check_targets("method.targets", self.targets)
+        check_positive("method.r", self.r)
+        check_dropout("method.dropout", self.dropout)
+        if self.alpha <= 0 or self.loraplus_lr_ratio <= 0:
+            raise SidetuneError(f"method.alpha and method.loraplus_lr_ratio must be > 0, got {self.alpha} and "
+                                f"{self.loraplus_lr_ratio}")
 
 
 class LoRALinear(WrappedLinear):
@@ -70,8 +80,6 @@ class LoRALinear(WrappedLinear):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  init: str = "standard") -> None:
         super().__init__()
-        if r < 1:
-            raise SidetuneError(f"method.r must be >= 1, got {r}")
         self.base = base
         in_features, out_features = linear_features(base)
         device = module_device(base)
@@ -136,14 +144,14 @@ class LoRALinear(WrappedLinear):
         return weight
 
 
-class LoRA:
+class LoRA(Method):
     name: ClassVar[str] = "lora"
     Config: ClassVar[type] = LoRAConfig
 
     def __init__(self, cfg: LoRAConfig) -> None:
         self.cfg = cfg
 
-    def apply(self, model: nn.Module) -> nn.Module:
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         freeze(model)
         names = find_targets(model, self.cfg.targets)
         if not names:
@@ -157,6 +165,12 @@ class LoRA:
             layer = LoRALinear(model.get_submodule(name), c.r, c.alpha, c.dropout, c.rslora, c.init)
             replace_module(model, name, layer)
         return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        for layer in lora_layers(model):
+            # Merge in float32: a bf16 add of a small B A onto W loses most of the update's low bits.
+            layer.base = float32_linear(layer.base)
+        return merge_and_unwrap(model)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         """LoRA+: B matrices at lr * ratio; everything else trainable (A, task head) at lr."""

@@ -31,42 +31,55 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput, SequenceClassifierOutput
 
 from sidetune.errors import SidetuneError
+from sidetune.fields import opt
 from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
 from sidetune.methods._inject import freeze, head_module_names
 from sidetune.methods._lst_blocks import SideStack, Stack, capture, stacks_of, tapped_layers
 from sidetune.methods._lst_prune import init_pruned, keep_hidden
-from sidetune.models import HEAD_NAMES
+from sidetune.methods.base import Context, Method
+from sidetune.tasks import HEAD_NAMES, Task
 
 
 @dataclass
 class LSTConfig:
-    name: Literal["lst"] = "lst"
-    # Reduction factor: side blocks are d/r wide, with head dims and MLP width divided by r (the paper: 8; QST: 16).
-    r: int = 8
-    # Backbone blocks that feed a ladder and get a side block: "all", "every:K" (every K-th block counting back from
-    # the last, which is always tapped) or a list of block indices (negative = from the end). T5: for both stacks.
-    side_layers: str | list[int] = "all"
-    # pruned: side blocks, norms and ladders cut from the backbone by L1 structural pruning (the paper's choice);
-    # random: PyTorch's default init.
-    init: Literal["pruned", "random"] = "pruned"
-    # Gate temperature T in g = sigmoid(alpha / T).
-    gate_temperature: float = 0.1
-    # Initial alpha of every gate (0 -> g = 0.5: half side state, half ladder input).
-    gate_init: float = 0.0
-    # Dropout inside the side network (attention probabilities and residual branches).
-    dropout: float = 0.0
-    # Run the backbone in train mode, dropout on. Off by default: no gradient reaches it, so its dropout only adds
-    # noise to the ladder inputs.
-    backbone_dropout: bool = False
-    # Recompute the side blocks in backward (the backbone is never recomputed: it stores nothing).
-    gradient_checkpointing: bool = False
-    # torch.compile each side block: small blocks are launch-bound on a GPU.
-    compile: bool = False
-    # Classification: the classifier reads the backbone's final hidden state plus the side output (sum) or the side
-    # output alone (side).
-    classifier_input: Literal["sum", "side"] = "sum"
-    # Classification pooling: auto (first token for encoders, last real token for decoders), first, last or mean.
-    pooling: Literal["auto", "first", "last", "mean"] = "auto"
+    name: Literal["lst"] = opt("lst", "Selects this method.")
+    r: int = opt(
+        8,
+        "Reduction factor: side blocks are d/r wide, with head dims and MLP width divided by r (the paper: 8; "
+        "QST: 16).",
+    )
+    side_layers: str | list[int] = opt(
+        "all",
+        "Backbone blocks that feed a ladder and get a side block: \"all\", \"every:K\" (every K-th block counting "
+        "back from the last, which is always tapped) or a list of block indices (negative = from the end). T5: "
+        "for both stacks.",
+    )
+    init: Literal["pruned", "random"] = opt(
+        "pruned",
+        "pruned: side blocks, norms and ladders cut from the backbone by L1 structural pruning (the paper's "
+        "choice); random: PyTorch's default init.",
+    )
+    gate_temperature: float = opt(0.1, "Gate temperature T in g = sigmoid(alpha / T).")
+    gate_init: float = opt(0.0, "Initial alpha of every gate (0 -> g = 0.5: half side state, half ladder input).")
+    dropout: float = opt(0.0, "Dropout inside the side network (attention probabilities and residual branches).")
+    backbone_dropout: bool = opt(
+        False,
+        "Run the backbone in train mode, dropout on. Off by default: no gradient reaches it, so its dropout only "
+        "adds noise to the ladder inputs.",
+    )
+    gradient_checkpointing: bool = opt(
+        False, "Recompute the side blocks in backward (the backbone is never recomputed: it stores nothing).")
+    compile: bool = opt(False, "torch.compile each side block: small blocks are launch-bound on a GPU.")
+    classifier_input: Literal["sum", "side"] = opt(
+        "sum",
+        "Classification: the classifier reads the backbone's final hidden state plus the side output (sum) or the "
+        "side output alone (side).",
+    )
+    pooling: Literal["auto", "first", "last", "mean"] = opt(
+        "auto",
+        "Classification pooling: auto (first token for encoders, last real token for decoders), first, last or "
+        "mean.",
+    )
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -81,35 +94,34 @@ class LSTConfig:
 class TaskHead(nn.Module):
     """Logits and loss from the merged hidden state, through the backbone's own LM head or classifier.
 
-    Its role in the memory accounting is "head" (the logits and the loss are not the side network's cost). It holds
-    the backbone by reference, not as a child: the backbone is registered once, under LSTModel.backbone.
+    Its role in the memory accounting is "head" (the logits and the loss are not the side network's cost: see
+    LST.head_modules). It holds the backbone by reference, not as a child: the backbone is registered once, under
+    LSTModel.backbone.
     """
 
-    sidetune_role: ClassVar[str] = "head"
-
-    def __init__(self, backbone: nn.Module, task: str, pooling: str) -> None:
+    def __init__(self, backbone: nn.Module, task: Task, pooling: str) -> None:
         super().__init__()
         self.__dict__["backbone"] = backbone
         self.task, self.pooling = task, pooling
         self.classifier = next((n for n in HEAD_NAMES if hasattr(backbone, n)), None)
         c = backbone.config
         # T5 with tied embeddings rescales the decoder output before the LM head.
-        self.scale = c.d_model**-0.5 if task == "seq2seq" and getattr(c, "scale_decoder_outputs", False) else None
+        self.scale = c.d_model**-0.5 if task.seq2seq and getattr(c, "scale_decoder_outputs", False) else None
 
     def forward(self, hidden, labels, attention_mask):
-        if self.task == "classification":
+        if self.task.classifies:
             return self._classify(hidden, labels, attention_mask)
         if self.scale is not None:
             hidden = hidden * self.scale
         logits = self.backbone.get_output_embeddings()(hidden)
         loss = None
         if labels is not None:
-            if self.task == "causal_lm":  # next-token: position t predicts token t + 1
+            if self.task.shift_labels:  # next-token: position t predicts token t + 1
                 logits_, labels_ = logits[:, :-1], labels[:, 1:]
             else:
                 logits_, labels_ = logits, labels
             loss = F.cross_entropy(logits_.flatten(0, 1).float(), labels_.flatten(), ignore_index=-100)
-        return (CausalLMOutput if self.task == "causal_lm" else Seq2SeqLMOutput)(loss=loss, logits=logits)
+        return (Seq2SeqLMOutput if self.task.seq2seq else CausalLMOutput)(loss=loss, logits=logits)
 
     def _classify(self, hidden, labels, attention_mask):
         how = self.pooling
@@ -145,7 +157,7 @@ class TaskHead(nn.Module):
 class LSTModel(nn.Module):
     """The module LST trains: the frozen backbone (run without grad), the side network(s), `up` and the task head."""
 
-    def __init__(self, backbone: nn.Module, cfg: LSTConfig, task: str) -> None:
+    def __init__(self, backbone: nn.Module, cfg: LSTConfig, task: Task) -> None:
         super().__init__()
         self.backbone, self.cfg, self.task = backbone, cfg, task
         self.stacks: list[Stack] = stacks_of(backbone)
@@ -170,7 +182,7 @@ class LSTModel(nn.Module):
             for side, stack, shape in zip(sides, self.stacks, shapes):
                 init_pruned(side, stack, shape, keep)
         with torch.no_grad():
-            if task != "classification" or cfg.classifier_input == "sum":
+            if not task.classifies or cfg.classifier_input == "sum":
                 self.up.weight.zero_()  # the side output starts at exactly 0: step 0 is the frozen model
             elif keep is not None:
                 self.up.weight.zero_()
@@ -242,7 +254,7 @@ class LSTModel(nn.Module):
 
     def _merge(self, final: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
         out = self.up(side)
-        if self.task == "classification" and self.cfg.classifier_input == "side":
+        if self.task.classifies and self.cfg.classifier_input == "side":
             return out
         return final + out.to(final.dtype)
 
@@ -253,7 +265,7 @@ class LSTModel(nn.Module):
         """Greedy or sampled decoding with the side network attached. Simple and correct, not fast: each row is
         decoded alone (no padding effects) and every new token reruns the full forward (no KV cache). Returns the
         prompt plus the new tokens for causal LMs, the decoder sequence for T5, right-padded with `pad_token_id`."""
-        if self.task == "classification":
+        if self.task.classifies:
             raise SidetuneError("generate needs a causal_lm or seq2seq model; this LST model classifies")
         eos, pad = special_tokens(self.config, eos_token_id, pad_token_id)
         rows = []
@@ -271,15 +283,7 @@ class LSTModel(nn.Module):
         return decode_rows(rows, max_new_tokens, eos, pad, do_sample, temperature, top_k)
 
 
-def _task(model: nn.Module) -> str:
-    if any(hasattr(model, n) for n in HEAD_NAMES):
-        if model.config.is_encoder_decoder:
-            raise SidetuneError("LST on an encoder-decoder model supports data.task=seq2seq only")
-        return "classification"
-    return "seq2seq" if model.config.is_encoder_decoder else "causal_lm"
-
-
-class LST:
+class LST(Method):
     name: ClassVar[str] = "lst"
     Config: ClassVar[type] = LSTConfig
     # No gradient flows through the backbone: it may run in eval mode, and checkpointing it would be pointless.
@@ -293,11 +297,21 @@ class LST:
     def __init__(self, cfg: LSTConfig) -> None:
         self.cfg = cfg
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        task = _task(model)
+    def start_exact(self, task: Task) -> dict | None:
+        # Classification: the classifier reads LST's own pooling of h_final + side (e.g. the last real token by
+        # attention mask), not transformers' pooler, so step 0 is a different (linear-probe) model by design.
+        return None if task.classifies else {}
+
+    def head_modules(self, module: nn.Module) -> list[nn.Module]:
+        return [module.head]
+
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
+        task = ctx.task
+        if task.classifies and model.config.is_encoder_decoder:
+            raise SidetuneError("LST on an encoder-decoder model supports data.task=seq2seq only")
         freeze(model)
         # Only the classifier LST feeds trains; any other new module (e.g. an untrained BERT pooler) stays frozen.
-        used = next((n for n in HEAD_NAMES if hasattr(model, n)), None) if task == "classification" else None
+        used = next((n for n in HEAD_NAMES if hasattr(model, n)), None) if task.classifies else None
         for name in head_module_names(model):
             if name != used:
                 model.get_submodule(name).requires_grad_(False)

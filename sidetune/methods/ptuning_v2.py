@@ -50,27 +50,37 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from sidetune.errors import SidetuneError
+from sidetune.fields import check_dropout, check_positive, opt
 from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
 from sidetune.methods._inject import freeze
+from sidetune.methods.base import Context, Method
 
 
 @dataclass
 class PTuningV2Config:
-    name: Literal["ptuning_v2"] = "ptuning_v2"
-    # Prefix length P: key/value vectors per layer (THUDM uses 4-128 depending on the task).
-    num_virtual_tokens: int = 20
-    # Reparameterize the prefix through a two-layer tanh MLP (Li & Liang; THUDM's --prefix_projection).
-    prefix_projection: bool = False
-    # Hidden width of that MLP (THUDM's prefix_hidden_size).
-    projection_dim: int = 512
-    # Dropout on the prefix keys/values (THUDM applies the model's hidden dropout there).
-    dropout: float = 0.0
-    # false: P-tuning v2 as published, one softmax over [prefix; tokens]; step 0 differs from the base model.
-    # true: zero-init attention (LLaMA-Adapter): the prefix has its own softmax and zero values at init, so step 0
-    # equals the base model exactly.
-    zero_init_attention: bool = False
-    # Give the real tokens positions P..P+T-1 instead of 0..T-1 (what PEFT and THUDM do; needed to match them).
-    shift_positions: bool = False
+    name: Literal["ptuning_v2"] = opt("ptuning_v2", "Selects this method.")
+    num_virtual_tokens: int = opt(
+        20, "Prefix length P: key/value vectors per layer (THUDM uses 4-128 depending on the task).")
+    prefix_projection: bool = opt(
+        False, "Reparameterize the prefix through a two-layer tanh MLP (Li & Liang; THUDM's --prefix_projection).")
+    projection_dim: int = opt(512, "Hidden width of that MLP (THUDM's prefix_hidden_size).")
+    dropout: float = opt(0.0, "Dropout on the prefix keys/values (THUDM applies the model's hidden dropout there).")
+    zero_init_attention: bool = opt(
+        False,
+        "false: P-tuning v2 as published, one softmax over [prefix; tokens]; step 0 differs from the base model. "
+        "true: zero-init attention (LLaMA-Adapter): the prefix has its own softmax and zero values at init, so "
+        "step 0 equals the base model exactly.",
+    )
+    shift_positions: bool = opt(
+        False,
+        "Give the real tokens positions P..P+T-1 instead of 0..T-1 (what PEFT and THUDM do; needed to match "
+        "them).",
+    )
+
+    def __post_init__(self) -> None:
+        check_positive("method.num_virtual_tokens", self.num_virtual_tokens)
+        check_positive("method.projection_dim", self.projection_dim)
+        check_dropout("method.dropout", self.dropout)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -268,18 +278,19 @@ def _kv_shape(config) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
-class PTuningV2:
+class PTuningV2(Method):
     name: ClassVar[str] = "ptuning_v2"
     Config: ClassVar[type] = PTuningV2Config
+    tasks: ClassVar[frozenset[str]] = frozenset({"classification", "causal_lm"})  # no encoder-decoder
 
     def __init__(self, cfg: PTuningV2Config) -> None:
-        if cfg.num_virtual_tokens < 1:
-            raise SidetuneError(f"method.num_virtual_tokens must be >= 1, got {cfg.num_virtual_tokens}")
-        if cfg.prefix_projection and cfg.projection_dim < 1:
-            raise SidetuneError(f"method.projection_dim must be >= 1, got {cfg.projection_dim}")
         self.cfg = cfg
 
-    def apply(self, model: nn.Module) -> nn.Module:
+    def start_exact(self, task) -> dict | None:
+        # A prefix under the joint softmax always takes attention mass: only zero-init attention starts exact.
+        return {"zero_init_attention": True}
+
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         if getattr(model.config, "is_encoder_decoder", False):
             raise SidetuneError(f"ptuning_v2 supports decoder-only and encoder-only models, not encoder-decoder "
                                 f"{model.config.model_type}; use method.name=lora or adapter")

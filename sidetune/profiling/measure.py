@@ -1,0 +1,283 @@
+"""One profile row: a steady-state training step (or the floor's no-grad forward) built by `session.build` and run
+by `session.train_step` under the trackers of `sidetune.memory`, on a real device and/or on fake tensors.
+
+How each number is taken:
+- weights / grads / optimizer state: bytes of the distinct storages of the tensors themselves (4-bit weights count
+  their packed bytes and quantization state).
+- activations: every tensor autograd saves for backward in the profiled step, each storage counted once at its full
+  storage size, weights excluded, attributed to the innermost running module: backbone (the gradient-to-input cost),
+  method (modules the method created), head (task head, output embedding, loss).
+- FLOPs: matmul and attention FLOPs of the forward; backward FLOPs split into dL/dx and dL/dW per role.
+- peaks: `tracked_peak_bytes` follows every live storage op by op on the real tensors; on CUDA the measured peak is
+  `torch.cuda.max_memory_allocated` (reserved is reported beside it; nvidia-smi shows more: the CUDA context and the
+  allocator's cache). `predicted_peak_bytes` is the same tracker on fake tensors (no memory, no GPU).
+
+Each real row runs in its own process (`run_isolated`), so every CUDA peak is clean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sidetune.profiling.rows import Row, RowSpec
+
+
+def _random_batch(config, task, batch: int, seq: int, device, num_labels: int | None) -> dict:
+    import torch
+
+    ids = torch.randint(3, min(config.vocab_size, 32000), (batch, seq), device=device)
+    # No attention_mask: nothing is padded. transformers skips building the mask for an all-ones mask on real tensors
+    # but not on fake ones (it reads them as tracing), so passing none keeps the prediction on the real path.
+    out = {"input_ids": ids}
+    if task.classifies:
+        out["labels"] = torch.randint(0, num_labels or 2, (batch,), device=device)
+    else:
+        out["labels"] = ids.clone()  # every token labelled, as the chunked loss's masks assume on fake tensors
+    return out
+
+
+def _autocast(module, mp: str, device_type: str):
+    """What `Accelerator.prepare` does to a module in mixed precision: autocast around its forward, outputs
+    converted to fp32 (for a causal LM without the chunked loss that is a B x T x V fp32 copy of the logits). The
+    prediction runs on fake tensors outside an Accelerator, so it applies the same two wrappers itself."""
+    if mp == "no":
+        return module
+    import torch
+    from accelerate.utils import convert_outputs_to_fp32
+
+    dtype = torch.bfloat16 if mp == "bf16" else torch.float16
+
+    def forward(**batch):
+        with torch.autocast(device_type, dtype=dtype):
+            return module(**batch)
+
+    return convert_outputs_to_fp32(forward)
+
+
+def sim_device(target: str):
+    """Where fake tensors can live: the target itself, or the CPU standing in for CUDA on a CPU-only torch build
+    (its fake CUDA tensors cannot even be viewed there); dtypes and autocast still follow the target."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if target == "cpu":
+        return torch.device("cpu")
+    try:
+        with FakeTensorMode():
+            torch.empty(2, 2, device=target)[0].t()
+        return torch.device(target)
+    except RuntimeError:
+        return torch.device("cpu")
+
+
+def measure(cfg, train: bool, target: str, fake: bool, timed_steps: int = 0, apply=None) -> dict[str, Any]:
+    """One steady-state training step (or no-grad forward when not `train`) of `cfg` on `target` under the trackers,
+    then `timed_steps` untracked steps for the clock. With `fake` the step runs on fake tensors: a prediction.
+    `apply(model) -> module` replaces the method's apply (bench/memory.py profiles PEFT's models this way)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sidetune import memory as mem
+    from sidetune.models import resolve_dtype
+    from sidetune.session import build, forward_module, mixed_precision, train_step
+
+    cfg = copy.deepcopy(cfg)
+    device = sim_device(target) if fake else torch.device(target)
+    # Resolve "auto" dtypes for the target, not for the device the fake tensors stand on.
+    cfg.model.dtype = str(resolve_dtype(cfg.model.dtype, target)).removeprefix("torch.")
+    cfg.model.compute_dtype = str(resolve_dtype(cfg.model.compute_dtype, target, torch.bfloat16)).removeprefix("torch.")
+    mp = mixed_precision(cfg.train, target) or "no"
+    if not train:
+        cfg.train.gradient_checkpointing = False  # the floor is a plain forward
+    out: dict[str, Any] = {"dtype": cfg.model.dtype, "mixed_precision": mp}
+
+    with contextlib.ExitStack() as stack:
+        if fake:
+            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
+            stack.enter_context(mem.AllTrueMasks())
+            stack.enter_context(mem.fake_as_data())
+        # The floor builds the bare model (every weight then frozen); a method row builds exactly what `train` does.
+        s = build(cfg, device, with_data=False, with_optimizer=train and apply is None, fake=fake,
+                  apply=(lambda m: m) if not train else apply)
+        trained = s.model
+        if train:
+            module, optimizer = s.module, s.optimizer
+            if optimizer is None:  # a replaced apply (PEFT): the same optimizer construction, no method groups
+                from sidetune.session import make_optimizer
+
+                optimizer = make_optimizer(trained, None, cfg.train, torch.device(target))
+        else:
+            trained.requires_grad_(False)
+            module, optimizer = forward_module(trained, cfg), None
+        roles = mem.module_roles(module, s.base_modules, s.base, s.method.head_modules(trained) if apply is None
+                                 else [])
+        batch = _random_batch(s.base.config, s.task, cfg.train.batch_size, cfg.data.max_length, device,
+                              cfg.data.num_labels)
+        forward = _autocast(module, mp, device.type)
+        module.train(train)
+        trainable = [p for p in trained.parameters() if p.requires_grad]
+
+        cuda = device.type == "cuda" and not fake
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # a 4-bit load passes through the full-precision weights: drop that cache
+            torch.cuda.reset_peak_memory_stats()
+        if train:
+            # The optimizer state exists from the first step on; creating it with a zero-gradient step makes the
+            # one tracked step a steady-state step (the second step's peak) without a forward and backward more.
+            for p in trainable:
+                p.grad = torch.zeros_like(p)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        tracker = mem.LiveTracker(block=mem.CUDA_BLOCK if target == "cuda" else 1)
+        tracker.track_model(module)
+        tracker.track(batch.values(), "inputs")
+        if optimizer is not None:
+            tracker.track(mem.optimizer_state_tensors(optimizer), "optimizer")
+
+        def step(saved=None, times=None):
+            start = time.perf_counter()
+
+            @contextlib.contextmanager
+            def phase(name):
+                tracker.phase = name
+                tracker.flops_from = saved
+                with saved if (saved is not None and name == "forward") else contextlib.nullcontext():
+                    yield
+                if name == "backward" and saved is not None:
+                    out["grads_bytes"] = mem.storage_bytes(mem.grad_tensors(trained))
+
+            if train:
+                train_step(forward, batch, optimizer, trainable, cfg.train.max_grad_norm, phase=phase)
+            else:
+                with phase("forward"), torch.no_grad():
+                    forward(**batch)
+            tracker.flops_from = None
+            tracker.phase = "setup"
+            if cuda:
+                torch.cuda.synchronize()
+            if times is not None:
+                times.append(time.perf_counter() - start)
+
+        baseline = tracker.live_bytes()  # weights and batch: allocated before, alive throughout
+        allocator = mem.CPUAllocatorPeak() if device.type == "cpu" and not fake else contextlib.nullcontext()
+        saved = mem.SavedTensorTracker(module, roles)
+        with allocator, tracker:
+            step(saved)
+        tracker.remove_hooks()
+        if isinstance(allocator, mem.CPUAllocatorPeak):
+            out["cpu_allocated_peak_bytes"] = baseline + allocator.peak
+
+        times: list[float] = []
+        for _ in range(0 if fake else timed_steps):
+            step(times=times)
+
+        acts = saved.by_role()
+        out.update(
+            params_total=mem.param_count(trained), params_trainable=mem.param_count(trained, trainable=True),
+            weights_bytes=mem.storage_bytes(mem.weight_tensors(module)),
+            grads_bytes=out.get("grads_bytes", 0),
+            optimizer_bytes=mem.storage_bytes(mem.optimizer_state_tensors(optimizer)) if optimizer else 0,
+            **{f"act_{r}_bytes": acts[r] for r in mem.ROLES}, act_total_bytes=sum(acts.values()),
+            fwd_flops=tracker.fwd_flops,
+            **{f"bwd_{k}_flops_{r}": tracker.bwd_flops[(r, k)] for k in ("dx", "dw") for r in mem.ROLES},
+            bwd_dx_flops=sum(tracker.bwd_flops[(r, "dx")] for r in mem.ROLES),
+            bwd_dw_flops=sum(tracker.bwd_flops[(r, "dw")] for r in mem.ROLES),
+            recompute_flops=tracker.recompute_flops,
+            peak_bytes=tracker.peak, peak_phase=tracker.peak_phase, peak_breakdown=tracker.peak_breakdown,
+            optimizer=cfg.train.optimizer if train else None,
+        )
+        if times:
+            out["step_time_s"] = statistics.median(times)
+            out["tokens_per_s"] = cfg.train.batch_size * cfg.data.max_length / out["step_time_s"]
+        if cuda:
+            out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            out["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    return out
+
+
+def profile_row(spec: RowSpec, device: str, target: str, steps: int) -> dict[str, Any]:
+    """Everything profile.json says about one row (`Row` documents the fields)."""
+    from sidetune.config import load_config
+
+    cfg = load_config(None, spec.overrides)
+    train = spec.method is not None
+    row: dict[str, Any] = {
+        "label": spec.label, "method": spec.method, "model": cfg.model.name, "task": cfg.data.task,
+        "batch": cfg.train.batch_size, "seq": cfg.data.max_length, "device": device, "target": target,
+        "quantize": cfg.model.quantize, "loss_chunk_size": cfg.train.loss_chunk_size,
+        "gradient_checkpointing": cfg.train.gradient_checkpointing if train else False,
+        "error": None,
+    }
+    pred = real = None
+    try:
+        pred = measure(cfg, train, target, fake=True)
+    except Exception as e:  # a method or model the fake step cannot run: say so, still measure it
+        row["prediction_failed"] = f"{type(e).__name__}: {e}"
+    if device != "meta":
+        try:
+            real = measure(cfg, train, device, fake=False, timed_steps=steps)
+        except Exception as e:
+            if "out of memory" not in str(e).lower():
+                raise
+            row["error"] = f"out of memory: {str(e).splitlines()[0][:200]}"
+    source = real or pred
+    if source is None:
+        row["error"] = row.get("error") or row.get("prediction_failed")
+        return Row.from_dict(row).to_dict()
+    row.update({k: v for k, v in source.items() if k not in ("peak_bytes", "peak_phase", "peak_breakdown")})
+    if real is not None:
+        row.update(tracked_peak_bytes=real["peak_bytes"], peak_phase=real["peak_phase"],
+                   peak_breakdown=real["peak_breakdown"])
+        if device == "cuda":
+            row.update(measured_peak_bytes=real["cuda_max_allocated_bytes"],
+                       measured_peak_source="torch.cuda.max_memory_allocated")
+        else:
+            row.update(measured_peak_bytes=real["cpu_allocated_peak_bytes"],
+                       measured_peak_source="CPU allocator peak (torch.profiler profile_memory)")
+    if pred is not None:
+        row.update(predicted_peak_bytes=pred["peak_bytes"], predicted_peak_phase=pred["peak_phase"],
+                   predicted_breakdown=pred["peak_breakdown"],
+                   predicted_on="fake tensors on " + str(sim_device(target)) + f" for {target}")
+        if row.get("measured_peak_bytes"):
+            row["prediction_error"] = pred["peak_bytes"] / row["measured_peak_bytes"] - 1
+    return Row.from_dict(row).to_dict()
+
+
+def run_isolated(spec: RowSpec, device: str, target: str, steps: int) -> dict[str, Any]:
+    """`profile_row` in a fresh Python process, so that the row's peak is its own."""
+    import sidetune
+
+    root = str(Path(sidetune.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    with tempfile.TemporaryDirectory(prefix="sidetune-profile-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "row.json"
+        spec_path.write_text(json.dumps({"spec": spec.__dict__, "device": device, "target": target, "steps": steps}))
+        proc = subprocess.run([sys.executable, "-m", "sidetune.profiling.measure", str(spec_path), str(out_path)],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not out_path.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            return {"label": spec.label, "method": spec.method, "error": f"worker failed: {tail[0][:300]}"}
+        return json.loads(out_path.read_text())
+
+
+def _worker(spec_path: str, out_path: str) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    job = json.loads(Path(spec_path).read_text())
+    row = profile_row(RowSpec(**job["spec"]), job["device"], job["target"], job["steps"])
+    Path(out_path).write_text(json.dumps(row))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])

@@ -1,0 +1,188 @@
+"""The one build-and-step path. `build` turns a config into everything a step needs (tokenizer, data, model, method,
+the module to train, the optimizer); `train_step` is one optimizer step. The trainer's loop, `sidetune profile`,
+`sidetune plan`, `sidetune export`, `sidetune.load` and the bench scripts all call these two, so what the profile
+measures is what the trainer runs, by construction.
+
+All input errors surface in `build`, before a run directory is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from sidetune import data as data_lib
+from sidetune.config import Config, TrainConfig
+from sidetune.errors import SidetuneError
+from sidetune.losses import ChunkedLMLoss
+from sidetune.methods import Context, Method, build_method, trainable_parameters
+from sidetune.models import load_model, load_tokenizer
+from sidetune.tasks import Task, get_task
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built and validated before any file is written."""
+
+    cfg: Config
+    task: Task  # the data's task (what the loss and the metrics are)
+    tokenizer: PreTrainedTokenizerBase | None
+    data: data_lib.TaskData | None
+    method: Method
+    base: nn.Module  # the model as loaded, before the method touched it (its modules are "the backbone")
+    base_modules: set[int]  # ids of the loaded model's modules: what the memory accounting calls backbone
+    model: nn.Module  # the module the method returned; its trainable set is what gets saved
+    module: nn.Module  # what a step calls: `model`, checkpointed and/or wrapped in the chunked LM loss as configured
+    optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def trainable(self) -> list[nn.Parameter]:
+        return list(trainable_parameters(self.model).values())
+
+
+def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, with_optimizer: bool = False,
+          fake: bool = False, apply: Callable[[nn.Module], nn.Module] | None = None) -> Setup:
+    """Build a run's model and method (and data, optimizer) on `device`.
+
+    with_data: read and tokenize data.train / data.eval (the label count resolved from them goes into `cfg`).
+    with_optimizer: also make the optimizer (`make_optimizer`).
+    fake: the build runs under FakeTensorMode for a prediction (no tokenizer, no data, stand-in 4-bit weights).
+    apply: replaces the method's apply (bench/memory.py profiles PEFT's models on the same build).
+    """
+    device = torch.device(device)
+    task = get_task(cfg.data.task)
+    method = build_method(cfg.method)
+    tokenizer = None if fake else load_tokenizer(cfg.model)
+    data = data_lib.build(cfg.data, tokenizer, cfg.train.seed) if with_data and not fake else None
+    if data is not None and data.num_labels is not None:
+        cfg.data.num_labels = data.num_labels  # resolved into the saved config, so a reload needs no data
+    pad_id = tokenizer.pad_token_id if tokenizer is not None else None
+    base = load_model(cfg.model, method.model_task(task), cfg.data.num_labels, device, pad_id, seed=cfg.train.seed,
+                      fake=fake)
+    base_modules = {id(m) for m in base.modules()}
+    ctx = Context(task, lambda: load_tokenizer(cfg.model),
+                  cfg.data.label_names or (data.label_names if data is not None else None),
+                  calibration=_calibration(method, data, task, tokenizer, cfg, device), _tokenizer=tokenizer)
+    model = apply(base) if apply is not None else method.apply(base, ctx)
+    if not trainable_parameters(model):
+        raise SidetuneError(f"method {cfg.method.name!r} left no trainable parameter on this model")
+    module = training_module(model, cfg, method)
+    optimizer = make_optimizer(model, method, cfg.train, device) if with_optimizer else None
+    return Setup(cfg, task, tokenizer, data, method, base, base_modules, model, module, optimizer)
+
+
+def _calibration(method: Method, data, task: Task, tokenizer, cfg: Config, device) -> list[dict]:
+    """The first batches of the training data (a fixed, seeded order), for methods that initialise from data."""
+    n = method.calibration_batches()
+    if n <= 0 or data is None:
+        return []
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(data.train, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=task.collator(tokenizer),
+                        generator=torch.Generator().manual_seed(cfg.train.seed))
+    batches = []
+    for batch in loader:
+        batches.append({k: v.to(device) for k, v in batch.items()})
+        if len(batches) == n:
+            break
+    return batches
+
+
+def training_module(model: nn.Module, cfg: Config, method: Method) -> nn.Module:
+    """The module a step calls: gradient checkpointing switched on and the chunked LM loss wrapped around when the
+    config asks."""
+    if cfg.train.gradient_checkpointing:
+        if not method.backbone_trains and not hasattr(model, "gradient_checkpointing_enable"):
+            raise SidetuneError(f"method {cfg.method.name!r} sends no gradient through the backbone, so "
+                                f"train.gradient_checkpointing has nothing to save; set it to false")
+        # Non-reentrant checkpointing keeps gradients flowing to adapters inside frozen blocks without forcing
+        # requires_grad on the embeddings' output (the enable_input_require_grads trap, peft #137).
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed the HF method
+            model.activation_checkpointing_enable(kwargs)
+        elif hasattr(model, "gradient_checkpointing_enable"):  # older transformers, and our own wrapper modules
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            raise SidetuneError(f"method {cfg.method.name!r} does not support train.gradient_checkpointing")
+    return forward_module(model, cfg)
+
+
+def forward_module(model: nn.Module, cfg: Config) -> nn.Module:
+    """The model itself, or wrapped so that the LM loss is computed in chunks (also for eval and the floor)."""
+    return ChunkedLMLoss(model, cfg.train.loss_chunk_size) if cfg.train.loss_chunk_size else model
+
+
+def make_optimizer(model: nn.Module, method: Method, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    # A method may split its parameters into groups (LoRA+); by default all trainable parameters share one lr.
+    groups = method.param_groups(model, t.lr) if method is not None else None
+    if groups is None:
+        groups = [{"params": list(trainable_parameters(model).values()), "lr": t.lr}]
+    # No weight decay on biases and norm gains (1-D tensors): decaying them hurts and saves nothing.
+    split = []
+    for g in groups:
+        for decay in (True, False):
+            params = [p for p in g["params"] if (p.ndim >= 2) == decay]
+            if params:
+                split.append({**g, "params": params, "weight_decay": t.weight_decay if decay else 0.0})
+    kwargs = {"lr": t.lr, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_eps}
+    name = t.optimizer
+    if name.startswith("paged_") and device.type != "cuda":
+        # Paged optimizers page state to host memory via CUDA unified memory; on CPU there is nothing to page.
+        name = {"paged_adamw_32bit": "adamw", "paged_adamw_8bit": "adamw_8bit"}[name]
+        print(f"sidetune: train.optimizer={t.optimizer} needs CUDA; using {name} on CPU")
+    if name == "adamw":
+        return torch.optim.AdamW(split, fused=device.type == "cuda", **kwargs)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
+    return cls(split, **kwargs)
+
+
+def mixed_precision(t: TrainConfig, target: str | None = None) -> str | None:
+    """The autocast dtype a run uses: the config's, else the `accelerate launch` config's (None: accelerate
+    decides), else bf16 on a bf16-capable GPU, else none. `target` asks the same for a device this process may not
+    have (a prediction for CUDA on a CPU-only machine assumes a bf16-capable GPU)."""
+    if t.mixed_precision != "auto":
+        return t.mixed_precision
+    if target is None and "ACCELERATE_MIXED_PRECISION" in os.environ:
+        return None  # under `accelerate launch`: its config decides
+    if target == "cpu":
+        return "no"
+    if target == "cuda" and not torch.cuda.is_available():
+        return "bf16"
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def train_step(module: Callable[..., Any], batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+               params: Iterable[nn.Parameter], max_grad_norm: float, *, scheduler=None,
+               backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+               clip: Callable[..., Any] | None = torch.nn.utils.clip_grad_norm_,
+               phase: Callable[[str], contextlib.AbstractContextManager] | None = None) -> torch.Tensor:
+    """One training step: forward, backward, gradient clipping, optimizer (and scheduler) step, zero grads.
+    Returns the detached loss (still on the device: reading it would force a host-device sync).
+
+    The trainer passes accelerate's `backward` and `clip` (clip=None on accumulation micro-steps, where gradients
+    are not yet synchronised; a prepared optimizer skips those steps itself); the profile passes `phase`, a context
+    per phase ("forward", "backward", "optimizer") in which it tracks what the step allocates and saves.
+    """
+    phase = phase or (lambda name: contextlib.nullcontext())
+    with phase("forward"):
+        loss = module(**batch).loss
+    with phase("backward"):
+        backward(loss)
+        if clip is not None and max_grad_norm > 0:
+            clip(params, max_grad_norm)
+    with phase("optimizer"):
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()

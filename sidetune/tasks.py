@@ -1,0 +1,72 @@
+"""The tasks sidetune trains, as objects: what a config's `data.task` means to the model loader, the collator, the
+loss and the metrics. Code asks a Task (`task.classifies`, `task.shift_labels`) instead of comparing task names.
+
+This module imports nothing of sidetune but its errors, so models, data, methods and the trainer can all read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sidetune.errors import SidetuneError
+
+# Module names a classification head goes by in transformers (BERT/RoBERTa, Llama/GPT-2, BART, QA). A quantized base
+# never quantizes them, and every method trains a freshly initialised one.
+HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One kind of supervised example and what follows from it."""
+
+    name: str
+    # transformers Auto class the model is loaded with (by name, so that importing this module stays cheap).
+    auto_class: str
+    # True: the label is a class id per example and the model ends in a classification head.
+    classifies: bool
+    # True: causal LM, position t is scored against token t + 1 (labels are the inputs, shifted by the loss).
+    shift_labels: bool
+    # True: source and target are separate sequences (encoder-decoder).
+    seq2seq: bool = False
+
+    @property
+    def generates(self) -> bool:
+        """The model ends in an LM head and can decode text."""
+        return not self.classifies
+
+    def model_class(self):
+        import transformers
+
+        return getattr(transformers, self.auto_class)
+
+    def collator(self, tokenizer):
+        """Dynamic padding per batch; LM labels are padded with -100 so that padding never counts in the loss."""
+        from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+        if self.classifies:
+            return DataCollatorWithPadding(tokenizer, return_tensors="pt")
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
+
+    def loss_weight(self, labels):
+        """How many targets a batch's mean loss averages over: examples, or labelled (next) tokens."""
+        if self.classifies:
+            return labels.shape[0]
+        targets = labels[:, 1:] if self.shift_labels else labels
+        return (targets != -100).sum()
+
+
+TASKS: dict[str, Task] = {
+    "classification": Task("classification", "AutoModelForSequenceClassification", classifies=True,
+                           shift_labels=False),
+    "causal_lm": Task("causal_lm", "AutoModelForCausalLM", classifies=False, shift_labels=True),
+    "seq2seq": Task("seq2seq", "AutoModelForSeq2SeqLM", classifies=False, shift_labels=False, seq2seq=True),
+}
+
+
+def get_task(name: str | Task) -> Task:
+    if isinstance(name, Task):
+        return name
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise SidetuneError(f"data.task={name!r} is unknown; use one of {', '.join(TASKS)}") from None
