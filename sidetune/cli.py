@@ -20,8 +20,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train with a YAML run config and section.key=value overrides")
-    t.add_argument("config", help="run config YAML (see recipes/)")
+    t.add_argument("config", nargs="?", help="run config YAML (see recipes/)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 method.r=16")
+    t.add_argument("--help-config", action="store_true",
+                   help="list every config key (model, data, train and each method's) with its type, default and "
+                        "meaning, then exit")
 
     e = sub.add_parser("eval", help="evaluate a finished run; prints metrics as JSON")
     e.add_argument("run_dir")
@@ -47,6 +50,17 @@ def _add_arguments(module: str):
 
 def _train(args: argparse.Namespace) -> int:
     from sidetune.config import load_config
+
+    if args.help_config:
+        from sidetune.config import SECTIONS
+        from sidetune.fields import describe
+        from sidetune.methods import METHODS
+
+        print(describe({**SECTIONS, **{f"method (name: {n})": m.Config for n, m in METHODS.items()}}), end="")
+        return 0
+    if args.config is None:
+        raise SidetuneError("sidetune train needs a run config YAML (e.g. recipes/sst2_lora.yaml); "
+                            "see sidetune train --help-config for every key")
     from sidetune.train import train
 
     train(load_config(args.config, args.overrides))

@@ -87,3 +87,18 @@ def check_targets(key: str, targets: list[str] | None) -> None:
                 re.compile(t[3:])
             except re.error as e:
                 raise SidetuneError(f"{key}: {t!r} is not a valid regular expression ({one_line(e)})") from None
+
+
+def describe(sections: dict[str, type]) -> str:
+    """Every key of the given config sections with its type, default and help, as `sidetune train --help-config`
+    prints it."""
+    lines = []
+    for section, cls in sections.items():
+        lines.append(f"{section}:" + (f"  ({cls.__doc__.strip().splitlines()[0]})" if cls.__doc__ and
+                                      not cls.__doc__.startswith(cls.__name__ + "(") else ""))
+        for key, typ, default, help_ in field_docs(cls):
+            lines.append(f"  {section.split(' ')[0]}.{key}: {typ} = {default}")
+            if help_:
+                lines.append(f"      {help_}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

@@ -8,7 +8,8 @@
 - `weight_tensors`, `storage_bytes`, ...: bytes of weights, grads and optimizer state, from the tensors.
 - `LiveTracker`: the live storages op by op, their peak, and the backward FLOPs split into dL/dx and dL/dW.
 - `CPUAllocatorPeak`: the CPU allocator's own peak, the independent measurement on CPU.
-- `AllTrueMasks`, `fake_as_data`, `fake_quantize_linears`: what it takes to run the same step on fake tensors.
+- `AllTrueMasks`, `fake_as_data` (and `models.fake_quantize_linears`): what it takes to run the same step on fake
+  tensors.
 `sidetune.profile` puts them together.
 """
 
@@ -21,7 +22,7 @@ import sys
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -484,48 +485,6 @@ def fake_as_data():
 
 def _is_mask(t) -> bool:
     return isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
-
-
-def fake_quantize_linears(model: torch.nn.Module, quantize: str, double_quant: bool, compute: torch.dtype,
-                          device: torch.device) -> None:
-    """`models.quantize_linears` for fake tensors: the same bitsandbytes Linear4bit modules, holding fake tensors of
-    exactly the shapes and dtypes bitsandbytes' quantizer produces (packed uint8 weight, per-64-block absmax,
-    nested 8-bit absmax with per-256-block fp32 scales), so that the 4-bit bytes are counted from tensors and the
-    forward/backward run bitsandbytes' own autograd function on them (its ops have fake implementations)."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import QuantState
-
-    from sidetune.models import unquantized_names
-
-    if quantize not in ("nf4", "fp4"):
-        raise NotImplementedError(f"prediction of model.quantize={quantize} is not supported (nf4, fp4 are)")
-    skip = unquantized_names(model)
-    blocksize = 64
-
-    def empty(*shape, dtype=torch.float32):
-        return torch.empty(shape, dtype=dtype, device=device)
-
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, torch.nn.Linear) or name.rsplit(".", 1)[-1] in skip:
-            continue
-        n, k = module.out_features, module.in_features
-        blocks = -(-n * k // blocksize)
-        if double_quant:
-            state2 = QuantState(absmax=empty(-(-blocks // 256)), code=empty(256), blocksize=256, dtype=torch.float32)
-            absmax, offset = empty(blocks, dtype=torch.uint8), empty()
-        else:
-            state2, absmax, offset = None, empty(blocks), None
-        with _disable_current_modes():  # bitsandbytes wraps its meta placeholder weight in Params4bit: not fake
-            new = bnb.nn.Linear4bit(k, n, bias=module.bias is not None, compute_dtype=compute,
-                                    compress_statistics=double_quant, quant_type=quantize, device="meta")
-        weight = torch.nn.Parameter(empty((n * k + 1) // 2, 1, dtype=torch.uint8), requires_grad=False)
-        weight.quant_state = QuantState(absmax=absmax, shape=torch.Size([n, k]), code=empty(16), blocksize=blocksize,
-                                        quant_type=quantize, dtype=compute, offset=offset, state2=state2)
-        new.weight = weight
-        if module.bias is not None:
-            new.bias = torch.nn.Parameter(module.bias.detach().to(compute), requires_grad=False)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def param_count(module: torch.nn.Module, trainable: bool = False) -> int:

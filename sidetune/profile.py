@@ -17,7 +17,7 @@ from pathlib import Path
 from sidetune.errors import SidetuneError
 from sidetune.profiling.measure import measure, profile_row, run_isolated
 from sidetune.profiling.report import markdown_table, write_reports
-from sidetune.profiling.rows import ALIASES, GiB, MiB, RowSpec, resolve_rows
+from sidetune.profiling.rows import ALIASES, GiB, MiB, RowSpec, recipe_rows, resolve_rows
 
 __all__ = ["ALIASES", "GiB", "MiB", "RowSpec", "measure", "profile_row", "resolve_rows"]
 
@@ -27,12 +27,15 @@ __all__ = ["ALIASES", "GiB", "MiB", "RowSpec", "measure", "profile_row", "resolv
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="preset (tiny-llama, llama-1b, llama-8b, llama-70b, ...), alias or "
-                                                  "local model directory")
-    p.add_argument("--methods", default="all", help="comma-separated METHODS keys and aliases (qlora, qlst), or all; "
-                                                    "the floor and full fine-tuning are always added")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--model", default=None, help="preset (tiny-llama, llama-1b, llama-8b, llama-70b, ...), alias or "
+                                                  "local model directory (required unless --recipe names one)")
+    p.add_argument("--recipe", default=None, help="profile this run config YAML as it is: its method, train and "
+                                                  "data settings, and its floor (--model, --batch, --seq override)")
+    p.add_argument("--methods", default=None, help="comma-separated METHODS keys and aliases (qlora, qlst), or all "
+                                                   "(default; with --recipe: none); without --recipe the floor and "
+                                                   "full fine-tuning are always added")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default 8, or the recipe's)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default 512, or the recipe's max_length)")
     p.add_argument("--task", choices=["causal_lm", "classification"], default="causal_lm")
     p.add_argument("--device", choices=["cuda", "cpu", "meta"], default=None,
                    help="where the steps run; meta predicts only, allocating nothing (default: cuda if available)")
@@ -69,8 +72,10 @@ def check_model(name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    if args.batch < 1 or args.seq < 2:
+    if (args.batch is not None and args.batch < 1) or (args.seq is not None and args.seq < 2):
         raise SidetuneError(f"--batch must be >= 1 and --seq >= 2, got {args.batch} and {args.seq}")
+    if args.recipe is None and args.model is None:
+        raise SidetuneError("sidetune profile needs --model (or --recipe RUN_CONFIG.yaml)")
     if args.steps < 0:
         raise SidetuneError(f"--steps must be >= 0, got {args.steps}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -82,8 +87,15 @@ def run(args: argparse.Namespace) -> int:
     vram = parse_bytes(args.vram) if args.vram else None
     if vram is None and device == "cuda":
         vram = torch.cuda.get_device_properties(0).total_memory  # judge against the GPU it runs on
-    check_model(args.model)
-    specs = resolve_rows(args.methods, args.model, args.task, args.batch, args.seq, args.sets)
+    if args.recipe is not None:
+        specs = recipe_rows(args.recipe, args.model, args.batch, args.seq, args.methods, args.sets)
+        from sidetune.config import load_config
+
+        check_model(load_config(None, specs[0].overrides).model.name)
+    else:
+        check_model(args.model)
+        specs = resolve_rows(args.methods or "all", args.model, args.task, args.batch or 8, args.seq or 512,
+                             args.sets)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -7,6 +7,7 @@ qlora and qlst are LoRA and LST on a 4-bit base.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from sidetune.errors import SidetuneError
@@ -27,7 +28,7 @@ class RowSpec:
 
 
 def resolve_rows(methods: str, model: str, task: str, batch: int, seq: int, sets: list[str],
-                 references: bool = True) -> list[RowSpec]:
+                 references: bool = True, common: list[str] | None = None) -> list[RowSpec]:
     """The rows to profile: the requested methods (`all` = every registered method plus the aliases whose method is
     registered) and, with `references`, the full fine-tuning reference and the no-grad floor(s). `sets` are overrides
     for every row (train.loss_chunk_size=1024) or for one label or method (lora.r=16 applies to lora and qlora rows;
@@ -42,9 +43,12 @@ def resolve_rows(methods: str, model: str, task: str, batch: int, seq: int, sets
             raise SidetuneError(f"--methods: unknown method {name!r}; choose from {', '.join(available)} or all")
     if references and "full" not in names and "full" in METHODS:
         names.append("full")  # the reference every profile carries
-    common = [f"model.name={model}", f"data.task={task}", f"train.batch_size={batch}", f"data.max_length={seq}"]
-    if task == "classification":
-        common.append("data.num_labels=2")
+    from sidetune.tasks import get_task
+
+    if common is None:  # else: the settings of a recipe (recipe_rows)
+        common = [f"model.name={model}", f"data.task={task}", f"train.batch_size={batch}", f"data.max_length={seq}"]
+        if get_task(task).classifies:
+            common.append("data.num_labels=2")
     global_sets, scoped = [], []
     for item in sets:
         key = item.partition("=")[0]
@@ -74,6 +78,36 @@ def resolve_rows(methods: str, model: str, task: str, batch: int, seq: int, sets
               for q in sorted(quantized, key=lambda q: q or "")]
     return floors + rows if references else rows
 
+
+
+def recipe_rows(path: str, model: str | None, batch: int | None, seq: int | None, methods: str | None,
+                sets: list[str]) -> list[RowSpec]:
+    """A run config profiled as it is: its floor (same base, quantization, loss and precision settings, forward
+    only), the recipe's own row (its method, train and data settings; batch from train.batch_size and seq from
+    data.max_length unless given), and any `methods` under the same model, data and train settings."""
+    import json
+
+    import yaml
+
+    from sidetune.config import load_config
+
+    cfg = load_config(path)  # validates the recipe as `sidetune train` would
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    shared = [f"{section}.{k}={json.dumps(v)}" for section in ("model", "data", "train")
+              for k, v in (raw.get(section) or {}).items()]
+    shared += [*([f"model.name={model}"] if model else []), *([f"train.batch_size={batch}"] if batch else []),
+               *([f"data.max_length={seq}"] if seq else []), *(s for s in sets if s.split(".")[0] in
+                                                                ("model", "data", "train"))]
+    own = [f"method.{k}={json.dumps(v)}" for k, v in (raw.get("method") or {}).items()]
+    quantize = load_config(None, shared).model.quantize
+    label = next((a for a, (m, q) in ALIASES.items() if m == cfg.method.name and q == quantize), cfg.method.name)
+    rows = [RowSpec("floor" if quantize is None else f"floor-{quantize}", None, shared),
+            RowSpec(f"{label} (recipe)", cfg.method.name, [*shared, *own])]
+    if methods:
+        rows += resolve_rows(methods, "", cfg.data.task, 0, 0, list(sets), references=False, common=shared)
+    for row in rows:
+        load_config(None, row.overrides)  # every row validates now, before anything runs
+    return rows
 
 
 @dataclass
