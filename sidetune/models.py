@@ -170,7 +170,7 @@ def load_model(cfg: ModelConfig, task: str | Task, num_labels: int | None = None
     if cfg.name in PRESETS:
         model = _build_preset(cfg, auto, task_kwargs, device, seed, fake)
         model.sidetune_head = [n for n in HEAD_NAMES if hasattr(model, n)]
-        return model
+        return _one_4bit_kernel(model)
 
     path = resolve_path(cfg.name)
     config = AutoConfig.from_pretrained(path)
@@ -188,7 +188,21 @@ def load_model(cfg: ModelConfig, task: str | Task, num_labels: int | None = None
     model.sidetune_head = _new_modules(model, info["missing_keys"])
     if fake and cfg.quantize is not None:
         _quantize_built(model, cfg, device, fake)
-    return model if quant is not None else model.to(device)
+    return _one_4bit_kernel(model if quant is not None else model.to(device))
+
+
+def _one_4bit_kernel(model: nn.Module) -> nn.Module:
+    """Keep bitsandbytes' 4-bit layers on the kernel they train with, in every mode.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.49+) repacks a Linear4bit's weight the first time it runs in eval mode
+    without grad, and from then on computes it with bf16 block scales. Evaluation (and LST's no-grad backbone) would
+    then run a different function from the one that trained, with different weight bytes: eval losses, exports and
+    memory accounting would all drift (seen: 2.7e-3 logit differences after a merge). One kernel everywhere.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes Linear4bit (a library attribute)
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def _checkpoint_dtype(config) -> torch.dtype | None:
