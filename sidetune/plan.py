@@ -22,24 +22,31 @@ from typing import Any
 
 from sidetune.errors import SidetuneError
 from sidetune.profile import ALIASES, GiB, MiB, RowSpec, check_model, measure, parse_bytes, resolve_rows
+from sidetune.profiling.shard import Sharding, per_gpu_peak
 from sidetune.tasks import get_task
 
+ONE_PROCESS = Sharding()
 CHUNK = 1024  # loss chunk the planner proposes: at most 1024 positions of logits at a time
 
 
-def _measure(spec: RowSpec, target: str, extra: list[str] = (), batch: int | None = None) -> dict[str, Any]:
+def _measure(spec: RowSpec, target: str, extra: list[str] = (), batch: int | None = None,
+             sharding: Sharding = ONE_PROCESS) -> dict[str, Any]:
+    """The predicted step; its `peak_bytes` is the per-GPU peak under `sharding` (one process by default)."""
     from sidetune.config import load_config
 
     overrides = [*spec.overrides, *extra, *([f"train.batch_size={batch}"] if batch else [])]
-    return measure(load_config(None, overrides), spec.method is not None, target, fake=True)
+    step = measure(load_config(None, overrides), spec.method is not None, target, fake=True)
+    step["peak_bytes"], step["per_gpu_note"] = per_gpu_peak(step, sharding)
+    return step
 
 
-def _peak(spec: RowSpec, target: str, extra: list[str] = (), batch: int | None = None) -> int:
-    return _measure(spec, target, extra, batch)["peak_bytes"]
+def _peak(spec: RowSpec, target: str, extra: list[str] = (), batch: int | None = None,
+          sharding: Sharding = ONE_PROCESS) -> int:
+    return _measure(spec, target, extra, batch, sharding)["peak_bytes"]
 
 
 def largest_batch(spec: RowSpec, target: str, vram: int, batch: int, peak_at_batch: int,
-                  extra: list[str] = ()) -> int:
+                  extra: list[str] = (), sharding: Sharding = ONE_PROCESS) -> int:
     """The largest batch whose predicted peak fits `vram` (0 if not even batch 1 fits).
 
     The peak grows with the batch but is not one straight line: it is the largest of several (the forward's end, the
@@ -51,7 +58,7 @@ def largest_batch(spec: RowSpec, target: str, vram: int, batch: int, peak_at_bat
 
     def peak(b: int) -> int:
         if b not in known:
-            known[b] = _peak(spec, target, extra, b)
+            known[b] = _peak(spec, target, extra, b, sharding)
         return known[b]
 
     if peak_at_batch <= vram:
@@ -111,30 +118,35 @@ def changes(spec: RowSpec, task: str, trains_backbone_weights: bool = False) -> 
 
 
 def plan(model: str, vram: int, batch: int, seq: int, task: str = "causal_lm", methods: str = "all",
-         target: str = "cuda", sets: list[str] = (), log=print) -> list[dict[str, Any]]:
-    """One entry per method: peak at `batch`, whether it fits, its largest batch, and the changes that make it fit."""
+         target: str = "cuda", sets: list[str] = (), log=print, sharding: Sharding = ONE_PROCESS) -> list[dict[str, Any]]:
+    """One entry per method: per-GPU peak at `batch` (per process), whether it fits, its largest batch, and the
+    changes that make it fit."""
     specs = resolve_rows(methods, model, task, batch, seq, list(sets), references=False)
     result = []
     for spec in specs:
         log(f"sidetune: plan: {spec.label}")
-        base = _measure(spec, target)
+        base = _measure(spec, target, sharding=sharding)
         peak = base["peak_bytes"]
         entry: dict[str, Any] = {"label": spec.label, "method": spec.method, "peak_bytes": peak, "fits": peak <= vram,
-                                 "largest_batch": largest_batch(spec, target, vram, batch, peak), "changes": []}
+                                 "how": base["per_gpu_note"],
+                                 "largest_batch": largest_batch(spec, target, vram, batch, peak, sharding=sharding),
+                                 "changes": []}
         if not entry["fits"]:
             # Most parameters trainable: the method trains the backbone itself (full fine-tuning).
             trains_backbone = base["params_trainable"] > base["params_total"] / 2
             for description, extra in changes(spec, task, trains_backbone):
-                p = _peak(spec, target, extra)
+                p = _peak(spec, target, extra, sharding=sharding)
                 entry["changes"].append({"change": description, "overrides": extra, "peak_bytes": p,
                                          "fits": p <= vram})
         result.append(entry)
     return result
 
 
-def render(entries: list[dict], vram: int, batch: int, seq: int) -> str:
+def render(entries: list[dict], vram: int, batch: int, seq: int, sharding: Sharding = ONE_PROCESS) -> str:
     scale, unit = (GiB, "GiB") if vram >= GiB else (MiB, "MiB")
-    lines = [f"Budget {vram / scale:.2f} {unit}, batch {batch} x seq {seq} (predicted peaks):", "",
+    where = ("" if sharding.single else
+             f" per GPU, {sharding.processes} processes with {sharding.kind}, batch {batch} per process")
+    lines = [f"Budget {vram / scale:.2f} {unit}{where}, batch {batch} x seq {seq} (predicted peaks):", "",
              f"| method | peak {unit} | fits | largest batch | changes that make it fit: their peak {unit} |",
              "|---|---|---|---|---|"]
     for e in entries:
@@ -150,6 +162,9 @@ def render(entries: list[dict], vram: int, batch: int, seq: int) -> str:
             advice = "nothing tried fits, not even at batch 1: more memory, or a method that freezes the backbone"
         lines.append(f"| {e['label']} | {e['peak_bytes'] / scale:.2f} | {'yes' if e['fits'] else 'no'} | "
                      f"{e['largest_batch']} | {advice} |")
+    if not sharding.single:
+        lines += ["", "How the per-GPU peaks were derived (sidetune/profiling/shard.py):"]
+        lines += [f"- {e['label']}: {e['how']}" for e in entries]
     return "\n".join(lines)
 
 
@@ -164,6 +179,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=["cuda", "cpu"], default="cuda", help="the device to plan for")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="config override, as for `sidetune profile`")
+    p.add_argument("--processes", type=int, default=1, help="plan for a run on N processes (GPUs): per-GPU peaks")
+    p.add_argument("--shard", choices=["ddp", "fsdp"], default="ddp",
+                   help="how N processes hold the model: ddp (replicated) or fsdp (fully sharded)")
     p.add_argument("--out", default=None, help="also write the plan as JSON here")
 
 
@@ -172,8 +190,10 @@ def run(args: argparse.Namespace) -> int:
         raise SidetuneError(f"--batch must be >= 1 and --seq >= 2, got {args.batch} and {args.seq}")
     vram = parse_bytes(args.vram)
     check_model(args.model)
-    entries = plan(args.model, vram, args.batch, args.seq, args.task, args.methods, args.target, args.sets)
-    print(render(entries, vram, args.batch, args.seq))
+    sharding = Sharding(args.processes, args.shard)
+    entries = plan(args.model, vram, args.batch, args.seq, args.task, args.methods, args.target, args.sets,
+                   sharding=sharding)
+    print(render(entries, vram, args.batch, args.seq, sharding))
     if args.out:
         Path(args.out).write_text(json.dumps(entries, indent=1) + "\n")
     return 0

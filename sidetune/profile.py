@@ -18,6 +18,7 @@ from sidetune.errors import SidetuneError
 from sidetune.profiling.measure import measure, profile_row, run_isolated
 from sidetune.profiling.report import markdown_table, write_reports
 from sidetune.profiling.rows import ALIASES, GiB, MiB, RowSpec, recipe_rows, resolve_rows
+from sidetune.profiling.shard import Sharding, per_gpu_peak
 
 __all__ = ["ALIASES", "GiB", "MiB", "RowSpec", "measure", "profile_row", "resolve_rows"]
 
@@ -48,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "repeatable")
     p.add_argument("--vram", default=None, help="memory budget the reading judges against, e.g. 24GiB (default on "
                                                 "CUDA: the GPU's memory)")
+    p.add_argument("--processes", type=int, default=1, help="predict the per-GPU peak of a run on N processes")
+    p.add_argument("--shard", choices=["ddp", "fsdp"], default="ddp",
+                   help="how N processes hold the model: ddp (replicated) or fsdp (fully sharded)")
     p.add_argument("--out", required=True, help="directory for profile.json, profile.md, profile.png")
 
 
@@ -96,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         check_model(args.model)
         specs = resolve_rows(args.methods or "all", args.model, args.task, args.batch or 8, args.seq or 512,
                              args.sets)
+    sharding = Sharding(args.processes, args.shard)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -106,6 +111,14 @@ def run(args: argparse.Namespace) -> int:
                     else run_isolated(spec, device, target, args.steps))
         if rows[-1].get("error"):
             print(f"sidetune:   {spec.label}: {rows[-1]['error']}", flush=True)
+        elif not sharding.single and rows[-1].get("predicted_peak_bytes"):
+            r = rows[-1]
+            step = {"peak_bytes": r["predicted_peak_bytes"], "peak_phase": r["predicted_peak_phase"],
+                    **{k: r[k] for k in ("weights_bytes", "grads_bytes", "optimizer_bytes", "block_bytes")}}
+            r["per_gpu_peak_bytes"], r["per_gpu_note"] = per_gpu_peak(step, sharding)
+            r.update(processes=sharding.processes, shard=sharding.kind)
+            print(f"sidetune:   {spec.label}: {r['per_gpu_peak_bytes'] / GiB:.2f} GiB per GPU ({r['per_gpu_note']})",
+                  flush=True)
     write_reports(rows, out, vram)
     print(markdown_table(rows))
     print(f"sidetune: wrote {out / 'profile.json'}, {out / 'profile.md'}, {out / 'profile.png'}")

@@ -186,6 +186,7 @@ def measure(cfg, train: bool, target: str, fake: bool, timed_steps: int = 0, app
         out.update(
             params_total=mem.param_count(trained), params_trainable=mem.param_count(trained, trainable=True),
             weights_bytes=mem.storage_bytes(mem.weight_tensors(module)),
+            block_bytes=max((mem.storage_bytes(mem.weight_tensors(b)) for b in _blocks(s.base)), default=0),
             grads_bytes=out.get("grads_bytes", 0),
             optimizer_bytes=mem.storage_bytes(mem.optimizer_state_tensors(optimizer)) if optimizer else 0,
             **{f"act_{r}_bytes": acts[r] for r in mem.ROLES}, act_total_bytes=sum(acts.values()),
@@ -204,6 +205,14 @@ def measure(cfg, train: bool, target: str, fake: bool, timed_steps: int = 0, app
             out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
             out["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
     return out
+
+
+def _blocks(model) -> list:
+    """The transformer blocks of a model: the longest ModuleList (what FSDP wraps one unit each)."""
+    from torch import nn
+
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
 
 
 def profile_row(spec: RowSpec, device: str, target: str, steps: int) -> dict[str, Any]:

@@ -163,6 +163,11 @@ class Row:
     predicted_breakdown: dict | None = opt(None, "The predicted peak split by category.")
     predicted_on: str | None = opt(None, "What the prediction ran on.")
     prediction_error: float | None = opt(None, "predicted / measured - 1.")
+    block_bytes: int | None = opt(None, "Weight bytes of the largest transformer block (FSDP's unit of all-gather).")
+    processes: int | None = opt(None, "--processes the per-GPU prediction is for (1: a single process).")
+    shard: str | None = opt(None, "--shard: ddp or fsdp.")
+    per_gpu_peak_bytes: int | None = opt(None, "Predicted peak per GPU under --processes / --shard (see shard.py).")
+    per_gpu_note: str | None = opt(None, "How per_gpu_peak_bytes was derived from the one-process prediction.")
     error: str | None = opt(None, "Why a row has no numbers (e.g. CUDA out of memory), else null.")
     extra: dict[str, Any] = field(default_factory=dict)  # anything else a row carries (e.g. prediction_failed)
 

@@ -1,0 +1,60 @@
+"""Per-GPU memory of a multi-process run, predicted from the one-process step (`--processes N --shard ddp|fsdp`).
+
+The fake-tensor step is run at the per-process batch (train.batch_size is per device). What changes per GPU:
+
+- ddp: every process holds the whole model, its gradients and optimizer state, and DDP's gradient buckets: a flat
+  copy of the trainable gradients that all-reduce reads (torch's default `gradient_as_bucket_view=False`), so
+  +1x the trainable gradients' bytes.
+- fsdp (full shard, FSDP2 semantics): parameters, gradients and optimizer state are split over the N processes, and
+  during the forward and backward the parameters of the block being run are all-gathered, with the next block
+  prefetched: +2 unsharded blocks in flight. Activations stay those of the per-process batch.
+
+This is an adjustment of the predicted one-process peak by those terms, not a simulation of the collectives: NCCL's
+own buffers and allocator fragmentation are not in it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sidetune.errors import SidetuneError
+
+
+@dataclass(frozen=True)
+class Sharding:
+    processes: int = 1
+    kind: str = "ddp"  # ddp | fsdp
+
+    def __post_init__(self) -> None:
+        if self.processes < 1:
+            raise SidetuneError(f"--processes must be >= 1, got {self.processes}")
+        if self.kind not in ("ddp", "fsdp"):
+            raise SidetuneError(f"--shard {self.kind!r} is not known; use ddp or fsdp")
+
+    @property
+    def single(self) -> bool:
+        return self.processes == 1
+
+
+def per_gpu_peak(step: dict[str, Any], sharding: Sharding) -> tuple[int, str]:
+    """(per-GPU peak bytes, one line saying how it was derived) from a `measure` result."""
+    peak = step["peak_bytes"]
+    if sharding.single:
+        return peak, "one process"
+    n, grads = sharding.processes, step["grads_bytes"]
+    if sharding.kind == "ddp":
+        return peak + grads, f"DDP x{n}: the one-process peak + {_gib(grads)} of gradient buckets per GPU"
+    weights, optim = step["weights_bytes"], step["optimizer_bytes"]
+    # Gradients count as sharded only where the peak falls after backward; during it they are partly alive anyway.
+    sharded = weights + optim + (grads if step["peak_phase"] == "optimizer" else 0)
+    in_flight = 2 * step["block_bytes"]
+    per_gpu = peak - sharded + sharded // n + in_flight
+    return per_gpu, (f"FSDP x{n}: weights {_gib(weights)}, optimizer {_gib(optim)}"
+                     + (f", grads {_gib(grads)}" if step["peak_phase"] == "optimizer" else "")
+                     + f" split {n} ways (-{_gib(sharded - sharded // n)}), + 2 unsharded blocks in flight "
+                       f"({_gib(in_flight)}); activations as at the per-GPU batch")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB"

@@ -1,0 +1,44 @@
+"""Per-GPU peaks under --processes / --shard: the arithmetic of sidetune/profiling/shard.py on a real prediction."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidetune.config import load_config
+from sidetune.errors import SidetuneError
+from sidetune.profiling.measure import measure
+from sidetune.profiling.rows import resolve_rows
+from sidetune.profiling.shard import Sharding, per_gpu_peak
+
+
+@pytest.fixture(scope="module")
+def step():
+    spec = next(s for s in resolve_rows("full", "tiny-llama", "causal_lm", 2, 16, []) if s.label == "full")
+    return measure(load_config(None, spec.overrides), True, "cpu", fake=True)
+
+
+def test_one_process_is_the_prediction(step):
+    assert per_gpu_peak(step, Sharding(1))[0] == step["peak_bytes"]
+
+
+def test_ddp_adds_one_copy_of_the_gradients(step):
+    assert step["grads_bytes"] > 0
+    assert per_gpu_peak(step, Sharding(4, "ddp"))[0] == step["peak_bytes"] + step["grads_bytes"]
+
+
+def test_fsdp_splits_weights_and_optimizer_state_and_gathers_two_blocks(step):
+    assert step["block_bytes"] > 0 and step["optimizer_bytes"] > 0
+    two, _ = per_gpu_peak(step, Sharding(2, "fsdp"))
+    four, note = per_gpu_peak(step, Sharding(4, "fsdp"))
+    sharded = step["weights_bytes"] + step["optimizer_bytes"] + (
+        step["grads_bytes"] if step["peak_phase"] == "optimizer" else 0)
+    assert two == step["peak_bytes"] - sharded + sharded // 2 + 2 * step["block_bytes"]
+    assert four < two < step["peak_bytes"]
+    assert "FSDP x4" in note
+
+
+def test_bad_sharding_is_one_line():
+    with pytest.raises(SidetuneError, match="--processes"):
+        Sharding(0)
+    with pytest.raises(SidetuneError, match="--shard"):
+        Sharding(2, "zero3")
