@@ -63,6 +63,9 @@ def train(cfg: Config) -> dict[str, float]:
     t = cfg.train
     out = Path(t.output_dir)
     accelerator = Accelerator(
+        # No CUDA device: the processes of `accelerate launch --multi_gpu` / torchrun run on the CPU over gloo
+        # (accelerate's own MULTI_CPU mode would need mpirun).
+        cpu=not torch.cuda.is_available(),
         mixed_precision=mixed_precision(t),
         gradient_accumulation_steps=t.grad_accum,
         log_with=t.tracker,
