@@ -3,12 +3,14 @@
     python bench/quality.py                                   # minilm and smollm2-135m, every method, 300 steps
     python bench/quality.py --models minilm --methods full,lora,qlora --steps 150   # what a CPU allows
 
-Each run is `python -m sidetune train RECIPE method.name=M ...` in its own process, starting from the recipe of
-that model (recipes/sst2_lora.yaml for minilm: classification; recipes/smollm2_lora.yaml for smollm2-135m: causal LM,
-accuracy = picking the likelier label completion). lora keeps the recipe's method section; any other method starts
-from its own defaults (switching method.name resets the section); the aliases qlora / qlst add model.quantize=nf4. Learning rates: full fine-tuning takes the
-model's full-FT rate, every other method the recipe's. Dev accuracy is the final eval row of metrics.jsonl
-(SST-2 GLUE dev, 872 sentences, unless --eval-samples cuts it). Results go to bench/out/quality-<device>/.
+Each run is `python -m sidetune train RECIPE ...` in its own process with the same budget (steps, batch 32 for
+minilm, data, max_length) for every method. RECIPE is the method's own recipe for that model when the repo has one
+(recipes/sst2_<method>.yaml for minilm, recipes/smollm2_<method>.yaml for smollm2-135m: its tuned lr and method
+settings), else the model's LoRA recipe with `method.name=<method>` (the method's defaults, the LoRA recipe's lr);
+the aliases qlora / qlst add model.quantize=nf4 to the lora / lst recipe. Dev accuracy is the final eval row of
+metrics.jsonl (SST-2 GLUE dev, 872 sentences, unless --eval-samples cuts it; for smollm2-135m: picking the likelier
+label completion). Results go to bench/out/quality-<device>/, and with --markdown a table is appended to that file
+(bench/RESULTS.md) with the command, the device and the date.
 """
 
 from __future__ import annotations
@@ -26,10 +28,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODELS = {  # model -> (recipe, lr for full fine-tuning)
-    "minilm": ("recipes/sst2_lora.yaml", 5e-5),
-    "smollm2-135m": ("recipes/smollm2_lora.yaml", 2e-5),
+MODELS = {  # model -> (recipe prefix, lr for full fine-tuning without a recipe of its own)
+    "minilm": ("recipes/sst2_", 5e-5),
+    "smollm2-135m": ("recipes/smollm2_", 2e-5),
 }
+
+
+def recipe(model: str, method: str) -> tuple[Path, list[str]]:
+    """The recipe a method runs from on `model`, and the overrides that make it that method."""
+    own = ROOT / f"{MODELS[model][0]}{method}.yaml"
+    if own.is_file():
+        return own, []
+    extra = [f"method.name={method}"] + ([f"train.lr={MODELS[model][1]}"] if method == "full" else [])
+    return ROOT / f"{MODELS[model][0]}lora.yaml", extra
 ALIASES = {"qlora": ("lora", "nf4"), "qlst": ("lst", "nf4")}
 
 
@@ -45,12 +56,10 @@ def runs(models: list[str], methods: str) -> list[tuple[str, str, list[str]]]:
             if label not in available:
                 raise SystemExit(f"bench/quality.py: unknown method {label!r}; choose from {', '.join(available)}")
             method, quantize = available[label]
-            overrides = [f"method.name={method}"]
-            if method == "full":
-                overrides.append(f"train.lr={MODELS[model][1]}")
+            path, overrides = recipe(model, method)
             if quantize:
                 overrides.append(f"model.quantize={quantize}")
-            out.append((model, label, overrides))
+            out.append((model, label, [str(path), *overrides]))
     return out
 
 
@@ -61,6 +70,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-samples", type=int, default=None, help="cut the dev set (default: all 872)")
     p.add_argument("--out", default=None)
+    p.add_argument("--markdown", default=None, help="append the results table to this file (e.g. bench/RESULTS.md)")
     args = p.parse_args()
     import torch
 
@@ -71,10 +81,10 @@ def main() -> int:
     results = []
     for model, label, overrides in runs(args.models.split(","), args.methods):
         run_dir = out / f"{model}-{label}"
-        cmd = [sys.executable, "-m", "sidetune", "train", str(ROOT / MODELS[model][0]), *overrides,
+        cmd = [sys.executable, "-m", "sidetune", "train", *overrides,
                f"train.max_steps={args.steps}", f"train.output_dir={run_dir}", "train.eval_every=0",
                "train.progress=false", f"data.max_eval_samples={args.eval_samples or 'null'}"]
-        print(f"bench: {model} {label}: {' '.join(cmd[3:])}", flush=True)
+        print(f"bench: {model} {label}: {' '.join(str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c for c in cmd[3:])}", flush=True)
         start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -98,17 +108,21 @@ def main() -> int:
     lines = [f"# Quality bench, {stamp}", "",
              f"Command: `python bench/quality.py {' '.join(sys.argv[1:])}`; device: {device} ({name}, "
              f"{os.cpu_count()} CPU cores); torch {torch.__version__}. SST-2 dev accuracy after {args.steps} steps.",
-             "", "| model | method | dev accuracy | eval loss | final train loss | peak GiB | wall s |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| model | method | recipe + overrides | dev accuracy | eval loss | final train loss | peak GiB | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
+        how = " ".join(Path(o).name if o.endswith(".yaml") else o for o in r["overrides"])
         if r.get("error"):
-            lines.append(f"| {r['model']} | {r['method']} | error: {r['error']} | | | | {r['wall_s']} |")
+            lines.append(f"| {r['model']} | {r['method']} | {how} | error: {r['error']} | | | | {r['wall_s']} |")
         else:
-            lines.append(f"| {r['model']} | {r['method']} | {r['eval_accuracy']:.3f} | {r['eval_loss']:.4f} | "
+            lines.append(f"| {r['model']} | {r['method']} | {how} | {r['eval_accuracy']:.3f} | {r['eval_loss']:.4f} | "
                          f"{r['final_train_loss']:.4f} | {r['peak_gib']:.2f} ({r['peak_source']}) | {r['wall_s']} |")
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write("\n" + "\n".join(["#" + lines[0], *lines[1:]]) + "\n")
     return 0
 
 
