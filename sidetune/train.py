@@ -82,127 +82,143 @@ def train(cfg: Config) -> dict[str, float]:
     eval_loaders = _eval_loaders(s, cfg.train.eval_batch_size, collate, accelerator)
 
     # The checkpoint is verified, checked against this config and loaded before anything is written.
-    step, resume_state, resume_dir = 0, None, None
+    step, resume_state, resume_dir, fresh_start = 0, None, None, False
     if t.resume:
         resume_dir, skipped = _resolve_resume(t.resume, out)
-        if skipped:
-            accelerator.print(f"sidetune: train.resume=latest skipped incomplete checkpoint(s) "
-                              f"{', '.join(p.name for p in skipped)} (saves that never finished); using "
-                              f"{resume_dir.name}")
-        resume_state = checkpoint.read_state(resume_dir)
-        _check_compatible(resume_state, cfg, resume_dir, accelerator.num_processes)
-        step = resume_state["step"]
-        if step > total_steps:
-            raise SidetuneError(f"train.resume: {resume_dir} is at step {step}, past this run's {total_steps} steps "
-                                f"(train.max_steps={t.max_steps}); raise train.max_steps above {step} to train on")
-        _load_checkpoint(resume_dir, model, optimizer, scheduler, accelerator.process_index)
-    continuing = resume_dir is not None and resume_dir.resolve().parent == (out / "checkpoints").resolve()
-    lock = _claim_output_dir(out, continuing, t.overwrite, accelerator)  # noqa: F841 (held until the run ends)
+        skipped_note = (f"skipped incomplete checkpoint(s) {', '.join(p.name for p in skipped)} (saves that never "
+                        f"finished)") if skipped else ""
+        if resume_dir is None:
+            # Killed before its first checkpoint: the same run starts over (its own files are replaced).
+            fresh_start = (out / checkpoint.RUN_MANIFEST).is_file()
+            if fresh_start and (out / "final" / checkpoint.MANIFEST).is_file():
+                raise SidetuneError(f"train.resume=latest: the run in {out} has finished (final/ is written) and has "
+                                    f"no checkpoint to continue from; train it again with train.overwrite=true")
+            accelerator.print(f"sidetune: train.resume=latest found no complete checkpoint in {out / 'checkpoints'}"
+                              f"{'; ' + skipped_note if skipped_note else ''}; starting from step 0")
+        else:
+            if skipped_note:
+                accelerator.print(f"sidetune: train.resume=latest {skipped_note}; using {resume_dir.name}")
+            resume_state = checkpoint.read_state(resume_dir)
+            _check_compatible(resume_state, cfg, resume_dir, accelerator.num_processes)
+            step = resume_state["step"]
+            if step > total_steps:
+                raise SidetuneError(f"train.resume: {resume_dir} is at step {step}, past this run's {total_steps} "
+                                    f"steps (train.max_steps={t.max_steps}); raise train.max_steps above {step} to "
+                                    f"train on")
+            _load_checkpoint(resume_dir, model, optimizer, scheduler, accelerator.process_index)
+    continuing = fresh_start or (resume_dir is not None
+                                 and resume_dir.resolve().parent == (out / "checkpoints").resolve())
+    lock = _claim_output_dir(out, continuing, t.overwrite, accelerator)  # held until the run ends
 
-    # First writes.
-    kept_rows = 0
-    if accelerator.is_main_process:
-        checkpoint.write_json(out / checkpoint.RUN_MANIFEST, {"written_by": "sidetune", "files": list(_RUN_FILES)})
-        checkpoint.write_text(out / "config.yaml", yaml_config(cfg))
-        if continuing:
-            kept_rows = _truncate_metrics(out / "metrics.jsonl", resume_state.get("metrics_rows"), step)
-    if t.tracker:
-        accelerator.init_trackers("sidetune", config=_flat(cfg.to_dict()))
-    if resume_dir is not None:
-        accelerator.print(f"sidetune: resumed from {resume_dir} at step {step}")
+    try:
+        # First writes.
+        kept_rows = 0
+        if accelerator.is_main_process:
+            checkpoint.write_json(out / checkpoint.RUN_MANIFEST, {"written_by": "sidetune", "files": list(_RUN_FILES)})
+            checkpoint.write_text(out / "config.yaml", yaml_config(cfg))
+            if continuing:
+                rows = resume_state.get("metrics_rows") if resume_state is not None else 0
+                kept_rows = _truncate_metrics(out / "metrics.jsonl", rows, step)
+        if t.tracker:
+            accelerator.init_trackers("sidetune", config=_flat(cfg.to_dict()))
+        if resume_dir is not None:
+            accelerator.print(f"sidetune: resumed from {resume_dir} at step {step}")
 
-    log = _MetricsLog(out / "metrics.jsonl", accelerator, kept_rows)
-    n_trainable = sum(p.numel() for p in trainable_parameters(model).values())
-    n_total = sum(p.numel() for p in model.parameters())
-    accelerator.print(f"sidetune: {cfg.method.name} on {cfg.model.name}: {n_trainable:,} trainable of {n_total:,} "
-                      f"parameters ({100 * n_trainable / n_total:.2f}%), {total_steps} steps; global batch "
-                      f"{t.batch_size * t.grad_accum * accelerator.num_processes} = batch_size {t.batch_size} x "
-                      f"grad_accum {t.grad_accum} x {accelerator.num_processes} process(es)")
+        log = _MetricsLog(out / "metrics.jsonl", accelerator, kept_rows)
+        n_trainable = sum(p.numel() for p in trainable_parameters(model).values())
+        n_total = sum(p.numel() for p in model.parameters())
+        accelerator.print(f"sidetune: {cfg.method.name} on {cfg.model.name}: {n_trainable:,} trainable of {n_total:,} "
+                          f"parameters ({100 * n_trainable / n_total:.2f}%), {total_steps} steps; global batch "
+                          f"{t.batch_size * t.grad_accum * accelerator.num_processes} = batch_size {t.batch_size} x "
+                          f"grad_accum {t.grad_accum} x {accelerator.num_processes} process(es)")
 
-    def save(at: int) -> Path:
-        return _save_checkpoint(out / "checkpoints", at, accelerator, model, optimizer, scheduler, cfg, log)
+        def save(at: int) -> Path:
+            return _save_checkpoint(out / "checkpoints", at, accelerator, model, optimizer, scheduler, cfg, log)
 
-    bar = tqdm(total=total_steps, initial=step, disable=not (t.progress and accelerator.is_main_process),
-               desc="train", dynamic_ncols=True)
-    # Loss and token counts stay on the device between log rows: reading them every micro-batch would force a
-    # host-device sync per step and stall the GPU queue. The one read per optimizer step is the finiteness check.
-    loss_sum = torch.zeros((), device=accelerator.device)
-    tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
-    micro_batches, last_log = 0, time.perf_counter()
-    guard = _FiniteGuard(s.trainable, t, accelerator)
-    eval_metrics: dict[str, float] = {}
-    module.train()
-    with _StopSignals() as stop:
-        try:
-            while step < total_steps:
-                epoch, done_in_epoch = divmod(step, steps_per_epoch)
-                train_loader.set_epoch(epoch)
-                batches = train_loader
-                if done_in_epoch:
-                    batches = accelerator.skip_first_batches(train_loader, done_in_epoch * t.grad_accum)
-                for batch in batches:
-                    with accelerator.accumulate(module):
-                        # The guard clips the synchronised gradients (last micro-batch of an accumulation) and
-                        # checks loss and gradient norm before the optimizer step.
-                        train_step(module, batch, optimizer, s.trainable, t.max_grad_norm,
-                                   scheduler=scheduler, backward=guard.backward(step + 1), clip=None)
-                    tokens += (batch["attention_mask"].sum() if "attention_mask" in batch
-                               else batch["input_ids"].numel())
-                    if not accelerator.sync_gradients:
-                        continue
-                    step += 1
-                    window, n = guard.take_window()
-                    if window is not None:
-                        loss_sum += window
-                        micro_batches += n
-                    bar.update(1)
-                    if step % t.log_every == 0 or step == total_steps:
-                        elapsed = time.perf_counter() - last_log
-                        # Every process logs the same steps, so these collectives line up; the row is the mean loss
-                        # over all processes and the tokens of all of them.
-                        mean_loss = accelerator.reduce(loss_sum / max(micro_batches, 1), reduction="mean")
-                        all_tokens = accelerator.reduce(tokens, reduction="sum")
-                        row = {"step": step, "loss": mean_loss.item(), "lr": scheduler.get_last_lr()[0],
-                               "tokens_per_s": all_tokens.item() / elapsed, **peak_memory(accelerator.device)}
-                        if t.skip_nonfinite:
-                            row["skipped_nonfinite"] = guard.skipped
-                        log.write(row)
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                                        mem=short(peak_memory(accelerator.device)))
-                        loss_sum.zero_()
-                        tokens.zero_()
-                        micro_batches, last_log = 0, time.perf_counter()
-                    if eval_loaders and t.eval_every and step % t.eval_every == 0 and step < total_steps:
-                        eval_metrics = evaluate(module, eval_loaders, task, accelerator)
-                        log.write({"step": step, **eval_metrics})
-                        module.train()
-                        last_log = time.perf_counter()  # eval time is not training throughput
-                    saved = bool(t.save_every and step % t.save_every == 0)
-                    if saved:
-                        save(step)
-                    if stop.requested(accelerator):
-                        where = checkpoint.step_dir(out / "checkpoints", step) if saved else save(step)
-                        bar.close()
-                        accelerator.print(f"sidetune: stopped by {stop.name} at step {step}; checkpoint {where}; "
-                                          f"continue with train.resume=latest")
-                        raise checkpoint.Stopped(stop.signum)
-                    if step >= total_steps:
-                        break
-        except torch.OutOfMemoryError as e:
-            raise SidetuneError(_oom_message(e, cfg, step + 1, accelerator.device)) from None
-    bar.close()
+        bar = tqdm(total=total_steps, initial=step, disable=not (t.progress and accelerator.is_main_process),
+                   desc="train", dynamic_ncols=True)
+        # Loss and token counts stay on the device between log rows: reading them every micro-batch would force a
+        # host-device sync per step and stall the GPU queue. The one read per optimizer step is the finiteness check.
+        loss_sum = torch.zeros((), device=accelerator.device)
+        tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
+        micro_batches, last_log = 0, time.perf_counter()
+        guard = _FiniteGuard(s.trainable, t, accelerator)
+        eval_metrics: dict[str, float] = {}
+        module.train()
+        with _StopSignals() as stop:
+            try:
+                while step < total_steps:
+                    epoch, done_in_epoch = divmod(step, steps_per_epoch)
+                    train_loader.set_epoch(epoch)
+                    batches = train_loader
+                    if done_in_epoch:
+                        batches = accelerator.skip_first_batches(train_loader, done_in_epoch * t.grad_accum)
+                    for batch in batches:
+                        with accelerator.accumulate(module):
+                            # The guard clips the synchronised gradients (last micro-batch of an accumulation) and
+                            # checks loss and gradient norm before the optimizer step.
+                            train_step(module, batch, optimizer, s.trainable, t.max_grad_norm,
+                                       scheduler=scheduler, backward=guard.backward(step + 1), clip=None)
+                        tokens += (batch["attention_mask"].sum() if "attention_mask" in batch
+                                   else batch["input_ids"].numel())
+                        if not accelerator.sync_gradients:
+                            continue
+                        step += 1
+                        window, n = guard.take_window()
+                        if window is not None:
+                            loss_sum += window
+                            micro_batches += n
+                        bar.update(1)
+                        if step % t.log_every == 0 or step == total_steps:
+                            elapsed = time.perf_counter() - last_log
+                            # Every process logs the same steps, so these collectives line up; the row is the mean loss
+                            # over all processes and the tokens of all of them.
+                            mean_loss = accelerator.reduce(loss_sum / max(micro_batches, 1), reduction="mean")
+                            all_tokens = accelerator.reduce(tokens, reduction="sum")
+                            row = {"step": step, "loss": mean_loss.item(), "lr": scheduler.get_last_lr()[0],
+                                   "tokens_per_s": all_tokens.item() / elapsed, **peak_memory(accelerator.device)}
+                            if t.skip_nonfinite:
+                                row["skipped_nonfinite"] = guard.skipped
+                            log.write(row)
+                            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                            mem=short(peak_memory(accelerator.device)))
+                            loss_sum.zero_()
+                            tokens.zero_()
+                            micro_batches, last_log = 0, time.perf_counter()
+                        if eval_loaders and t.eval_every and step % t.eval_every == 0 and step < total_steps:
+                            eval_metrics = evaluate(module, eval_loaders, task, accelerator)
+                            log.write({"step": step, **eval_metrics})
+                            module.train()
+                            last_log = time.perf_counter()  # eval time is not training throughput
+                        saved = bool(t.save_every and step % t.save_every == 0)
+                        if saved:
+                            save(step)
+                        if stop.requested(accelerator):
+                            where = checkpoint.step_dir(out / "checkpoints", step) if saved else save(step)
+                            bar.close()
+                            accelerator.print(f"sidetune: stopped by {stop.name} at step {step}; checkpoint {where}; "
+                                              f"continue with train.resume=latest")
+                            raise checkpoint.Stopped(stop.signum)
+                        if step >= total_steps:
+                            break
+            except torch.OutOfMemoryError as e:
+                raise SidetuneError(_oom_message(e, cfg, step + 1, accelerator.device)) from None
+        bar.close()
 
-    if eval_loaders:
-        eval_metrics = evaluate(module, eval_loaders, task, accelerator)
-        log.write({"step": step, **eval_metrics})
-    if accelerator.is_main_process:
-        save_trainable(model, cfg, out / "final")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    accelerator.print(f"sidetune: done; final weights in {out / 'final'}")
-    if eval_metrics:
-        accelerator.print(json.dumps({"step": step, **eval_metrics}))
-    return eval_metrics
+        if eval_loaders:
+            eval_metrics = evaluate(module, eval_loaders, task, accelerator)
+            log.write({"step": step, **eval_metrics})
+        if accelerator.is_main_process:
+            save_trainable(model, cfg, out / "final")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        accelerator.print(f"sidetune: done; final weights in {out / 'final'}")
+        if eval_metrics:
+            accelerator.print(json.dumps({"step": step, **eval_metrics}))
+        return eval_metrics
+    finally:
+        if lock is not None:
+            lock.close()  # releases the flock
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -483,18 +499,16 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _resolve_resume(resume: str, out: Path) -> tuple[Path, list[Path]]:
-    """The verified checkpoint to resume from, and (for latest) the incomplete ones passed over."""
+def _resolve_resume(resume: str, out: Path) -> tuple[Path | None, list[Path]]:
+    """The verified checkpoint to resume from (None: latest found none complete), and (for latest) the incomplete
+    ones passed over."""
     if resume != "latest":
         path = Path(resume)
         checkpoint.verify(path)
         return path, []
     listing = checkpoint.list_checkpoints(out / "checkpoints")
     if not listing.complete:
-        skipped = f" (only incomplete ones: {', '.join(p.name for p in listing.incomplete)})" if listing.incomplete \
-            else ""
-        raise SidetuneError(f"train.resume=latest but {out / 'checkpoints'} holds no complete checkpoint{skipped}; "
-                            f"set train.save_every to write some, or drop train.resume to start afresh")
+        return None, listing.incomplete
     path = listing.complete[-1][1]
     try:
         checkpoint.verify(path)
