@@ -125,9 +125,10 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) ->
     if eval_rows is not None:
         _require_columns(eval_rows, columns, "data.eval")
     text_columns = [c for c in columns if c != cfg.label_field]
-    _check_text(train_rows, text_columns, "data.train")
+    plain_lm = task.shift_labels
+    _check_text(train_rows, text_columns, "data.train", plain_lm)
     if eval_rows is not None:
-        _check_text(eval_rows, text_columns, "data.eval")
+        _check_text(eval_rows, text_columns, "data.eval", plain_lm)
 
     def tokenize(rows: datasets.Dataset) -> datasets.Dataset:
         return rows.map(lambda batch: encode(cfg, tokenizer, batch, label_names), batched=True,
@@ -236,14 +237,15 @@ def _check_eval_labels(rows: datasets.Dataset, field: str, names: list[str], num
                                 f"({', '.join(names)}); fix the eval file or list every class in data.label_names")
 
 
-def _check_text(rows: datasets.Dataset, columns: list[str], key: str) -> None:
-    """Text columns hold text in every row: an empty or missing cell would train on nothing."""
+def _check_text(rows: datasets.Dataset, columns: list[str], key: str, allow_empty: bool = False) -> None:
+    """Text columns hold text in every row: an empty or missing cell would train on nothing (a plain-text LM corpus
+    may have empty lines: `allow_empty`)."""
     for col in columns:
         for i, v in enumerate(rows[col]):
             if not isinstance(v, str):
                 what = "empty" if v is None else f"a {type(v).__name__} ({v!r}), not text"
                 raise SidetuneError(f"{key}: row {i + 1} of column {col!r} is {what}; fill or drop that row")
-            if not v.strip():
+            if not allow_empty and not v.strip():
                 raise SidetuneError(f"{key}: row {i + 1} of column {col!r} is empty; fill or drop that row")
 
 

@@ -323,8 +323,8 @@ def _oom_message(e: BaseException, cfg: Config, step: int, device: torch.device)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory / 2**30
         peak = torch.cuda.max_memory_allocated(device) / 2**30
-        where = (f"{peak:.2f} GiB were allocated at the peak{' and ' + tried.group(1) + ' more was needed' if tried else ''}"
-                 f", on a {total:.1f} GiB GPU")
+        more = f" and {tried.group(1)} more was needed" if tried else ""
+        where = f"{peak:.2f} GiB were allocated at the peak{more}, on a {total:.1f} GiB GPU"
         vram = f"{total:.0f}GiB"
     else:
         where, vram = "the host ran out of memory", "<GiB>"
@@ -637,6 +637,8 @@ def run_config(run_dir: str | Path) -> tuple[Config, Path]:
     """The config and trainable weights of a finished run (its directory or its final/ directory)."""
     run_dir = Path(run_dir)
     for candidate in (run_dir / "final", run_dir):
+        if (candidate / checkpoint.MANIFEST).is_file():
+            checkpoint.verify(candidate, key="run")  # a damaged or tampered final/ is refused, not loaded
         if (candidate / "trainable.safetensors").is_file() and (candidate / "config.yaml").is_file():
             return load_config(candidate / "config.yaml"), candidate / "trainable.safetensors"
     raise SidetuneError(f"{str(run_dir)!r} is not a finished sidetune run (no final/trainable.safetensors)")

@@ -90,6 +90,7 @@ def test_kill_anywhere_then_resume_is_bit_identical(tmp_path, small_data, finish
     # (signal, when): before the first checkpoint, inside saves, between steps; SIGTERM saves and exits cleanly.
     moments = [(signal.SIGKILL, ("rows", 1)), (signal.SIGKILL, ("save", 3 * rng.randint(1, 2))),
                (signal.SIGTERM, ("rows", rng.randint(8, 12))), (signal.SIGKILL, ("save", 12))]
+    said = []
     for n, (sig, (kind, at)) in enumerate(moments):
         proc = _popen(*base, *(["train.resume=latest"] if n else []), env=env)
         deadline = time.monotonic() + 300
@@ -104,7 +105,8 @@ def test_kill_anywhere_then_resume_is_bit_identical(tmp_path, small_data, finish
                 proc.send_signal(sig)
                 break
             time.sleep(0.01)
-        _, err = proc.communicate(timeout=300)
+        stdout, err = proc.communicate(timeout=300)
+        said.append(stdout)
         assert "Traceback" not in err, err
         if sig == signal.SIGTERM and proc.returncode != 0:
             assert proc.returncode == 128 + signal.SIGTERM, err
@@ -112,9 +114,14 @@ def test_kill_anywhere_then_resume_is_bit_identical(tmp_path, small_data, finish
             assert (out / "checkpoints" / f"step-{stopped_at:07d}" / "manifest.json").is_file()
 
     done = _popen(*base, "train.resume=latest")
-    _, err = done.communicate(timeout=300)
+    stdout, err = done.communicate(timeout=300)
+    said.append(stdout)
     assert done.returncode == 0, err
     assert "Traceback" not in err
+    # The kill before the first checkpoint started over; a kill inside a save left a temporary directory that
+    # resume=latest named in one line and passed over.
+    assert "found no complete checkpoint" in said[1]
+    assert any(re.search(r"skipped incomplete checkpoint\(s\) \.tmp-step-\d+", s) for s in said[2:]), said
 
     a = load_file(finished / "final" / "trainable.safetensors")
     b = load_file(out / "final" / "trainable.safetensors")
@@ -397,6 +404,16 @@ def test_nonfinite_stops_with_one_line_or_is_skipped(tmp_path, small_data, capsy
     assert rows[-1]["skipped_nonfinite"] == 12 - (step - 1)
     final = load_file(skip / "final" / "trainable.safetensors")
     assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def test_out_of_memory_becomes_one_line_with_the_plan_command(small_data, tmp_path):
+    from sidetune.train import _oom_message
+
+    cfg = load_config(RECIPE, _overrides(tmp_path, small_data))
+    msg = _oom_message(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), cfg, 7,
+                       torch.device("cpu"))
+    assert "\n" not in msg and "step 7" in msg
+    assert "sidetune plan --model tiny-bert" in msg and "--batch 4" in msg and "--methods lora" in msg
 
 
 # ---------------------------------------------------------------------------------------------------------------------
