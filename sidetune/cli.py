@@ -94,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     except SidetuneError as e:
         print(f"sidetune: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from sidetune.checkpoint import Stopped
+
+        if isinstance(e, Stopped):  # SIGTERM / Ctrl-C after a checkpoint was saved (the trainer said where)
+            return e.exit_code
         print("sidetune: interrupted", file=sys.stderr)
         return 130
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -131,8 +132,23 @@ class TrainConfig:
     log_every: int = opt(10, "Log a training row every N optimizer steps.")
     save_every: int = opt(
         0, "Save a resumable checkpoint every N optimizer steps (0 = none; the final weights are always saved).")
+    save_total_limit: int | None = opt(
+        None, "Keep only the newest N checkpoints (older ones are deleted after each save); null = keep all.")
     resume: str | None = opt(
-        None, "Resume from a checkpoint directory, or \"latest\" for the newest one in output_dir/checkpoints.")
+        None,
+        "Resume from a checkpoint directory, or \"latest\" for the newest complete one in output_dir/checkpoints "
+        "(incomplete ones, from a save that was killed, are skipped and named).",
+    )
+    overwrite: bool = opt(
+        False,
+        "Start a new run in an output_dir that holds one: its files (as its manifests list them) are deleted "
+        "first. Without it such a directory is refused.",
+    )
+    skip_nonfinite: bool = opt(
+        False,
+        "Skip an optimizer step whose loss or gradient norm is inf/NaN (counted in the log as skipped_nonfinite) "
+        "instead of stopping the run.",
+    )
     tracker: str | None = opt(
         None, "Experiment tracker through accelerate (tensorboard, wandb, ...); null = metrics.jsonl only.")
     num_workers: int = opt(0, "DataLoader worker processes.")
@@ -235,11 +251,7 @@ def validate(cfg: Config) -> None:
         raise SidetuneError(
             f"train.optimizer={t.optimizer!r} is unknown; use adamw, adamw_8bit, paged_adamw_32bit or paged_adamw_8bit"
         )
-    positive = {"train.batch_size": t.batch_size, "train.eval_batch_size": t.eval_batch_size,
-                "train.grad_accum": t.grad_accum, "data.max_length": d.max_length}
-    for key, value in positive.items():
-        if value < 1:
-            raise SidetuneError(f"{key} must be >= 1, got {value}")
+    _check_ranges(cfg)
     if t.max_steps is not None and t.max_steps < 1:
         raise SidetuneError(f"train.max_steps must be >= 1 (or null to train for train.epochs), got {t.max_steps}")
     if t.tracker is not None:
@@ -257,6 +269,48 @@ def validate(cfg: Config) -> None:
         raise SidetuneError("data.task=seq2seq needs data.target_field or data.completion_template")
     if not task.shift_labels and t.loss_chunk_size:
         raise SidetuneError("train.loss_chunk_size applies to data.task=causal_lm only; set it to 0")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every numeric field of model/data/train inside its meaningful range (method fields check their own)."""
+    d, t = cfg.data, cfg.train
+    at_least = {  # key: (value, minimum); None values are "off"
+        "train.batch_size": (t.batch_size, 1), "train.eval_batch_size": (t.eval_batch_size, 1),
+        "train.grad_accum": (t.grad_accum, 1), "data.max_length": (d.max_length, 1),
+        "train.log_every": (t.log_every, 1), "train.eval_every": (t.eval_every, 0),
+        "train.save_every": (t.save_every, 0), "train.save_total_limit": (t.save_total_limit, 1),
+        "train.warmup_steps": (t.warmup_steps, 0), "train.num_workers": (t.num_workers, 0),
+        "train.loss_chunk_size": (t.loss_chunk_size, 0), "train.seed": (t.seed, 0),
+        "data.max_train_samples": (d.max_train_samples, 1), "data.max_eval_samples": (d.max_eval_samples, 1),
+        "data.num_labels": (d.num_labels, 2),
+    }
+    for key, (value, minimum) in at_least.items():
+        if value is not None and value < minimum:
+            raise SidetuneError(f"{key} must be >= {minimum}, got {value}")
+    if t.seed >= 2**32:
+        raise SidetuneError(f"train.seed must be below 2**32, got {t.seed}")
+    floats = {"train.lr": t.lr, "train.weight_decay": t.weight_decay, "train.adam_beta1": t.adam_beta1,
+              "train.adam_beta2": t.adam_beta2, "train.adam_eps": t.adam_eps, "train.epochs": t.epochs,
+              "train.warmup_ratio": t.warmup_ratio, "train.max_grad_norm": t.max_grad_norm}
+    for key, value in floats.items():
+        if not math.isfinite(value):
+            raise SidetuneError(f"{key} must be a finite number, got {value}")
+    for key, value in (("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)):
+        if not 0 <= value < 1:
+            raise SidetuneError(f"{key} must be in [0, 1), got {value}")
+    if not 0 <= t.warmup_ratio <= 1:
+        raise SidetuneError(f"train.warmup_ratio is a fraction of the steps and must be in [0, 1], got "
+                            f"{t.warmup_ratio} (for a step count use train.warmup_steps)")
+    if t.epochs <= 0 and t.max_steps is None:
+        raise SidetuneError(f"train.epochs must be > 0 (or set train.max_steps), got {t.epochs}")
+    for key, value in (("train.adam_eps", t.adam_eps),):
+        if value <= 0:
+            raise SidetuneError(f"{key} must be > 0, got {value}")
+    for key, value in (("train.weight_decay", t.weight_decay), ("train.max_grad_norm", t.max_grad_norm)):
+        if value < 0:
+            raise SidetuneError(f"{key} must be >= 0, got {value}")
+    if t.resume is not None and not t.resume.strip():
+        raise SidetuneError("train.resume is empty; pass a checkpoint directory, latest, or null")
 
 
 def save_config(cfg: Config, path: Path) -> None:

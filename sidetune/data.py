@@ -112,6 +112,9 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) ->
     num_labels = None
     if task.classifies or cfg.label_names is not None:
         label_names, num_labels, to_id = _label_mapping(cfg, train_rows)
+        if eval_rows is not None:
+            train_ints = all(isinstance(v, int) for v in _label_values(train_rows, cfg.label_field, "data.train"))
+            _check_eval_labels(eval_rows, cfg.label_field, label_names, num_labels, train_ints)
         train_rows = _relabel(train_rows, cfg.label_field, to_id)
         if eval_rows is not None:
             eval_rows = _relabel(eval_rows, cfg.label_field, to_id)
@@ -121,6 +124,11 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) ->
     _require_columns(train_rows, columns, "data.train")
     if eval_rows is not None:
         _require_columns(eval_rows, columns, "data.eval")
+    text_columns = [c for c in columns if c != cfg.label_field]
+    plain_lm = task.shift_labels
+    _check_text(train_rows, text_columns, "data.train", plain_lm)
+    if eval_rows is not None:
+        _check_text(eval_rows, text_columns, "data.eval", plain_lm)
 
     def tokenize(rows: datasets.Dataset) -> datasets.Dataset:
         return rows.map(lambda batch: encode(cfg, tokenizer, batch, label_names), batched=True,
@@ -158,27 +166,87 @@ def _needed_columns(cfg: DataConfig, task: Task) -> list[str]:
 
 
 def _label_mapping(cfg: DataConfig, rows: datasets.Dataset):
+    """Class names, the class count, and value -> class id, from the training labels (and data.num_labels /
+    data.label_names); one line for a missing, fractional or out-of-range label."""
     _require_columns(rows, [cfg.label_field], "data.train")
-    values = rows.unique(cfg.label_field)
+    values = _label_values(rows, cfg.label_field, "data.train")
     if all(isinstance(v, int) for v in values):
+        if min(values) < 0:
+            raise SidetuneError(f"data.train: label {min(values)} in column {cfg.label_field!r} is negative; class "
+                                f"ids run from 0 to num_labels - 1")
         num = cfg.num_labels or (max(values) + 1)
+        if max(values) >= num:
+            raise SidetuneError(f"data.train: label {max(values)} in column {cfg.label_field!r} is out of range for "
+                                f"data.num_labels={num} (ids 0..{num - 1}); raise data.num_labels or fix the labels")
         names = cfg.label_names or [str(i) for i in range(num)]
         if len(names) < num:
-            raise SidetuneError(f"data.label_names has {len(names)} names but labels go up to {max(values)}")
+            raise SidetuneError(f"data.label_names has {len(names)} names but there are {num} classes "
+                                f"(labels go up to {max(values)}); give one name per class")
 
         def to_id(v):
-            return v
+            return int(v)
     else:
         names = cfg.label_names or sorted(str(v) for v in values)
         index = {n: i for i, n in enumerate(names)}
         unknown = [v for v in values if str(v) not in index]
         if unknown:
-            raise SidetuneError(f"label {unknown[0]!r} is not in data.label_names={names}")
+            raise SidetuneError(f"data.train: label {unknown[0]!r} is not in data.label_names={names}")
         num = cfg.num_labels or len(names)
+        if len(names) > num:
+            raise SidetuneError(f"data.num_labels={num} but the training labels name {len(names)} classes "
+                                f"({', '.join(names)}); raise data.num_labels or drop it")
 
         def to_id(v):
             return index[str(v)]
     return names, num, to_id
+
+
+def _label_values(rows: datasets.Dataset, field: str, key: str) -> list:
+    """The distinct labels of a column: ints (integer-valued floats count as ints) or strings, never empty."""
+    values = rows.unique(field)
+    out = []
+    for v in values:
+        if v is None or (isinstance(v, str) and not v.strip()):
+            raise SidetuneError(f"{key}: a row has no label in column {field!r}; fill or drop that row")
+        if isinstance(v, bool):
+            v = int(v)
+        if isinstance(v, float):
+            if not (v == v and v.is_integer()):
+                raise SidetuneError(f"{key}: label {v!r} in column {field!r} is not a class id; classification "
+                                    f"needs integer ids or string names (regression targets are not supported)")
+            v = int(v)
+        if not isinstance(v, (int, str)):
+            raise SidetuneError(f"{key}: label {v!r} in column {field!r} is a {type(v).__name__}; use integer ids "
+                                f"or string names")
+        out.append(v)
+    return sorted(set(out), key=str)
+
+
+def _check_eval_labels(rows: datasets.Dataset, field: str, names: list[str], num: int, train_ints: bool) -> None:
+    """Eval labels must be classes the model has: ids in range, or names seen in training."""
+    _require_columns(rows, [field], "data.eval")
+    for v in _label_values(rows, field, "data.eval"):
+        if train_ints and not isinstance(v, int):
+            raise SidetuneError(f"data.eval: label {v!r} in column {field!r} is a name but the training labels are "
+                                f"integer ids 0..{num - 1}; use the same kind of labels in both files")
+        if isinstance(v, int) and train_ints and not 0 <= v < num:
+            raise SidetuneError(f"data.eval: label {v} in column {field!r} is outside the training classes "
+                                f"0..{num - 1}; fix the eval labels or raise data.num_labels")
+        if not train_ints and str(v) not in names:
+            raise SidetuneError(f"data.eval: label {v!r} in column {field!r} is not among the training labels "
+                                f"({', '.join(names)}); fix the eval file or list every class in data.label_names")
+
+
+def _check_text(rows: datasets.Dataset, columns: list[str], key: str, allow_empty: bool = False) -> None:
+    """Text columns hold text in every row: an empty or missing cell would train on nothing (a plain-text LM corpus
+    may have empty lines: `allow_empty`)."""
+    for col in columns:
+        for i, v in enumerate(rows[col]):
+            if not isinstance(v, str):
+                what = "empty" if v is None else f"a {type(v).__name__} ({v!r}), not text"
+                raise SidetuneError(f"{key}: row {i + 1} of column {col!r} is {what}; fill or drop that row")
+            if not allow_empty and not v.strip():
+                raise SidetuneError(f"{key}: row {i + 1} of column {col!r} is empty; fill or drop that row")
 
 
 def _rows(batch: dict[str, list]) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
-from sidetune.errors import SidetuneError
+from sidetune.errors import SidetuneError, one_line
 from sidetune.tasks import HEAD_NAMES, TASKS, Task, get_task
 
 if TYPE_CHECKING:
@@ -107,8 +108,8 @@ def smollm2_dir() -> Path:
     return out
 
 
-def resolve_path(name: str) -> Path:
-    """The local directory behind a model alias or path."""
+def resolve_path(name: str, key: str = "model.name") -> Path:
+    """The local directory behind a model alias or path (`key`: the config key that named it, for the error)."""
     if name == "minilm":
         return minilm_dir()
     if name == "smollm2-135m":
@@ -117,9 +118,14 @@ def resolve_path(name: str) -> Path:
     if not (path / "config.json").is_file():
         hint = "" if path.exists() else " does not exist"
         raise SidetuneError(
-            f"model.name={name!r}{hint or ' has no config.json'}; use an alias ({', '.join(ALIASES)}), a preset "
+            f"{key}={name!r}{hint or ' has no config.json'}; use an alias ({', '.join(ALIASES)}), a preset "
             f"({', '.join(PRESETS)}) or a local Hugging Face model directory"
         )
+    try:
+        json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SidetuneError(f"{key}={name!r}: {path / 'config.json'} is not valid JSON ({one_line(e, 80)}); restore "
+                            f"that file (e.g. download the model again)") from None
     return path
 
 
@@ -129,11 +135,34 @@ def resolve_path(name: str) -> Path:
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     source = cfg.tokenizer or (PRESETS[cfg.name][2] if cfg.name in PRESETS else cfg.name)
-    tok = AutoTokenizer.from_pretrained(resolve_path(source))
+    key = "model.tokenizer" if cfg.tokenizer else "model.name"
+    path = _tokenizer_dir(cfg.tokenizer) if cfg.tokenizer else resolve_path(source)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise SidetuneError(f"{key}={source!r}: no tokenizer could be read from {path} ({one_line(e, 120)}); point "
+                            f"{key} at a directory with tokenizer files") from None
     if tok.pad_token is None:
         # Decoder-only tokenizers often have no pad token; padding is masked out, so any id is safe.
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _tokenizer_dir(name: str) -> Path:
+    """model.tokenizer: an alias, or a directory holding tokenizer files (no config.json needed)."""
+    if name in ALIASES:
+        return resolve_path(name, "model.tokenizer")
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise SidetuneError(f"model.tokenizer={name!r} does not exist; use an alias ({', '.join(ALIASES)}), a "
+                            f"local tokenizer directory, or null for the model's own")
+    return path
+
+
+def _unreadable(name: str, path: Path, e: BaseException) -> NoReturn:
+    """A local model directory whose config or weights cannot be read: one line naming the file."""
+    raise SidetuneError(f"model.name={name!r}: {path} could not be loaded ({one_line(e, 160)}); its config.json or "
+                        f"weights file is damaged, truncated or missing") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -173,7 +202,10 @@ def load_model(cfg: ModelConfig, task: str | Task, num_labels: int | None = None
         return _one_4bit_kernel(model)
 
     path = resolve_path(cfg.name)
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        _unreadable(cfg.name, path / "config.json", e)
     dtype = resolve_dtype(cfg.dtype, device, _checkpoint_dtype(config))
     # A prediction on fake tensors cannot run bitsandbytes' quantizer: load in float, then fake-quantize.
     quant = _bnb_config(cfg, device) if not fake else None
@@ -183,8 +215,14 @@ def load_model(cfg: ModelConfig, task: str | Task, num_labels: int | None = None
                 path, dtype=dtype, quantization_config=quant, output_loading_info=True,
                 # bitsandbytes quantizes while placing weights, so a quantized model loads straight onto its device.
                 device_map={"": device} if quant is not None else None, **task_kwargs)
+    except SidetuneError:
+        raise
     except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            _unreadable(cfg.name, path, e)
         _no_task_head(e, cfg.name, config.model_type, auto)
+    except Exception as e:
+        _unreadable(cfg.name, path, e)
     model.sidetune_head = _new_modules(model, info["missing_keys"])
     if fake and cfg.quantize is not None:
         _quantize_built(model, cfg, device, fake)

@@ -7,9 +7,12 @@ before the run directory is touched, and steps with `session.train_step`); `eval
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
-import shutil
+import re
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,42 +27,25 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from sidetune import checkpoint
 from sidetune.config import Config, load_config, save_config
-from sidetune.errors import SidetuneError
+from sidetune.errors import SidetuneError, one_line
 from sidetune.memory import peak_memory, short
 from sidetune.methods import trainable_parameters
 from sidetune.session import Setup, build, forward_module, mixed_precision, train_step
 from sidetune.tasks import Task
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "logs")
-
-
-def _prepare_output_dir(out: Path, resuming: bool) -> None:
-    if out.exists() and not resuming:
-        stale = [out / name for name in RUN_FILES if (out / name).exists()]
-        if stale:
-            print(f"sidetune: starting a new run in {out}; replacing the previous run's files there")
-        for path in stale:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
-class _Counter:
-    """The optimizer-step counter, checkpointed by accelerate with the optimizer and RNG states."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = state["step"]
+# What marks a directory as holding a run (the lock file does not: it stays behind, harmless, after every run).
+RUN_NAMES = (checkpoint.RUN_MANIFEST, "config.yaml", "metrics.jsonl", "checkpoints", "final", "logs")
+_RUN_FILES = ("config.yaml", "metrics.jsonl")  # the top-level files sidetune writes, listed in the run manifest
 
 
 def train(cfg: Config) -> dict[str, float]:
     """Train with `cfg`; write config.yaml, metrics.jsonl, checkpoints and final/ to train.output_dir. Returns the
-    final eval metrics (empty without eval data)."""
+    final eval metrics (empty without eval data).
+
+    Every check that can refuse the run (config, data, model, the checkpoint to resume from, the output directory
+    and its lock) runs before the first file is written."""
     t = cfg.train
     out = Path(t.output_dir)
     accelerator = Accelerator(
@@ -97,93 +83,257 @@ def train(cfg: Config) -> dict[str, float]:
                               num_training_steps=total_steps * accelerator.num_processes)
     scheduler = accelerator.prepare(scheduler)
     eval_loaders = _eval_loaders(s, cfg.train.eval_batch_size, collate, accelerator)
-    counter = _Counter()
-    accelerator.register_for_checkpointing(counter)
-    _register_trainable_checkpointing(accelerator, model)
 
-    resume_dir = _resolve_resume(t.resume, out) if t.resume else None
-    _prepare_output_dir(out, resuming=resume_dir is not None)
-    if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml")
-    if t.tracker:
-        accelerator.init_trackers("sidetune", config=_flat(cfg.to_dict()))
-    if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
-        accelerator.print(f"sidetune: resumed from {resume_dir} at step {counter.step}")
+    # The checkpoint is verified, checked against this config and loaded before anything is written.
+    step, resume_state, resume_dir, fresh_start = 0, None, None, False
+    if t.resume:
+        resume_dir, skipped = _resolve_resume(t.resume, out)
+        skipped_note = (f"skipped incomplete checkpoint(s) {', '.join(p.name for p in skipped)} (saves that never "
+                        f"finished)") if skipped else ""
+        if resume_dir is None:
+            # Killed before its first checkpoint: the same run starts over (its own files are replaced).
+            fresh_start = (out / checkpoint.RUN_MANIFEST).is_file()
+            if fresh_start and (out / "final" / checkpoint.MANIFEST).is_file():
+                raise SidetuneError(f"train.resume=latest: the run in {out} has finished (final/ is written) and has "
+                                    f"no checkpoint to continue from; train it again with train.overwrite=true")
+            accelerator.print(f"sidetune: train.resume=latest found no complete checkpoint in {out / 'checkpoints'}"
+                              f"{'; ' + skipped_note if skipped_note else ''}; starting from step 0")
+        else:
+            if skipped_note:
+                accelerator.print(f"sidetune: train.resume=latest {skipped_note}; using {resume_dir.name}")
+            resume_state = checkpoint.read_state(resume_dir)
+            _check_compatible(resume_state, cfg, resume_dir, accelerator.num_processes)
+            step = resume_state["step"]
+            if step > total_steps:
+                raise SidetuneError(f"train.resume: {resume_dir} is at step {step}, past this run's {total_steps} "
+                                    f"steps (train.max_steps={t.max_steps}); raise train.max_steps above {step} to "
+                                    f"train on")
+            _load_checkpoint(resume_dir, model, optimizer, scheduler, accelerator.process_index)
+    continuing = fresh_start or (resume_dir is not None
+                                 and resume_dir.resolve().parent == (out / "checkpoints").resolve())
+    lock = _claim_output_dir(out, continuing, t.overwrite, accelerator)  # held until the run ends
 
-    log = _MetricsLog(out / "metrics.jsonl", accelerator)
-    n_trainable = sum(p.numel() for p in trainable_parameters(model).values())
-    n_total = sum(p.numel() for p in model.parameters())
-    accelerator.print(f"sidetune: {cfg.method.name} on {cfg.model.name}: {n_trainable:,} trainable of {n_total:,} "
-                      f"parameters ({100 * n_trainable / n_total:.2f}%), {total_steps} steps; global batch "
-                      f"{t.batch_size * t.grad_accum * accelerator.num_processes} = batch_size {t.batch_size} x "
-                      f"grad_accum {t.grad_accum} x {accelerator.num_processes} process(es)")
+    try:
+        # First writes.
+        kept_rows = 0
+        if accelerator.is_main_process:
+            checkpoint.write_json(out / checkpoint.RUN_MANIFEST, {"written_by": "sidetune", "files": list(_RUN_FILES)})
+            checkpoint.write_text(out / "config.yaml", yaml_config(cfg))
+            if continuing:
+                rows = resume_state.get("metrics_rows") if resume_state is not None else 0
+                kept_rows = _truncate_metrics(out / "metrics.jsonl", rows, step)
+        if t.tracker:
+            accelerator.init_trackers("sidetune", config=_flat(cfg.to_dict()))
+        if resume_dir is not None:
+            accelerator.print(f"sidetune: resumed from {resume_dir} at step {step}")
 
-    bar = tqdm(total=total_steps, initial=counter.step, disable=not (t.progress and accelerator.is_main_process),
-               desc="train", dynamic_ncols=True)
-    # Loss and token counts stay on the device between log rows: reading them every micro-batch would force a
-    # host-device sync per step and stall the GPU queue.
-    loss_sum = torch.zeros((), device=accelerator.device)
-    tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
-    micro_batches, last_log = 0, time.perf_counter()
-    step = counter.step
-    eval_metrics: dict[str, float] = {}
-    module.train()
-    while step < total_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        train_loader.set_epoch(epoch)
-        batches = train_loader
-        if done_in_epoch:
-            batches = accelerator.skip_first_batches(train_loader, done_in_epoch * t.grad_accum)
-        for batch in batches:
-            with accelerator.accumulate(module):
-                # Gradients are clipped only once they are synchronised (the last micro-batch of an accumulation).
-                loss = train_step(module, batch, optimizer, s.trainable, t.max_grad_norm, scheduler=scheduler,
-                                  backward=accelerator.backward,
-                                  clip=accelerator.clip_grad_norm_ if accelerator.sync_gradients else None)
-            loss_sum += loss
-            tokens += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
-            micro_batches += 1
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            counter.step = step
-            bar.update(1)
-            if step % t.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - last_log
-                # Every process logs the same steps, so these collectives line up; the row is the mean loss over
-                # all processes and the tokens of all of them.
-                mean_loss = accelerator.reduce(loss_sum / micro_batches, reduction="mean")
-                all_tokens = accelerator.reduce(tokens, reduction="sum")
-                row = {"step": step, "loss": mean_loss.item(), "lr": scheduler.get_last_lr()[0],
-                       "tokens_per_s": all_tokens.item() / elapsed, **peak_memory(accelerator.device)}
-                log.write(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                                mem=short(peak_memory(accelerator.device)))
-                loss_sum.zero_()
-                tokens.zero_()
-                micro_batches, last_log = 0, time.perf_counter()
-            if eval_loaders and t.eval_every and step % t.eval_every == 0 and step < total_steps:
-                eval_metrics = evaluate(module, eval_loaders, task, accelerator)
-                log.write({"step": step, **eval_metrics})
-                module.train()
-                last_log = time.perf_counter()  # eval time is not training throughput
-            if t.save_every and step % t.save_every == 0:
-                accelerator.save_state(str(out / "checkpoints" / f"step-{step:07d}"))
-            if step >= total_steps:
-                break
-    bar.close()
+        log = _MetricsLog(out / "metrics.jsonl", accelerator, kept_rows)
+        n_trainable = sum(p.numel() for p in trainable_parameters(model).values())
+        n_total = sum(p.numel() for p in model.parameters())
+        accelerator.print(f"sidetune: {cfg.method.name} on {cfg.model.name}: {n_trainable:,} trainable of {n_total:,} "
+                          f"parameters ({100 * n_trainable / n_total:.2f}%), {total_steps} steps; global batch "
+                          f"{t.batch_size * t.grad_accum * accelerator.num_processes} = batch_size {t.batch_size} x "
+                          f"grad_accum {t.grad_accum} x {accelerator.num_processes} process(es)")
 
-    if eval_loaders:
-        eval_metrics = evaluate(module, eval_loaders, task, accelerator)
-        log.write({"step": step, **eval_metrics})
-    if accelerator.is_main_process:
-        save_trainable(model, cfg, out / "final")
-    accelerator.end_training()
-    accelerator.print(f"sidetune: done; final weights in {out / 'final'}")
-    if eval_metrics:
-        accelerator.print(json.dumps({"step": step, **eval_metrics}))
-    return eval_metrics
+        def save(at: int) -> Path:
+            return _save_checkpoint(out / "checkpoints", at, accelerator, model, optimizer, scheduler, cfg, log)
+
+        bar = tqdm(total=total_steps, initial=step, disable=not (t.progress and accelerator.is_main_process),
+                   desc="train", dynamic_ncols=True)
+        # Loss and token counts stay on the device between log rows: reading them every micro-batch would force a
+        # host-device sync per step and stall the GPU queue. The one read per optimizer step is the finiteness check.
+        loss_sum = torch.zeros((), device=accelerator.device)
+        tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
+        micro_batches, last_log = 0, time.perf_counter()
+        guard = _FiniteGuard(s.trainable, t, accelerator)
+        eval_metrics: dict[str, float] = {}
+        module.train()
+        with _StopSignals() as stop:
+            try:
+                while step < total_steps:
+                    epoch, done_in_epoch = divmod(step, steps_per_epoch)
+                    train_loader.set_epoch(epoch)
+                    batches = train_loader
+                    if done_in_epoch:
+                        batches = accelerator.skip_first_batches(train_loader, done_in_epoch * t.grad_accum)
+                    for batch in batches:
+                        with accelerator.accumulate(module):
+                            # The guard clips the synchronised gradients (last micro-batch of an accumulation) and
+                            # checks loss and gradient norm before the optimizer step.
+                            train_step(module, batch, optimizer, s.trainable, t.max_grad_norm,
+                                       scheduler=scheduler, backward=guard.backward(step + 1), clip=None)
+                        tokens += (batch["attention_mask"].sum() if "attention_mask" in batch
+                                   else batch["input_ids"].numel())
+                        if not accelerator.sync_gradients:
+                            continue
+                        step += 1
+                        window, n = guard.take_window()
+                        if window is not None:
+                            loss_sum += window
+                            micro_batches += n
+                        bar.update(1)
+                        if step % t.log_every == 0 or step == total_steps:
+                            elapsed = time.perf_counter() - last_log
+                            # Every process logs the same steps, so these collectives line up; the row is the mean loss
+                            # over all processes and the tokens of all of them.
+                            mean_loss = accelerator.reduce(loss_sum / max(micro_batches, 1), reduction="mean")
+                            all_tokens = accelerator.reduce(tokens, reduction="sum")
+                            row = {"step": step, "loss": mean_loss.item(), "lr": scheduler.get_last_lr()[0],
+                                   "tokens_per_s": all_tokens.item() / elapsed, **peak_memory(accelerator.device)}
+                            if t.skip_nonfinite:
+                                row["skipped_nonfinite"] = guard.skipped
+                            log.write(row)
+                            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                            mem=short(peak_memory(accelerator.device)))
+                            loss_sum.zero_()
+                            tokens.zero_()
+                            micro_batches, last_log = 0, time.perf_counter()
+                        if eval_loaders and t.eval_every and step % t.eval_every == 0 and step < total_steps:
+                            eval_metrics = evaluate(module, eval_loaders, task, accelerator)
+                            log.write({"step": step, **eval_metrics})
+                            module.train()
+                            last_log = time.perf_counter()  # eval time is not training throughput
+                        saved = bool(t.save_every and step % t.save_every == 0)
+                        if saved:
+                            save(step)
+                        if stop.requested(accelerator):
+                            where = checkpoint.step_dir(out / "checkpoints", step) if saved else save(step)
+                            bar.close()
+                            accelerator.print(f"sidetune: stopped by {stop.name} at step {step}; checkpoint {where}; "
+                                              f"continue with train.resume=latest")
+                            raise checkpoint.Stopped(stop.signum)
+                        if step >= total_steps:
+                            break
+            except torch.OutOfMemoryError as e:
+                raise SidetuneError(_oom_message(e, cfg, step + 1, accelerator.device)) from None
+        bar.close()
+
+        if eval_loaders:
+            eval_metrics = evaluate(module, eval_loaders, task, accelerator)
+            log.write({"step": step, **eval_metrics})
+        if accelerator.is_main_process:
+            save_trainable(model, cfg, out / "final")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        accelerator.print(f"sidetune: done; final weights in {out / 'final'}")
+        if eval_metrics:
+            accelerator.print(json.dumps({"step": step, **eval_metrics}))
+        return eval_metrics
+    finally:
+        if lock is not None:
+            lock.close()  # releases the flock
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Faults during the run: non-finite numbers, signals, out of memory
+
+
+class _FiniteGuard:
+    """Clips the synchronised gradients and checks the accumulation window's loss and the gradient norm before the
+    optimizer step: a non-finite one stops the run (one line), or with train.skip_nonfinite drops that step's
+    gradients (the optimizer then leaves every parameter as it was) and counts it."""
+
+    def __init__(self, params: list[nn.Parameter], t, accelerator: Accelerator) -> None:
+        self.params, self.t, self.accelerator = params, t, accelerator
+        self.window: torch.Tensor | None = None
+        self.n = 0
+        self.skipped = 0
+        self.dropped = False
+
+    def backward(self, step: int):
+        def backward(loss: torch.Tensor) -> None:
+            self.accelerator.backward(loss)
+            detached = loss.detach().float()
+            self.window = detached if self.window is None else self.window + detached
+            self.n += 1
+            if self.accelerator.sync_gradients:
+                self._check(step)
+        return backward
+
+    def _check(self, step: int) -> None:
+        acc = self.accelerator
+        if self.t.max_grad_norm > 0:
+            norm = acc.clip_grad_norm_(self.params, self.t.max_grad_norm)
+        elif acc.scaler is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        else:
+            norm = None
+        # Under fp16 the gradient scaler meets inf gradients by design (it skips the step and lowers its scale).
+        check = self.window if norm is None or acc.scaler is not None else self.window + norm.to(self.window.device)
+        bad = ~torch.isfinite(check)
+        if acc.num_processes > 1:
+            bad = acc.reduce(bad.long(), reduction="sum") > 0
+        self.dropped = bool(bad.item())
+        if not self.dropped:
+            return
+        what = "loss" if not torch.isfinite(self.window) else "gradient norm"
+        if not self.t.skip_nonfinite:
+            last = checkpoint.list_checkpoints(Path(self.t.output_dir) / "checkpoints").complete
+            keep = f"the last good checkpoint is {last[-1][1]} (train.resume=latest)" if last else "no checkpoint yet"
+            raise SidetuneError(f"non-finite {what} at step {step}: stopped; {keep}. Try a lower train.lr (now "
+                                f"{self.t.lr:g}), train.max_grad_norm=1.0, train.mixed_precision=bf16 rather than "
+                                f"fp16, or train.skip_nonfinite=true to skip such steps")
+        self.skipped += 1
+        for p in self.params:
+            p.grad = None  # the optimizer skips parameters without gradients: this step changes nothing
+
+    def take_window(self) -> tuple[torch.Tensor | None, int]:
+        """The window's summed loss and micro-batch count (None when the step was skipped), then reset."""
+        window, n = (None, 0) if self.dropped else (self.window, self.n)
+        self.window, self.n, self.dropped = None, 0, False
+        return window, n
+
+
+class _StopSignals:
+    """SIGTERM and Ctrl-C ask the loop to save a checkpoint and stop after the current optimizer step; a second one
+    interrupts at once (checkpoints are atomic, so nothing is left half-written)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        flag = self.signum is not None
+        if accelerator.num_processes > 1:  # every process stops at the same step, or the collectives would hang
+            votes = accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), reduction="sum")
+            flag = votes.item() > 0
+            if flag and self.signum is None:
+                self.signum = signal.SIGTERM
+        return flag
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _oom_message(e: BaseException, cfg: Config, step: int, device: torch.device) -> str:
+    tried = re.search(r"Tried to allocate ([\d.]+ \w+)", str(e))
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        more = f" and {tried.group(1)} more was needed" if tried else ""
+        where = f"{peak:.2f} GiB were allocated at the peak{more}, on a {total:.1f} GiB GPU"
+        vram = f"{total:.0f}GiB"
+    else:
+        where, vram = "the host ran out of memory", "<GiB>"
+    return (f"out of memory at step {step}: {where}; see what fits with `sidetune plan --model {cfg.model.name} "
+            f"--vram {vram} --batch {cfg.train.batch_size} --seq {cfg.data.max_length} --methods {cfg.method.name}` "
+            f"(or lower train.batch_size, raise train.grad_accum, set train.gradient_checkpointing=true)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -249,61 +399,249 @@ def _choice_accuracy(module: nn.Module, loader: DataLoader, gather) -> float:
 # Checkpoints and saved runs
 
 
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in trainable_parameters(model).items()}
+
+
 def save_trainable(model: nn.Module, cfg: Config, out: Path) -> None:
-    """The trainable set as safetensors plus the full resolved config: enough to rebuild the model with `load_run`."""
-    out.mkdir(parents=True, exist_ok=True)
-    state = {n: p.detach().contiguous().cpu() for n, p in trainable_parameters(model).items()}
-    save_file(state, str(out / "trainable.safetensors"), metadata={"method": cfg.method.name})
-    save_config(cfg, out / "config.yaml")
+    """The trainable set as safetensors plus the full resolved config: enough to rebuild the model with `load_run`.
+    Written like a checkpoint: into a temporary directory beside `out`, with a manifest, then renamed."""
+    tmp = checkpoint.begin(out)
+    checkpoint.write_files(tmp, {
+        checkpoint.TRAINABLE: lambda p: save_file(trainable_state(model), str(p), metadata={"method": cfg.method.name}),
+        "config.yaml": lambda p: save_config(cfg, p)})
+    checkpoint.commit(tmp, out, None)
 
 
 def load_trainable(model: nn.Module, path: Path) -> None:
-    state = load_file(str(path))
-    expected = set(trainable_parameters(model))
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    """Copy a trainable set from safetensors into `model`; one line if the file is missing, unreadable or does not
+    fit this model's trainable set."""
+    if not path.is_file():
+        raise SidetuneError(f"{path} is missing; the run or checkpoint is incomplete (pass another one)")
+    try:
+        state = load_file(str(path))
+    except Exception as e:
+        raise SidetuneError(f"{path} is not a readable safetensors file, truncated or damaged ({one_line(e, 100)})") \
+            from None
+    params = trainable_parameters(model)
+    if set(state) != set(params):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         raise SidetuneError(f"{path} does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}); "
                             f"was it saved with a different method config?")
-    params = dict(model.named_parameters())
+    for name, tensor in state.items():
+        if tensor.shape != params[name].shape:
+            raise SidetuneError(f"{path}: {name} has shape {list(tensor.shape)} but this model's is "
+                                f"{list(params[name].shape)}; was it saved with a different method config (e.g. "
+                                f"method.r)?")
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor)
 
 
-def _register_trainable_checkpointing(accelerator: Accelerator, model: nn.Module) -> None:
-    """Make accelerate's save_state/load_state store only the trainable set (the frozen base is on disk already)."""
+def _save_checkpoint(root: Path, step: int, accelerator: Accelerator, model: nn.Module, optimizer, scheduler,
+                     cfg: Config, log: _MetricsLog) -> Path:
+    """An atomic checkpoint: every process writes its RNG state into the temporary directory, then the main process
+    writes weights, optimizer and scheduler state, the manifest, and renames it into place; all processes wait."""
+    final = checkpoint.step_dir(root, step)
+    tmp = final.parent / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        checkpoint.begin(final)
+    accelerator.wait_for_everyone()
+    checkpoint.write_files(tmp, checkpoint.rng_writers(accelerator.process_index))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        checkpoint.write_files(tmp, {
+            checkpoint.TRAINABLE: lambda p: save_file(trainable_state(model), str(p)),
+            checkpoint.OPTIMIZER: lambda p: torch.save(optimizer.state_dict(), p),
+            checkpoint.SCHEDULER: lambda p: torch.save(scheduler.state_dict(), p)})
+        checkpoint.commit(tmp, final, {"step": step, "metrics_rows": log.rows,
+                                       "num_processes": accelerator.num_processes, "config": cfg.to_dict()})
+        if cfg.train.save_total_limit:
+            checkpoint.prune(root, cfg.train.save_total_limit)
+    accelerator.wait_for_everyone()
+    return final
 
-    def save_hook(models, weights, output_dir):
-        weights.clear()  # accelerate would otherwise write the whole model
-        if accelerator.is_main_process:
-            state = {n: p.detach().contiguous().cpu() for n, p in trainable_parameters(model).items()}
-            save_file(state, str(Path(output_dir) / "trainable.safetensors"))
 
-    def load_hook(models, input_dir):
-        models.clear()
-        load_trainable(model, Path(input_dir) / "trainable.safetensors")
+def _load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, rank: int) -> None:
+    """Weights, optimizer, scheduler and this process's RNG state from a verified checkpoint."""
+    load_trainable(model, path / checkpoint.TRAINABLE)
+    for name, target in ((checkpoint.OPTIMIZER, optimizer), (checkpoint.SCHEDULER, scheduler)):
+        state = checkpoint.load_tensors(path / name)
+        try:
+            target.load_state_dict(state)
+        except Exception as e:
+            raise SidetuneError(f"train.resume: {path / name} does not fit this run's {name.split('.')[0]} "
+                                f"({one_line(e, 100)}); resume with the checkpoint's config") from None
+    checkpoint.restore_rng(path, rank)
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+
+# Keys that may change between a checkpoint and its resumed run without changing what the checkpoint holds.
+_RESUME_FREE = {"model.attn_implementation", "model.tokenizer"}
 
 
-def _resolve_resume(resume: str, out: Path) -> Path:
-    if resume == "latest":
-        found = sorted((out / "checkpoints").glob("step-*"))
-        if not found:
-            raise SidetuneError(f"train.resume=latest but {out / 'checkpoints'} holds no checkpoint; set "
-                                f"train.save_every to write some")
-        return found[-1]
-    path = Path(resume)
-    if not (path / "trainable.safetensors").is_file():
-        raise SidetuneError(f"train.resume={resume!r} is not a checkpoint directory (no trainable.safetensors)")
-    return path
+def _check_compatible(state: dict[str, Any], cfg: Config, path: Path, num_processes: int) -> None:
+    """The checkpoint's model, method and label set must be this run's: anything else would load wrong shapes, or
+    the right shapes with the wrong meaning."""
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        raise SidetuneError(f"train.resume: {path / checkpoint.STATE} has no config; was it written by sidetune?")
+    now = cfg.to_dict()
+    pairs = [(f"{sec}.{k}", v, (saved.get(sec) or {}).get(k, "<unset>")) for sec in ("model", "method")
+             for k, v in now[sec].items()]
+    pairs += [(f"data.{k}", now["data"][k], (saved.get("data") or {}).get(k)) for k in ("task", "num_labels")]
+    for key, value, before in pairs:
+        if key not in _RESUME_FREE and _jsonable(value) != before:
+            raise SidetuneError(f"train.resume: {path} was trained with {key}={before!r} but this config has "
+                                f"{key}={value!r}; resume with the checkpoint's settings, or start a new run")
+    if state.get("num_processes", 1) != num_processes:
+        raise SidetuneError(f"train.resume: {path} was saved by {state.get('num_processes')} process(es), this run "
+                            f"has {num_processes}; resume with the same number of processes")
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _resolve_resume(resume: str, out: Path) -> tuple[Path | None, list[Path]]:
+    """The verified checkpoint to resume from (None: latest found none complete), and (for latest) the incomplete
+    ones passed over."""
+    if resume != "latest":
+        path = Path(resume)
+        checkpoint.verify(path)
+        return path, []
+    listing = checkpoint.list_checkpoints(out / "checkpoints")
+    if not listing.complete:
+        return None, listing.incomplete
+    path = listing.complete[-1][1]
+    try:
+        checkpoint.verify(path)
+    except SidetuneError as e:
+        if len(listing.complete) > 1:
+            raise SidetuneError(f"{e} (the one before is train.resume={listing.complete[-2][1]})") from None
+        raise
+    newest = listing.complete[-1][0]
+    skipped = [p for p in listing.incomplete if int(re.sub(r"\D", "", p.name) or 0) > newest]
+    return path, skipped
+
+
+def _claim_output_dir(out: Path, continuing: bool, overwrite: bool, accelerator: Accelerator):
+    """Refuse a directory that holds another run (unless resuming it or train.overwrite=true) or that another run is
+    using (its lock); take the lock; with train.overwrite, remove the files the earlier run's manifests list.
+    Main process only; the others learn the verdict, so no process is left waiting."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = _claim(out, continuing, overwrite)
+        except SidetuneError as e:
+            error = e
+    if accelerator.num_processes > 1:
+        votes = accelerator.reduce(torch.tensor(int(error is not None), device=accelerator.device), reduction="sum")
+        if votes.item() and error is None:
+            raise SidetuneError(f"the main process refused train.output_dir={out}")
+    if error is not None:
+        raise error
+    return lock
+
+
+def _claim(out: Path, continuing: bool, overwrite: bool):
+    lock_path = out / checkpoint.LOCK
+    busy = (f"another sidetune run is using train.output_dir={out} (it holds {lock_path}); wait for it to finish "
+            f"or choose another train.output_dir")
+    lock = None
+    if lock_path.is_file():
+        lock = _try_lock(lock_path, "a")  # opening for append changes nothing of an existing file
+        if lock is None:
+            raise SidetuneError(busy)
+    found = [name for name in RUN_NAMES if (out / name).exists()]
+    if found and not continuing:
+        if not overwrite:
+            raise SidetuneError(f"train.output_dir={out} already holds a run ({', '.join(found)}); continue it with "
+                                f"train.resume=latest, replace it with train.overwrite=true, or choose another "
+                                f"train.output_dir")
+        listed = set(_listed_run_files(out))
+        foreign = [n for n in _RUN_FILES if (out / n).exists() and n not in listed]
+        if foreign:
+            raise SidetuneError(f"train.overwrite=true, but {out / foreign[0]} was not written by sidetune (no "
+                                f"{checkpoint.RUN_MANIFEST} lists it); move it away or choose another "
+                                f"train.output_dir")
+    if out.exists() and not out.is_dir():
+        raise SidetuneError(f"train.output_dir={out} is a file; choose a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if lock is None:
+        lock = _try_lock(lock_path, "a")
+        if lock is None:
+            raise SidetuneError(busy)
+    if found and not continuing:
+        _remove_run(out)
+    return lock
+
+
+def _try_lock(path: Path, mode: str):
+    f = path.open(mode)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
+def _listed_run_files(out: Path) -> list[str]:
+    try:
+        files = json.loads((out / checkpoint.RUN_MANIFEST).read_text())["files"]
+        return [f for f in files if f in _RUN_FILES]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _remove_run(out: Path) -> None:
+    """train.overwrite=true: delete what the earlier run wrote (as its manifests list it), nothing else."""
+    for name in _listed_run_files(out):
+        (out / name).unlink(missing_ok=True)
+    (out / checkpoint.RUN_MANIFEST).unlink(missing_ok=True)
+    listing = checkpoint.list_checkpoints(out / "checkpoints")
+    for _, path in listing.complete:
+        checkpoint.remove_written(path)
+    for path in listing.incomplete:
+        checkpoint.remove_tmp(path)
+    if (out / "checkpoints").is_dir() and not any((out / "checkpoints").iterdir()):
+        (out / "checkpoints").rmdir()
+    if (out / "final" / checkpoint.MANIFEST).is_file():
+        checkpoint.remove_written(out / "final")
+
+
+def _truncate_metrics(path: Path, rows: int | None, step: int) -> int:
+    """Keep the rows written before the checkpoint (its row count; else the rows up to its step): a resumed run then
+    logs every step once. Returns the rows kept."""
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
+    if rows is not None:
+        keep = lines[:rows]
+    else:
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+    checkpoint.write_text(path, "".join(keep))
+    return len(keep)
+
+
+def yaml_config(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 def run_config(run_dir: str | Path) -> tuple[Config, Path]:
     """The config and trainable weights of a finished run (its directory or its final/ directory)."""
     run_dir = Path(run_dir)
     for candidate in (run_dir / "final", run_dir):
+        if (candidate / checkpoint.MANIFEST).is_file():
+            checkpoint.verify(candidate, key="run")  # a damaged or tampered final/ is refused, not loaded
         if (candidate / "trainable.safetensors").is_file() and (candidate / "config.yaml").is_file():
             return load_config(candidate / "config.yaml"), candidate / "trainable.safetensors"
     raise SidetuneError(f"{str(run_dir)!r} is not a finished sidetune run (no final/trainable.safetensors)")
@@ -336,14 +674,16 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None) -> dict[str,
 class _MetricsLog:
     """metrics.jsonl (one JSON object per event) plus accelerate's trackers, main process only."""
 
-    def __init__(self, path: Path, accelerator: Accelerator) -> None:
+    def __init__(self, path: Path, accelerator: Accelerator, rows: int = 0) -> None:
         self.path, self.accelerator = path, accelerator
+        self.rows = rows  # rows in the file: a checkpoint records it, so a resume keeps exactly those
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        self.rows += 1
         self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
 

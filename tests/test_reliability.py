@@ -1,0 +1,431 @@
+"""Reliability: a run survives kill -9 and SIGTERM bit for bit, never destroys an earlier run, loads nothing
+executable, and answers every bad input with one line (exit 2) before touching any file."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import RECIPES, ROOT, read_metrics
+from safetensors.torch import load_file, save_file
+
+from sidetune import cli
+from sidetune.config import load_config
+from sidetune.train import train
+
+RECIPE = RECIPES / "sst2_lora.yaml"
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> dict[str, str]:
+    """64 training / 32 eval rows of the bundled SST-2: a 12-step run of batch 4 crosses an epoch boundary."""
+    root = tmp_path_factory.mktemp("data")
+    paths = {}
+    for split, n in (("train", 64), ("dev", 32)):
+        lines = (ROOT / "sidetune" / "assets" / "sst2" / f"{split}.tsv").read_text().splitlines()[: n + 1]
+        (root / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+        paths[split] = str(root / f"{split}.tsv")
+    return paths
+
+
+def _overrides(out: Path, data: dict[str, str], *extra: str) -> list[str]:
+    return ["model.name=tiny-bert", "method.r=4", "method.dropout=0.1", f"data.train={data['train']}",
+            f"data.eval={data['dev']}", "data.max_length=32", "train.batch_size=4", "train.eval_batch_size=32",
+            "train.max_steps=12", "train.log_every=1", "train.eval_every=4", "train.warmup_steps=2",
+            "train.progress=false", f"train.output_dir={out}", *extra]
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file under root (hidden ones too) -> sha256."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _popen(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "sidetune", *args], cwd=ROOT, env=full, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _main(capsys, *args: str) -> tuple[int, str, str]:
+    """`sidetune ARGS` in this process (the CLI's own main: its error handling is what is tested)."""
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, small_data) -> Path:
+    """A finished 12-step run with checkpoints every 4 steps (the reference for bit-identity too)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(load_config(RECIPE, _overrides(out, small_data, "train.save_every=4")))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kill -9 (also inside a checkpoint save) and SIGTERM, then train.resume=latest and nothing else
+
+
+def test_kill_anywhere_then_resume_is_bit_identical(tmp_path, small_data, finished):
+    out = tmp_path / "killed"
+    base = ["train", str(RECIPE), *_overrides(out, small_data, "train.save_every=3")]
+    # Slow saves (each file written, then a pause) so that a kill lands inside one.
+    env = {"SIDETUNE_TEST_SAVE_DELAY": "0.15"}
+    rng = random.Random(int(os.environ.get("SIDETUNE_TEST_KILL_SEED", "0")))
+    # (signal, when): before the first checkpoint, inside saves, between steps; SIGTERM saves and exits cleanly.
+    moments = [(signal.SIGKILL, ("rows", 1)), (signal.SIGKILL, ("save", 3 * rng.randint(1, 2))),
+               (signal.SIGTERM, ("rows", rng.randint(8, 12))), (signal.SIGKILL, ("save", 12))]
+    said = []
+    for n, (sig, (kind, at)) in enumerate(moments):
+        proc = _popen(*base, *(["train.resume=latest"] if n else []), env=env)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if kind == "rows" and (out / "metrics.jsonl").is_file():
+                hit = sum(1 for r in read_metrics(out) if "loss" in r and r["step"] >= at) > 0
+            else:
+                hit = kind == "save" and (out / "checkpoints" / f".tmp-step-{at:07d}").is_dir()
+            if hit:
+                if kind == "save":
+                    time.sleep(rng.uniform(0, 0.6))  # somewhere among the files of the save
+                proc.send_signal(sig)
+                break
+            time.sleep(0.01)
+        stdout, err = proc.communicate(timeout=300)
+        said.append(stdout)
+        assert "Traceback" not in err, err
+        if sig == signal.SIGTERM and proc.returncode != 0:
+            assert proc.returncode == 128 + signal.SIGTERM, err
+            stopped_at = max(r["step"] for r in read_metrics(out) if "loss" in r)
+            assert (out / "checkpoints" / f"step-{stopped_at:07d}" / "manifest.json").is_file()
+
+    done = _popen(*base, "train.resume=latest")
+    stdout, err = done.communicate(timeout=300)
+    said.append(stdout)
+    assert done.returncode == 0, err
+    assert "Traceback" not in err
+    # The kill before the first checkpoint started over; a kill inside a save left a temporary directory that
+    # resume=latest named in one line and passed over.
+    assert "found no complete checkpoint" in said[1]
+    assert any(re.search(r"skipped incomplete checkpoint\(s\) \.tmp-step-\d+", s) for s in said[2:]), said
+
+    a = load_file(finished / "final" / "trainable.safetensors")
+    b = load_file(out / "final" / "trainable.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))  # each step once, in order
+    assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8, 12]
+    ref = {r["step"]: r["loss"] for r in read_metrics(finished) if "loss" in r}
+    assert all(r["loss"] == ref[r["step"]] for r in rows if "loss" in r)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, small_data):
+    out = tmp_path / "term"
+    proc = _popen("train", str(RECIPE), *_overrides(out, small_data, "train.max_steps=400"))
+    while proc.poll() is None and not ((out / "metrics.jsonl").is_file() and read_metrics(out)):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    steps = [r["step"] for r in read_metrics(out) if "loss" in r]
+    ckpt = out / "checkpoints" / f"step-{steps[-1]:07d}"
+    assert (ckpt / "manifest.json").is_file()  # train.save_every=0, yet the stop saved one
+    assert json.loads((ckpt / "state.json").read_text())["step"] == steps[-1]
+    assert not (out / "final").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Nothing of an earlier run is destroyed
+
+
+def test_rerun_into_finished_run_changes_nothing(finished, small_data, capsys):
+    before = _snapshot(finished)
+    rc, _, err = _main(capsys, "train", RECIPE, *_overrides(finished, small_data))
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("sidetune: error: ") and "already holds a run" in err
+    assert "train.resume=latest" in err and "train.overwrite=true" in err
+    assert _snapshot(finished) == before
+
+
+def test_unrelated_directory_keeps_its_files(tmp_path, small_data, capsys):
+    """A directory with someone's final/ and checkpoints/ is refused; with train.overwrite=true sidetune writes its
+    run beside their files and deletes none of them (their checkpoint dir in its way is renamed, kept)."""
+    out = tmp_path / "theirs"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "model.bin").write_text("theirs")
+    (out / "checkpoints" / "step-0000004").mkdir(parents=True)
+    (out / "checkpoints" / "step-0000004" / "notes.txt").write_text("theirs")
+    (out / "logs").mkdir()
+    (out / "logs" / "x.log").write_text("theirs")
+    before = _snapshot(out)
+    rc, _, err = _main(capsys, "train", RECIPE, *_overrides(out, small_data, "train.max_steps=8"))
+    assert rc == 2 and "already holds a run" in err and _snapshot(out) == before
+    rc, _, err = _main(capsys, "train", RECIPE, *_overrides(out, small_data, "train.max_steps=8", "train.save_every=2",
+                                                             "train.save_total_limit=2", "train.overwrite=true"))
+    assert rc == 0, err
+    for name in before:
+        moved = name.replace("checkpoints/step-0000004/", "checkpoints/step-0000004.incomplete-0/")
+        moved = moved.replace("final/", "final.incomplete-0/")
+        assert (out / moved).read_text() == "theirs", name
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-0000004.incomplete-0", "step-0000006", "step-0000008"]  # save_total_limit=2
+    # A second overwrite removes what sidetune wrote, and still nothing of theirs.
+    rc, _, err = _main(capsys, "train", RECIPE, *_overrides(out, small_data, "train.max_steps=2",
+                                                             "train.overwrite=true"))
+    assert rc == 0, err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000004.incomplete-0"]
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2]
+
+
+def test_lock_refuses_a_concurrent_run(tmp_path, small_data, capsys):
+    out = tmp_path / "locked"
+    out.mkdir()
+    with (out / ".sidetune.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running sidetune holds it
+        rc, _, err = _main(capsys, "train", RECIPE, *_overrides(out, small_data))
+    assert rc == 2 and "another sidetune run is using" in err
+    assert [p.name for p in out.iterdir()] == [".sidetune.lock"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Nothing executable is loaded
+
+
+class _Payload:
+    """Unpickling this touches a marker file: what a malicious checkpoint would do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _copy_checkpoint(finished: Path, dest: Path, step: int = 4) -> Path:
+    ckpt = dest / "checkpoints" / f"step-{step:07d}"
+    shutil.copytree(finished / "checkpoints" / f"step-{step:07d}", ckpt)
+    return ckpt
+
+
+def _rewrite_manifest(ckpt: Path) -> None:
+    """What a careful attacker does: a manifest that matches the tampered files."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+             for p in sorted(ckpt.iterdir()) if p.name != "manifest.json"}
+    (ckpt / "manifest.json").write_text(json.dumps({"format": 1, "files": files}))
+
+
+@pytest.mark.parametrize("where", ["extra_file", "optimizer_with_manifest", "scheduler_with_manifest"])
+def test_malicious_pickle_is_neither_run_nor_skipped(tmp_path, small_data, finished, capsys, where):
+    marker = tmp_path / "pwned"
+    ckpt = _copy_checkpoint(finished, tmp_path / "run")
+    if where == "extra_file":  # accelerate's old counter file
+        (ckpt / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+    else:
+        torch.save({"state": _Payload(marker)}, ckpt / ("optimizer.pt" if "optimizer" in where else "scheduler.pt"))
+        _rewrite_manifest(ckpt)
+    before = _snapshot(tmp_path / "run")
+    rc, out, err = _main(capsys, "train", RECIPE, *_overrides(tmp_path / "run", small_data, "train.resume=latest"))
+    assert not marker.exists(), "the checkpoint ran code"
+    assert rc == 2 and err.startswith("sidetune: error: ") and err.count("\n") == 1, err
+    assert ("custom_checkpoint_0.pkl" in err) if where == "extra_file" else ("plain tensors" in err)
+    assert "resumed" not in out
+    assert _snapshot(tmp_path / "run") == before
+
+
+def test_package_has_no_pickle_and_only_weights_only_torch_load():
+    for path in (ROOT / "sidetune").rglob("*.py"):
+        text = path.read_text()
+        assert "pickle" not in text, path
+        for call in re.findall(r"torch\.load\(([^)]*)\)", text):
+            assert "weights_only=True" in call, (path, call)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every bad input: exit 2, one line naming the offending thing, no traceback, the earlier run untouched
+
+
+def _write(path: Path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def _tsv(tmp: Path, name: str, rows: list[tuple[str, str]]) -> str:
+    return _write(tmp / name, "sentence\tlabel\n" + "".join(f"{s}\t{label}\n" for s, label in rows))
+
+
+def _model_dir(tmp: Path, weights: str) -> str:
+    """A local tiny-bert directory with a damaged config.json, a truncated or a missing weights file."""
+    from sidetune.config import ModelConfig
+    from sidetune.models import load_model, load_tokenizer
+
+    d = tmp / f"model_{weights}"
+    load_model(ModelConfig(name="tiny-bert"), "classification", 2).save_pretrained(d)
+    load_tokenizer(ModelConfig(name="tiny-bert")).save_pretrained(d)
+    if weights == "corrupt_config":
+        (d / "config.json").write_text('{"model_type": "bert", ')
+    elif weights == "truncated":
+        data = (d / "model.safetensors").read_bytes()
+        (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        (d / "model.safetensors").unlink()
+    return str(d)
+
+
+def _ckpt(tmp: Path, finished: Path, damage: str) -> str:
+    """A copy of the finished run's step-4 checkpoint, damaged."""
+    ckpt = _copy_checkpoint(finished, tmp / "copy")
+    if damage == "truncated_optimizer":
+        data = (ckpt / "optimizer.pt").read_bytes()
+        (ckpt / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    elif damage == "corrupt_rng":  # damaged on disk
+        data = bytearray((ckpt / "rng-0.safetensors").read_bytes())
+        data[-5:] = b"\xff" * 5
+        (ckpt / "rng-0.safetensors").write_bytes(bytes(data))
+    elif damage == "bad_rng_state":  # well-formed file, nonsense state, matching manifest
+        save_file({"torch": torch.zeros(7, dtype=torch.uint8), "numpy_keys": torch.zeros(3, dtype=torch.int64)},
+                  str(ckpt / "rng-0.safetensors"))
+        _rewrite_manifest(ckpt)
+    elif damage == "empty":
+        shutil.rmtree(ckpt)
+        ckpt.mkdir()
+    elif damage == "missing_weights":
+        (ckpt / "trainable.safetensors").unlink()
+    return str(ckpt)
+
+
+# id -> (overrides built from (tmp, finished), text the error line must contain)
+BAD = {
+    "dropout>=1": (lambda tmp, f: ["method.dropout=1.5"], "method.dropout"),
+    "num_workers<0": (lambda tmp, f: ["train.num_workers=-1"], "train.num_workers"),
+    "max_train_samples=0": (lambda tmp, f: ["data.max_train_samples=0"], "data.max_train_samples"),
+    "bad_regex": (lambda tmp, f: ["method.targets=re:query[("], "regular expression"),
+    "log_every=0": (lambda tmp, f: ["train.log_every=0"], "train.log_every"),
+    "warmup_ratio=5": (lambda tmp, f: ["train.warmup_ratio=5"], "train.warmup_ratio"),
+    "epochs=0": (lambda tmp, f: ["train.max_steps=null", "train.epochs=0"], "train.epochs"),
+    "lr=nan": (lambda tmp, f: ["train.lr=.nan"], "train.lr"),
+    "save_total_limit=0": (lambda tmp, f: ["train.save_total_limit=0"], "train.save_total_limit"),
+    "num_labels=1": (lambda tmp, f: ["data.num_labels=1"], "data.num_labels"),
+    "empty_text_cell": (lambda tmp, f: [f"data.train={_tsv(tmp, 't.tsv', [('good', '1'), (' ', '0')])}"],
+                        "column 'sentence' is empty"),
+    "unknown_eval_label": (lambda tmp, f: [f"data.train={_tsv(tmp, 't.tsv', [('a', 'pos'), ('b', 'neg')])}",
+                                           f"data.eval={_tsv(tmp, 'e.tsv', [('c', 'neutral')])}"], "'neutral'"),
+    "eval_label_out_of_range": (lambda tmp, f: [f"data.eval={_tsv(tmp, 'e.tsv', [('c', '5')])}"], "data.eval"),
+    "label_above_num_labels": (lambda tmp, f: [f"data.train={_tsv(tmp, 't.tsv', [('a', '0'), ('b', '3')])}",
+                                               "data.num_labels=2"], "out of range"),
+    "negative_label": (lambda tmp, f: [f"data.train={_tsv(tmp, 't.tsv', [('a', '0'), ('b', '-1')])}"], "negative"),
+    "float_labels": (lambda tmp, f: [f"data.train={_tsv(tmp, 't.tsv', [('a', '0.5'), ('b', '1.0')])}"], "0.5"),
+    "corrupt_config_json": (lambda tmp, f: [f"model.name={_model_dir(tmp, 'corrupt_config')}"], "config.json"),
+    "truncated_weights": (lambda tmp, f: [f"model.name={_model_dir(tmp, 'truncated')}"], "model.name"),
+    "missing_weights": (lambda tmp, f: [f"model.name={_model_dir(tmp, 'missing')}"], "model.name"),
+    "missing_tokenizer_dir": (lambda tmp, f: [f"model.tokenizer={tmp / 'no_such_dir'}"], "model.tokenizer="),
+    "resume_other_r": (lambda tmp, f: [f"train.resume={f / 'checkpoints' / 'step-0000004'}", "method.r=8"],
+                       "method.r=4"),
+    "resume_other_method_config": (lambda tmp, f: [f"train.resume={f / 'checkpoints' / 'step-0000004'}",
+                                                   "method.targets=[query]"], "method.targets"),
+    "resume_truncated_optimizer": (lambda tmp, f: [f"train.resume={_ckpt(tmp, f, 'truncated_optimizer')}"],
+                                   "optimizer.pt"),
+    "resume_corrupt_rng": (lambda tmp, f: [f"train.resume={_ckpt(tmp, f, 'corrupt_rng')}"], "rng-0.safetensors"),
+    "resume_bad_rng_state": (lambda tmp, f: [f"train.resume={_ckpt(tmp, f, 'bad_rng_state')}"], "RNG state"),
+    "resume_empty_dir": (lambda tmp, f: [f"train.resume={_ckpt(tmp, f, 'empty')}"], "is empty"),
+    "resume_missing_weights": (lambda tmp, f: [f"train.resume={_ckpt(tmp, f, 'missing_weights')}"],
+                               "trainable.safetensors"),
+    "resume_no_such_dir": (lambda tmp, f: [f"train.resume={tmp / 'nope'}"], "train.resume="),
+    "max_steps_below_checkpoint": (lambda tmp, f: [f"train.resume={f / 'checkpoints' / 'step-0000008'}",
+                                                   "train.max_steps=5"], "step 8"),
+    "unknown_key": (lambda tmp, f: ["train.lr_warmup=3"], "train.lr_warmup"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_one_line_and_nothing_touched(case, tmp_path, finished, small_data, capsys):
+    make, expected = BAD[case]
+    extra = make(tmp_path, finished)
+    before = _snapshot(finished)
+    rc, out, err = _main(capsys, "train", RECIPE, *_overrides(finished, small_data, *extra))
+    assert rc == 2, (out, err)
+    assert "Traceback" not in err + out
+    assert err.startswith("sidetune: error: ") and err.count("\n") == 1, err
+    assert expected in err, err
+    assert _snapshot(finished) == before
+
+
+def test_bad_input_from_the_real_command_line(finished, small_data):
+    """The same, through a fresh `python -m sidetune` process (no test harness between it and the user)."""
+    before = _snapshot(finished)
+    r = subprocess.run([sys.executable, "-m", "sidetune", "train", str(RECIPE),
+                        *_overrides(finished, small_data, "train.warmup_ratio=5")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert [line for line in r.stderr.splitlines() if line.startswith("sidetune: error:")] == r.stderr.splitlines()[-1:]
+    assert "train.warmup_ratio" in r.stderr
+    assert _snapshot(finished) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Numerical faults
+
+
+def test_nonfinite_stops_with_one_line_or_is_skipped(tmp_path, small_data, capsys):
+    out = tmp_path / "nan"
+    # An lr of 1e30 blows the LoRA weights up within a few steps: the loss turns inf/NaN.
+    args = _overrides(out, small_data, "train.lr=1e30", "train.max_grad_norm=0", "train.save_every=1",
+                      "train.eval_every=0", "train.warmup_steps=0", "train.scheduler=constant")
+    rc, _, err = _main(capsys, "train", RECIPE, *args)
+    assert rc == 2 and err.count("\n") == 1, err
+    step = int(re.search(r"at step (\d+)", err).group(1))
+    assert "train.lr" in err and "bf16" in err and f"step-{step - 1:07d}" in err
+    assert (out / "checkpoints" / f"step-{step - 1:07d}" / "manifest.json").is_file()  # the last good one is kept
+    assert not (out / "checkpoints" / f"step-{step:07d}").exists()
+
+    skip = tmp_path / "skip"
+    rc, _, err = _main(capsys, "train", RECIPE, *_overrides(skip, small_data, *args[-5:], "train.lr=1e30",
+                                                             "train.skip_nonfinite=true"))
+    assert rc == 0, err
+    rows = [r for r in read_metrics(skip) if "loss" in r]
+    assert rows[-1]["skipped_nonfinite"] == 12 - (step - 1)
+    final = load_file(skip / "final" / "trainable.safetensors")
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def test_out_of_memory_becomes_one_line_with_the_plan_command(small_data, tmp_path):
+    from sidetune.train import _oom_message
+
+    cfg = load_config(RECIPE, _overrides(tmp_path, small_data))
+    msg = _oom_message(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), cfg, 7,
+                       torch.device("cpu"))
+    assert "\n" not in msg and "step 7" in msg
+    assert "sidetune plan --model tiny-bert" in msg and "--batch 4" in msg and "--methods lora" in msg
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A preset's initialisation follows train.seed
+
+
+def test_preset_init_follows_train_seed():
+    from sidetune.session import build
+
+    def weights(seed: int) -> torch.Tensor:
+        cfg = load_config(RECIPE, ["model.name=tiny-bert", f"train.seed={seed}"])
+        return build(cfg, "cpu", with_data=False).base.bert.embeddings.word_embeddings.weight.detach().clone()
+
+    assert torch.equal(weights(1), weights(1))
+    assert not torch.equal(weights(1), weights(2))
