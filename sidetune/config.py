@@ -105,7 +105,8 @@ class TrainConfig:
     batch_size: int = opt(32, "Examples per micro-batch (per device).")
     eval_batch_size: int = opt(64, "Examples per evaluation batch (per device).")
     grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
-    max_steps: int | None = opt(None, "Optimizer steps; null = run `epochs` epochs.")
+    max_steps: int | None = opt(
+        None, "Optimizer steps; null = run `epochs` epochs; 0 = no step: evaluate the untrained model, save final/.")
     epochs: float = opt(1.0, "Epochs to train when max_steps is null (fractions allowed).")
     warmup_ratio: float = opt(0.06, "Warmup as a fraction of the optimizer steps (ignored when warmup_steps > 0).")
     warmup_steps: int = opt(0, "Warmup in optimizer steps; overrides warmup_ratio when > 0.")
@@ -240,8 +241,9 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise SidetuneError(f"{key} must be >= 1, got {value}")
-    if t.max_steps is not None and t.max_steps < 1:
-        raise SidetuneError(f"train.max_steps must be >= 1 (or null to train for train.epochs), got {t.max_steps}")
+    if t.max_steps is not None and t.max_steps < 0:
+        raise SidetuneError(f"train.max_steps must be >= 0 (0 = evaluate only; null = train for train.epochs), "
+                            f"got {t.max_steps}")
     if t.tracker is not None:
         from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
