@@ -25,6 +25,14 @@ trained weights keep the checkpoint's dtype, and a quantized base trains only it
 Zero-shot PET is `sidetune train RECIPE train.max_steps=0`: no optimizer step, evaluation of the pattern model, and
 the (unchanged) trainable set saved to final/.
 
+The pattern matters more than the method. On SmolLM2-135M-Instruct and 300 SST-2 dev rows, zero-shot: the paper's
+"{text} All in all, it was" -> terrible/great answers " great" for every review (0.517, the positive rate);
+"Review: {text}\nSentiment:" -> negative/positive gives 0.787, and 64 training examples (64 steps of 8, lr 1e-5, full fine-tuning) take it to 0.853
+(recipes/sst2_pet.yaml).
+
+{text} is everything the data pipeline tokenized for the row (with data.text_pair_field, both texts). A run saved
+with `verbalizer: null` takes its words from data.label_names, so set one of the two in the config for a reload.
+
 Causal LMs only. A masked LM would score a [MASK] token instead, but sidetune's one offline encoder (minilm,
 all-MiniLM-L6-v2, a sentence-transformers checkpoint) ships no MLM head (cls.predictions.transform.* and the output
 bias are missing and would be random), so zero-shot PET on it would be meaningless; encoders are refused.
