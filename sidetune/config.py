@@ -106,7 +106,8 @@ class TrainConfig:
     batch_size: int = opt(32, "Examples per micro-batch (per device).")
     eval_batch_size: int = opt(64, "Examples per evaluation batch (per device).")
     grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
-    max_steps: int | None = opt(None, "Optimizer steps; null = run `epochs` epochs.")
+    max_steps: int | None = opt(
+        None, "Optimizer steps; null = run `epochs` epochs; 0 = no step: evaluate the untrained model, save final/.")
     epochs: float = opt(1.0, "Epochs to train when max_steps is null (fractions allowed).")
     warmup_ratio: float = opt(0.06, "Warmup as a fraction of the optimizer steps (ignored when warmup_steps > 0).")
     warmup_steps: int = opt(0, "Warmup in optimizer steps; overrides warmup_ratio when > 0.")
@@ -252,8 +253,9 @@ def validate(cfg: Config) -> None:
             f"train.optimizer={t.optimizer!r} is unknown; use adamw, adamw_8bit, paged_adamw_32bit or paged_adamw_8bit"
         )
     _check_ranges(cfg)
-    if t.max_steps is not None and t.max_steps < 1:
-        raise SidetuneError(f"train.max_steps must be >= 1 (or null to train for train.epochs), got {t.max_steps}")
+    if t.max_steps is not None and t.max_steps < 0:
+        raise SidetuneError(f"train.max_steps must be >= 0 (0 = evaluate only; null = train for train.epochs), "
+                            f"got {t.max_steps}")
     if t.tracker is not None:
         from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 

@@ -100,6 +100,13 @@ def run(args: argparse.Namespace) -> int:
         check_model(args.model)
         specs = resolve_rows(args.methods or "all", args.model, args.task, args.batch or 8, args.seq or 512,
                              args.sets)
+        if (args.methods or "all") == "all":
+            from sidetune.methods import METHODS
+
+            others = [m for m, cls in METHODS.items() if args.task not in cls.tasks]
+            if others:
+                print(f"sidetune: profile: {', '.join(others)} do(es) not train {args.task}; "
+                      f"see --task {' / '.join(sorted(set().union(*(METHODS[m].tasks for m in others))))}")
     sharding = Sharding(args.processes, args.shard)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,8 @@ def train(cfg: Config) -> dict[str, float]:
     module, optimizer, train_loader = accelerator.prepare(s.module, s.optimizer, train_loader)
     # Counted on the prepared loader: under `accelerate launch` each process sees only its shard of the batches.
     steps_per_epoch = max(1, math.ceil(len(train_loader) / t.grad_accum))
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    # max_steps=0 is a run with no optimizer step (the loop below never starts): evaluate, save final/.
+    total_steps = t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
     warmup = t.warmup_steps or int(t.warmup_ratio * total_steps)
     # Imported here: transformers.optimization pulls in peft when it is installed (seconds of import for every
     # command that only needs the model-building half of this module, e.g. `sidetune profile`'s workers).

@@ -23,7 +23,7 @@ import torch
 from sidetune.config import ModelConfig
 from sidetune.data import ASSETS
 from sidetune.methods import Context
-from sidetune.models import load_model
+from sidetune.models import load_model, load_tokenizer
 
 torch.set_num_threads(1)
 
@@ -90,7 +90,10 @@ def ctx(task_or_model) -> Context:
     """The method context for a task name, or for a tiny model (its task read off its class: tests only; the trainer
     always knows its task)."""
     if isinstance(task_or_model, str):
-        return Context.for_task(task_or_model)
+        # Loaded only if a method asks (PET tokenizes its pattern): the tokenizer tiny-llama borrows, and the label
+        # names of the two classes batch_for draws.
+        return Context.for_task(task_or_model, load_tokenizer=lambda: load_tokenizer(ModelConfig(name="tiny-llama")),
+                                label_names=["negative", "positive"])
     model = task_or_model
     name = type(model).__name__
     task = ("classification" if "SequenceClassification" in name else

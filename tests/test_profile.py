@@ -17,7 +17,9 @@ from sidetune.config import load_config
 from sidetune.methods import METHODS, build_method
 from sidetune.profile import ALIASES, measure, profile_row, resolve_rows
 
-LABELS = [*METHODS, *(a for a, (m, _) in ALIASES.items() if m in METHODS)]
+# Every method that trains a causal LM (the profiled task here), and the aliases.
+LABELS = [*(m for m, cls in METHODS.items() if "causal_lm" in cls.tasks),
+          *(a for a, (m, _) in ALIASES.items() if m in METHODS)]
 BATCH, SEQ = 2, 32
 
 

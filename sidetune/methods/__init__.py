@@ -9,6 +9,7 @@ from sidetune.methods.base import Context, Method, trainable_parameters
 from sidetune.methods.full import Full
 from sidetune.methods.lora import LoRA
 from sidetune.methods.lst import LST
+from sidetune.methods.pet import PET
 from sidetune.methods.ptuning_v2 import PTuningV2
 
 METHODS: dict[str, type[Method]] = {
@@ -17,6 +18,7 @@ METHODS: dict[str, type[Method]] = {
     "adapter": Adapter,
     "ptuning_v2": PTuningV2,
     "lst": LST,
+    "pet": PET,
 }
 
 

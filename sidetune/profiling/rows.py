@@ -37,7 +37,10 @@ def resolve_rows(methods: str, model: str, task: str, batch: int, seq: int, sets
     from sidetune.methods import METHODS
 
     available = {**{m: (m, None) for m in METHODS}, **{a: v for a, v in ALIASES.items() if v[0] in METHODS}}
-    names = list(available) if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    if methods.strip() == "all":  # every method that trains this task (PET classifies only, ...)
+        names = [n for n, (m, _) in available.items() if task in METHODS[m].tasks]
+    else:
+        names = [m.strip() for m in methods.split(",") if m.strip()]
     for name in names:
         if name not in available:
             raise SidetuneError(f"--methods: unknown method {name!r}; choose from {', '.join(available)} or all")
@@ -47,8 +50,8 @@ def resolve_rows(methods: str, model: str, task: str, batch: int, seq: int, sets
 
     if common is None:  # else: the settings of a recipe (recipe_rows)
         common = [f"model.name={model}", f"data.task={task}", f"train.batch_size={batch}", f"data.max_length={seq}"]
-        if get_task(task).classifies:
-            common.append("data.num_labels=2")
+        if get_task(task).classifies:  # a two-class task (methods that verbalize labels need their names)
+            common += ["data.num_labels=2", 'data.label_names=["negative", "positive"]']
     global_sets, scoped = [], []
     for item in sets:
         key = item.partition("=")[0]
