@@ -18,6 +18,7 @@ from sidetune.methods._inject import find_targets
 from sidetune.methods._lora_ga import mean_gradients
 from sidetune.methods.lora import LoRA, LoRAConfig, lora_layers
 from sidetune.session import build
+from sidetune.train import load_run, save_trainable
 
 CASES = [("tiny-llama", "causal_lm"), ("tiny-llama", "classification"), ("tiny-gpt2", "causal_lm"),
          ("tiny-bert", "classification")]
@@ -147,3 +148,15 @@ def test_build_feeds_calibration_batches_from_the_training_data(sst2_small):
     s = build(cfg, "cpu")
     layers = lora_layers(s.model)
     assert layers and all(layer.lora_B.weight.abs().sum() > 0 for layer in layers)
+
+
+def test_a_saved_run_is_refused_on_reload_not_rebuilt_wrong(tmp_path, sst2_small):
+    """The offset s B_0 A_0 lives in the frozen base weight, which a run directory does not store: a reload (built
+    without data) must refuse in one line rather than serve W + s B A instead of W - s B_0 A_0 + s B A."""
+    cfg = load_config(None, [
+        "model.name=tiny-llama", "data.task=causal_lm", f"data.train={sst2_small['train']}", "data.max_length=16",
+        "train.batch_size=4", "method.name=lora", "method.init=lora_ga", "method.calibration_batches=1"])
+    save_trainable(build(cfg, "cpu").model, cfg, tmp_path / "final")
+    with pytest.raises(SidetuneError, match="needs calibration batches") as e:
+        load_run(tmp_path)
+    assert "\n" not in str(e.value)

@@ -323,6 +323,9 @@ class LST(Method):
             if name != used:
                 model.get_submodule(name).requires_grad_(False)
         scores = None
-        if self.cfg.init == "pruned_fisher":  # the backbone's only gradients, once, through hooks (no .grad left)
-            scores = fisher_scores(model, self.cfg.side_layers, list(ctx.batches(self.name, self.cfg.calibration_batches)))
+        # The backbone's only gradients, once, through hooks (no .grad left). Without calibration data (a saved run
+        # rebuilt by sidetune.load / eval / export, a memory prediction) the L1 cut stands in: everything the init
+        # sets is trainable, so the checkpoint overwrites it.
+        if self.cfg.init == "pruned_fisher" and ctx.calibration:
+            scores = fisher_scores(model, self.cfg.side_layers, ctx.calibration[: self.cfg.calibration_batches])
         return LSTModel(model, self.cfg, task, scores).train(model.training)
