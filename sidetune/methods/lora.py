@@ -6,7 +6,9 @@ A frozen linear layer y = W x gains a trainable low-rank update:
 
 (rsLoRA, arXiv 2312.03732, scales by alpha / sqrt(r) instead, which keeps the update's size stable as r grows.)
 With the standard init (A Kaiming-uniform, B = 0) the update is zero, so step 0 equals the frozen model. The
-`a_zero` init swaps the roles (A = 0, B random), and `gaussian` draws A from N(0, 1/r).
+`a_zero` init swaps the roles (A = 0, B random), and `gaussian` draws A from N(0, 1/r). `lora_ga` (arXiv 2407.05000)
+sets A and B from the SVD of the full-weight gradient on a few training batches and subtracts the initial B A from
+the frozen weight, so that the first steps follow full fine-tuning's gradient (`_lora_ga.py`).
 
 LoRA+ (arXiv 2402.12354) trains B with a learning rate `loraplus_lr_ratio` times larger than A's.
 
@@ -30,6 +32,7 @@ from transformers.pytorch_utils import Conv1D
 
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_dropout, check_positive, check_targets, opt
+from sidetune.methods import _lora_ga
 from sidetune.methods._inject import (
     WrappedLinear,
     find_targets,
@@ -59,9 +62,17 @@ class LoRAConfig:
     alpha: float = opt(16.0, "Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora).")
     dropout: float = opt(0.0, "Dropout on the LoRA branch's input.")
     rslora: bool = opt(False, "Rank-stabilised scaling alpha / sqrt(r).")
-    init: Literal["standard", "a_zero", "gaussian"] = opt(
+    init: Literal["standard", "a_zero", "gaussian", "lora_ga"] = opt(
         "standard",
-        "standard (A Kaiming-uniform, B = 0), a_zero (A = 0, B Kaiming-uniform), gaussian (A ~ N(0, 1/r), B = 0).",
+        "standard (A Kaiming-uniform, B = 0), a_zero (A = 0, B Kaiming-uniform), gaussian (A ~ N(0, 1/r), B = 0), "
+        "lora_ga (A, B from the SVD of the weight gradient on calibration batches; float bases only).",
+    )
+    calibration_batches: int = opt(8, "lora_ga: training batches the weight gradient is averaged over.")
+    ga_gamma: float = opt(16.0, "lora_ga: gamma of the stable scale d_out^(1/4) / sqrt(gamma) on A and B.")
+    ga_direction: Literal["ArB2r", "A2rBr"] = opt(
+        "ArB2r",
+        "lora_ga: ArB2r (A from the top r right singular vectors, B from left vectors r+1..2r: the paper's) or "
+        "A2rBr (A from right vectors r+1..2r, B from the top r left ones).",
     )
     loraplus_lr_ratio: float = opt(1.0, "LoRA+: learning rate of B relative to A (1 = plain LoRA; the paper uses 16).")
 
@@ -69,6 +80,9 @@ class LoRAConfig:
         check_targets("method.targets", self.targets)
         check_positive("method.r", self.r)
         check_dropout("method.dropout", self.dropout)
+        check_positive("method.calibration_batches", self.calibration_batches)
+        if self.alpha <= 0 or self.ga_gamma <= 0:
+            raise SidetuneError(f"method.alpha and method.ga_gamma must be > 0, got {self.alpha} and {self.ga_gamma}")
         if self.alpha <= 0 or self.loraplus_lr_ratio <= 0:
             raise SidetuneError(f"method.alpha and method.loraplus_lr_ratio must be > 0, got {self.alpha} and "
                                 f"{self.loraplus_lr_ratio}")
@@ -151,6 +165,9 @@ class LoRA(Method):
     def __init__(self, cfg: LoRAConfig) -> None:
         self.cfg = cfg
 
+    def calibration_batches(self) -> int:
+        return self.cfg.calibration_batches if self.cfg.init == "lora_ga" else 0
+
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         freeze(model)
         names = find_targets(model, self.cfg.targets)
@@ -161,8 +178,15 @@ class LoRA(Method):
                 f"{', '.join(linear)} (or use all-linear)"
             )
         c = self.cfg
+        grads = {}
+        if c.init == "lora_ga":
+            batches = list(ctx.batches(self.name, c.calibration_batches))
+            grads = _lora_ga.mean_gradients(model, {n: model.get_submodule(n) for n in names}, batches)
         for name in names:
-            layer = LoRALinear(model.get_submodule(name), c.r, c.alpha, c.dropout, c.rslora, c.init)
+            layer = LoRALinear(model.get_submodule(name), c.r, c.alpha, c.dropout, c.rslora,
+                               "standard" if name in grads else c.init)
+            if name in grads:
+                _lora_ga.apply_init(layer, grads.pop(name), c.r, c.ga_gamma, c.ga_direction)
             replace_module(model, name, layer)
         return model
 

@@ -35,7 +35,7 @@ from sidetune.fields import opt
 from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
 from sidetune.methods._inject import freeze, head_module_names
 from sidetune.methods._lst_blocks import SideStack, Stack, capture, stacks_of, tapped_layers
-from sidetune.methods._lst_prune import init_pruned, keep_hidden
+from sidetune.methods._lst_prune import fisher_scores, init_pruned, keep_hidden
 from sidetune.methods.base import Context, Method
 from sidetune.tasks import HEAD_NAMES, Task
 
@@ -54,11 +54,13 @@ class LSTConfig:
         "back from the last, which is always tapped) or a list of block indices (negative = from the end). T5: "
         "for both stacks.",
     )
-    init: Literal["pruned", "random"] = opt(
+    init: Literal["pruned", "pruned_fisher", "random"] = opt(
         "pruned",
         "pruned: side blocks, norms and ladders cut from the backbone by L1 structural pruning (the paper's "
-        "choice); random: PyTorch's default init.",
+        "choice); pruned_fisher: the same cut, by empirical Fisher importance on calibration batches; random: "
+        "PyTorch's default init.",
     )
+    calibration_batches: int = opt(8, "pruned_fisher: training batches the Fisher importance is summed over.")
     gate_temperature: float = opt(0.1, "Gate temperature T in g = sigmoid(alpha / T).")
     gate_init: float = opt(0.0, "Initial alpha of every gate (0 -> g = 0.5: half side state, half ladder input).")
     dropout: float = opt(0.0, "Dropout inside the side network (attention probabilities and residual branches).")
@@ -84,6 +86,8 @@ class LSTConfig:
     def __post_init__(self) -> None:
         if self.r < 1:
             raise SidetuneError(f"method.r must be >= 1, got {self.r}")
+        if self.calibration_batches < 1:
+            raise SidetuneError(f"method.calibration_batches must be >= 1, got {self.calibration_batches}")
         if self.gate_temperature <= 0:
             raise SidetuneError(f"method.gate_temperature must be > 0, got {self.gate_temperature}")
         if not 0 <= self.dropout < 1:
@@ -157,7 +161,7 @@ class TaskHead(nn.Module):
 class LSTModel(nn.Module):
     """The module LST trains: the frozen backbone (run without grad), the side network(s), `up` and the task head."""
 
-    def __init__(self, backbone: nn.Module, cfg: LSTConfig, task: Task) -> None:
+    def __init__(self, backbone: nn.Module, cfg: LSTConfig, task: Task, scores: list | None = None) -> None:
         super().__init__()
         self.backbone, self.cfg, self.task = backbone, cfg, task
         self.stacks: list[Stack] = stacks_of(backbone)
@@ -177,10 +181,10 @@ class LSTModel(nn.Module):
         pooling = cfg.pooling if cfg.pooling != "auto" else ("last" if self.stacks[-1].shape.causal else "first")
         self.head = TaskHead(backbone, task, pooling)
         keep = None
-        if cfg.init == "pruned" and device.type != "meta":  # on meta (memory accounting) only shapes matter
-            keep = keep_hidden(self.stacks, tapped, shapes[-1].d).to(device)
-            for side, stack, shape in zip(sides, self.stacks, shapes):
-                init_pruned(side, stack, shape, keep)
+        if cfg.init != "random" and device.type != "meta":  # on meta (memory accounting) only shapes matter
+            keep = keep_hidden(self.stacks, tapped, shapes[-1].d, scores).to(device)  # scores: Fisher, else L1
+            for k, (side, stack, shape) in enumerate(zip(sides, self.stacks, shapes)):
+                init_pruned(side, stack, shape, keep, scores[k] if scores else None)
         with torch.no_grad():
             if not task.classifies or cfg.classifier_input == "sum":
                 self.up.weight.zero_()  # the side output starts at exactly 0: step 0 is the frozen model
@@ -305,6 +309,9 @@ class LST(Method):
     def head_modules(self, module: nn.Module) -> list[nn.Module]:
         return [module.head]
 
+    def calibration_batches(self) -> int:
+        return self.cfg.calibration_batches if self.cfg.init == "pruned_fisher" else 0
+
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         task = ctx.task
         if task.classifies and model.config.is_encoder_decoder:
@@ -315,4 +322,10 @@ class LST(Method):
         for name in head_module_names(model):
             if name != used:
                 model.get_submodule(name).requires_grad_(False)
-        return LSTModel(model, self.cfg, task).train(model.training)
+        scores = None
+        # The backbone's only gradients, once, through hooks (no .grad left). Without calibration data (a saved run
+        # rebuilt by sidetune.load / eval / export, a memory prediction) the L1 cut stands in: everything the init
+        # sets is trainable, so the checkpoint overwrites it.
+        if self.cfg.init == "pruned_fisher" and ctx.calibration:
+            scores = fisher_scores(model, self.cfg.side_layers, ctx.calibration[: self.cfg.calibration_batches])
+        return LSTModel(model, self.cfg, task, scores).train(model.training)
