@@ -45,7 +45,7 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "auto", ove
 
     from sidetune.methods._inject import float32_linear, is_quantized_linear, replace_module
     from sidetune.models import _quiet_transformers
-    from sidetune.session import build
+    from sidetune.session import rebuild
     from sidetune.train import load_trainable, run_config
 
     cfg, weights = run_config(run_dir)
@@ -53,7 +53,7 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "auto", ove
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise SidetuneError(f"export target {str(out)!r} exists and is not empty; pick a new directory or pass "
                             f"--overwrite")
-    s = build(cfg, "cpu", with_data=False)
+    s = rebuild(cfg, "cpu")
     model, tokenizer = s.model, s.tokenizer
     load_trainable(model, weights)
 

@@ -78,6 +78,14 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
     return Setup(cfg, task, tokenizer, data, method, base, base_modules, model, module, optimizer)
 
 
+def rebuild(cfg: Config, device: torch.device | str) -> Setup:
+    """A finished run's model, rebuilt to load its trained weights into: without data, unless the method's init
+    reads training batches that the frozen base depends on (LoRA-GA subtracts its initial update from the base
+    weights): then the same seeded calibration batches are read again and the same base is rebuilt."""
+    needs_data = build_method(cfg.method).calibration_batches() > 0
+    return build(cfg, device, with_data=needs_data)
+
+
 def _calibration(method: Method, data, task: Task, tokenizer, cfg: Config, device) -> list[dict]:
     """The first batches of the training data (a fixed, seeded order), for methods that initialise from data."""
     n = method.calibration_batches()

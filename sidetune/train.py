@@ -32,7 +32,7 @@ from sidetune.config import Config, load_config, save_config
 from sidetune.errors import SidetuneError, one_line
 from sidetune.memory import peak_memory, short
 from sidetune.methods import trainable_parameters
-from sidetune.session import Setup, build, forward_module, mixed_precision, train_step
+from sidetune.session import Setup, build, forward_module, mixed_precision, rebuild, train_step
 from sidetune.tasks import Task
 
 # What marks a directory as holding a run (the lock file does not: it stays behind, harmless, after every run).
@@ -651,7 +651,7 @@ def run_config(run_dir: str | Path) -> tuple[Config, Path]:
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Rebuild a trained model from its run directory: base model + method + trained weights, in eval mode."""
     cfg, weights = run_config(run_dir)
-    s = build(cfg, torch.device(device), with_data=False)
+    s = rebuild(cfg, torch.device(device))
     load_trainable(s.model, weights)
     s.model.eval()
     return s.model, s.tokenizer
