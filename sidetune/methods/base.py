@@ -60,7 +60,7 @@ class Method(Protocol):
     name: ClassVar[str]
     Config: ClassVar[type]
     # The data.tasks it trains (a task outside this set is refused in one line before the model loads).
-    tasks: ClassVar[frozenset[str]] = frozenset({"classification", "causal_lm", "seq2seq"})
+    tasks: ClassVar[frozenset[str]] = frozenset({"classification", "causal_lm", "chat", "seq2seq"})
     # False when no gradient flows through the backbone (LST): the backbone may run in eval mode with dropout off,
     # gradient checkpointing of it is pointless, and `plan` does not propose it.
     backbone_trains: ClassVar[bool] = True
