@@ -99,6 +99,12 @@ class Method(Protocol):
         raise SidetuneError(f"method {self.name!r} cannot be merged into the base weights (only updates that are "
                             f"linear in them, like LoRA's, can); serve the run with sidetune.load(RUN_DIR) instead")
 
+    def peft_config(self, model: nn.Module) -> dict[str, Any] | None:
+        """The method-specific fields of a PEFT adapter_config.json for the trained `model`, whose trainable
+        parameter names (under PEFT's `base_model.model.` prefix) are the adapter's keys (`sidetune export --peft`,
+        sidetune/peft_io.py). Default None: the method has no PEFT format, and export refuses in one line."""
+        return None
+
     def start_exact(self, task: Task) -> dict[str, Any] | None:
         """Method-config overrides under which step 0 equals the frozen model on `task` (the contract test checks
         it), or None where the method cannot start there (its file says why). Default {}: it always does."""
