@@ -126,8 +126,8 @@ def test_a_method_without_a_peft_format_refuses_in_one_line(tmp_path):
 def test_smollm2_lora_adapter_loads_in_peft_with_equal_logits(tmp_path, all_cores):
     from sidetune.models import resolve_path
 
-    run = _train(tmp_path / "run", "model.name=smollm2-135m", *CHAT, "data.max_train_samples=8",
-                 "train.batch_size=4", "train.max_steps=2", "train.lr=1e-3", "method.targets=all-linear")
+    run = _train(tmp_path / "run", "model.name=smollm2-135m", *CHAT, "data.max_train_samples=2",
+                 "data.max_length=32", "train.batch_size=2", "train.max_steps=1", "train.lr=1e-3")
     out = export_peft(run, tmp_path / "adapter")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(resolve_path("smollm2-135m").resolve())
