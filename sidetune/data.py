@@ -116,6 +116,7 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) ->
     num_labels = None
     if task.classifies or cfg.label_names is not None:
         label_names, num_labels, to_id = _label_mapping(cfg, train_rows)
+        cfg.label_names = label_names  # kept with the run (saved config): reloads and evals map labels the same way
         train_rows = _relabel(train_rows, cfg.label_field, to_id)
         if eval_rows is not None:
             eval_rows = _relabel(eval_rows, cfg.label_field, to_id)

@@ -99,11 +99,24 @@ def test_chat_cli_reads_stdin_in_a_subprocess(lora_run):
     assert len(replies) == 2  # EOF ended the loop after the second message
 
 
-def test_a_classification_run_cannot_generate(sst2_small, tmp_path, capsys):
+def test_a_classification_run_keeps_its_label_names_evaluates_on_its_own_and_cannot_generate(sst2_small, tmp_path,
+                                                                                              capsys):
+    import shutil
+
+    train_file = tmp_path / "train.tsv"
+    shutil.copy(sst2_small["train"], train_file)
     run = tmp_path / "cls"
-    train(load_config(None, ["model.name=tiny-llama", "method.name=lora", f"data.train={sst2_small['train']}",
+    train(load_config(None, ["model.name=tiny-llama", "method.name=lora", f"data.train={train_file}",
                              "data.eval=null", "data.max_train_samples=8", "data.max_length=16", "train.batch_size=4",
-                             "train.max_steps=1", "train.progress=false", f"train.output_dir={run}"]))
+                             "data.label_names=[negative,positive]", "train.max_steps=1", "train.progress=false",
+                             f"train.output_dir={run}"]))
+    train_file.unlink()  # `sidetune eval --data X` needs X and the run, nothing else
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", sst2_small["dev"]]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["label_names"] == ["negative", "positive"] and 0 <= metrics["eval_accuracy"] <= 1
+    model, _ = sidetune.load(run)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
     assert main(["generate", str(run), "--prompt", "hi"]) == 2
     assert "this run classifies" in capsys.readouterr().err
 
