@@ -170,7 +170,7 @@ class LoRA(Method):
             layer = LoRALinear(model.get_submodule(name), c.r, c.alpha, c.dropout, c.rslora, c.init)
             replace_module(model, name, layer)
         if c.init_from is not None:  # start from a PEFT adapter trained elsewhere (sidetune/peft_io.py)
-            from sidetune.peft_io import load_peft_adapter
+            from sidetune.methods._peft import load_peft_adapter
 
             load_peft_adapter(model, c.init_from, c.r, c.alpha, c.rslora)
         return model
@@ -183,7 +183,7 @@ class LoRA(Method):
 
     def peft_config(self, model: nn.Module) -> dict:
         """PEFT's LoRA fields: sidetune's parameter names and arithmetic are PEFT's (sidetune/peft_io.py)."""
-        from sidetune.peft_io import lora_peft_config
+        from sidetune.methods._peft import lora_peft_config
 
         layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
         conv1d = any(isinstance(m.base, Conv1D) for m in layers.values())
