@@ -7,10 +7,17 @@ __version__ = "0.1.0"
 
 def load(run_dir, device="cpu"):
     """Load a finished run: returns (model, tokenizer), the model in eval mode with its trained weights, ready to
-    predict (`model(**batch)`) or generate."""
-    from sidetune.train import load_run
+    predict (`model(**batch)`) or generate. A classifier's `model.config.id2label` holds the run's label names."""
+    from sidetune.tasks import get_task
+    from sidetune.train import load_run, run_config
 
-    return load_run(run_dir, device)
+    model, tokenizer = load_run(run_dir, device)
+    data = run_config(run_dir)[0].data
+    names = data.label_names
+    if names and get_task(data.task).classifies:  # a classifier: its label names
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {n: i for i, n in enumerate(names)}
+    return model, tokenizer
 
 
 __all__ = ["__version__", "load"]

@@ -37,9 +37,12 @@ def _parser() -> argparse.ArgumentParser:
 
 # name -> (module, help). The module defines add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "export": ("sidetune.export", "merge a LoRA/QLoRA run into its base weights and save a plain Hugging Face model"),
+    "export": ("sidetune.export", "merge a LoRA/QLoRA run into its base weights (--merge) or write it as a PEFT adapter (--peft)"),
     "profile": ("sidetune.profile", "memory profile of every method: measured, predicted, as JSON, Markdown and PNG"),
     "plan": ("sidetune.plan", "which methods fit a memory budget, the largest batch each takes, what to change"),
+    "generate": ("sidetune.generate", "generate text from a finished run (a prompt, or a jsonl of prompts)"),
+    "chat": ("sidetune.chat_repl", "talk to a finished run through its chat template (stdin, one message a line)"),
+    "plot": ("sidetune.plot", "loss and eval curves of one or more runs (metrics.jsonl) as a PNG"),
 }
 
 
@@ -68,9 +71,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from sidetune.train import evaluate_run
+    from sidetune.train import evaluate_run, run_config
 
-    print(json.dumps(evaluate_run(args.run_dir, args.data)))
+    metrics: dict = evaluate_run(args.run_dir, args.data)
+    names = run_config(args.run_dir)[0].data.label_names
+    print(json.dumps({**metrics, **({"label_names": names} if names else {})}))
     return 0
 
 

@@ -56,9 +56,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: Literal["classification", "causal_lm", "seq2seq"] = opt(
+    task: Literal["classification", "causal_lm", "chat", "seq2seq"] = opt(
         "classification",
-        "classification (text or text pair -> label), causal_lm (text, or prompt -> completion) or seq2seq.",
+        "classification (text or text pair -> label), causal_lm (text, or prompt -> completion), chat (a list of "
+        "messages per row, rendered with the tokenizer's chat template, loss on the assistant turns) or seq2seq.",
     )
     train: str = opt(
         "sst2/train.tsv",
@@ -87,6 +88,22 @@ class DataConfig:
     num_labels: int | None = opt(
         None, "Number of classes for classification; null = inferred from the training labels.")
     max_length: int = opt(128, "Truncate every tokenized example to this many tokens.")
+    messages_field: str = opt(
+        "messages",
+        "chat: column holding each conversation, a list of {role, content} messages (OpenAI: system/user/assistant) "
+        "or {from, value} (ShareGPT: system/human/gpt); a JSON string of that list also works.",
+    )
+    chat_template: str | None = opt(
+        None,
+        "chat: a Jinja chat template (the text, or a path to a .jinja file) replacing the tokenizer's own; null = "
+        "the tokenizer's. Resolved into the saved config, so a run reloads with the template it trained with.",
+    )
+    format: Literal["alpaca", "prompt_completion"] | None = opt(
+        None,
+        "causal_lm / seq2seq: a named row format instead of prompt_template/completion_template. alpaca: columns "
+        "instruction, input, output (the Input section is left out when input is empty); prompt_completion: "
+        "columns prompt and completion (the completion is appended as is). Loss on the completion only.",
+    )
     max_train_samples: int | None = opt(
         None, "Use only the first N training / evaluation rows (after a seeded shuffle for training); null = all.")
     max_eval_samples: int | None = opt(None, "Use only the first N evaluation rows; null = all.")

@@ -18,6 +18,7 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
+from sidetune import chat, formats
 from sidetune.config import DataConfig
 from sidetune.errors import SidetuneError, one_line
 from sidetune.tasks import Task, get_task
@@ -108,6 +109,9 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) ->
     if eval_rows is not None and cfg.max_eval_samples is not None:
         eval_rows = eval_rows.select(range(min(cfg.max_eval_samples, len(eval_rows))))
 
+    if task.conversational:
+        return _build_chat(cfg, tokenizer, train_rows, eval_rows)
+
     label_names = cfg.label_names
     num_labels = None
     if task.classifies or cfg.label_names is not None:
@@ -115,6 +119,7 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) ->
         if eval_rows is not None:
             train_ints = all(isinstance(v, int) for v in _label_values(train_rows, cfg.label_field, "data.train"))
             _check_eval_labels(eval_rows, cfg.label_field, label_names, num_labels, train_ints)
+        cfg.label_names = label_names  # kept with the run (saved config): reloads and evals map labels the same way
         train_rows = _relabel(train_rows, cfg.label_field, to_id)
         if eval_rows is not None:
             eval_rows = _relabel(eval_rows, cfg.label_field, to_id)
@@ -142,6 +147,15 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) ->
                     num_labels, label_names)
 
 
+def _build_chat(cfg: DataConfig, tokenizer, train_rows: datasets.Dataset,
+                eval_rows: datasets.Dataset | None) -> TaskData:
+    """data.task=chat: conversations rendered with the chat template, the loss on assistant turns (sidetune.chat)."""
+    chat.use_template(tokenizer, cfg, getattr(tokenizer, "name_or_path", ""))
+    return TaskData(chat.tokenize(cfg, tokenizer, train_rows, "data.train"),
+                    chat.tokenize(cfg, tokenizer, eval_rows, "data.eval") if eval_rows is not None else None,
+                    None, None, None)
+
+
 def _relabel(rows: datasets.Dataset, field: str, to_id) -> datasets.Dataset:
     """Labels to class ids, in a fresh integer column: mapped in place, a string column would keep its string type
     ("1"), which the collator cannot turn into a tensor."""
@@ -160,6 +174,8 @@ def _check_max_length(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> No
 def _needed_columns(cfg: DataConfig, task: Task) -> list[str]:
     if task.classifies:
         return [cfg.text_field, cfg.label_field] + ([cfg.text_pair_field] if cfg.text_pair_field else [])
+    if cfg.format is not None:
+        return formats.columns(cfg.format)
     if cfg.prompt_template or cfg.completion_template:
         return []  # the templates name their own columns; a missing one is reported by _render
     return [cfg.text_field] + ([cfg.target_field] if task.seq2seq else [])
@@ -272,6 +288,8 @@ def _encode_classification(cfg, tok, batch, label_names):
 
 
 def _prompt_completion(cfg, batch, label_names) -> tuple[list[str], list[str]] | None:
+    if cfg.format is not None:  # a named format (sidetune.formats)
+        return formats.pairs(cfg.format, _rows(batch))
     if not (cfg.prompt_template or cfg.completion_template):
         return None
     rows = _rows(batch)

@@ -12,6 +12,8 @@ price: the exported weights keep NF4's rounding, so they are exactly as good as 
 Only updates that are linear in the weights merge: LoRA (and full fine-tuning, which has nothing to merge).
 Adapters, P-tuning v2 and LST add computation that no weight matrix can absorb; for them export fails with one line
 and the run is served with `sidetune.load(RUN_DIR)`.
+
+`sidetune export RUN_DIR --peft OUT` writes the run as a PEFT adapter instead (sidetune/peft_io.py).
 """
 
 from __future__ import annotations
@@ -26,14 +28,27 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a finished sidetune run (its directory or its final/ directory)")
-    p.add_argument("--merge", metavar="OUT", required=True,
-                   help="write the merged model + tokenizer here (a plain Hugging Face directory)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--merge", metavar="OUT",
+                      help="write the merged model + tokenizer here (a plain Hugging Face directory)")
+    what.add_argument("--peft", metavar="OUT",
+                      help="write a PEFT adapter here (adapter_config.json + adapter_model.safetensors, and the "
+                           "tokenizer) that peft.PeftModel.from_pretrained(base, OUT) loads; LoRA / QLoRA runs")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="dtype of the saved weights; auto = the dtype of the run's unquantized weights")
     p.add_argument("--overwrite", action="store_true", help="write into OUT even if it is not empty")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.peft is not None:
+        import json
+
+        from sidetune.peft_io import ADAPTER_CONFIG, export_peft
+
+        out = export_peft(args.run_dir, args.peft, args.overwrite)
+        base = json.loads((out / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+        print(f"sidetune: PEFT adapter written to {out} (base: {base})")
+        return 0
     out = export_merged(args.run_dir, args.merge, args.dtype, args.overwrite)
     print(f"sidetune: merged model written to {out}")
     return 0

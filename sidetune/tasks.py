@@ -28,6 +28,9 @@ class Task:
     shift_labels: bool
     # True: source and target are separate sequences (encoder-decoder).
     seq2seq: bool = False
+    # True: rows are conversations (a list of messages) rendered with the tokenizer's chat template; the loss is on
+    # the assistant turns (sidetune.chat). For the model, the loss and the metrics this is a causal LM.
+    conversational: bool = False
 
     @property
     def generates(self) -> bool:
@@ -59,6 +62,7 @@ TASKS: dict[str, Task] = {
     "classification": Task("classification", "AutoModelForSequenceClassification", classifies=True,
                            shift_labels=False),
     "causal_lm": Task("causal_lm", "AutoModelForCausalLM", classifies=False, shift_labels=True),
+    "chat": Task("chat", "AutoModelForCausalLM", classifies=False, shift_labels=True, conversational=True),
     "seq2seq": Task("seq2seq", "AutoModelForSeq2SeqLM", classifies=False, shift_labels=False, seq2seq=True),
 }
 

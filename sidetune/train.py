@@ -661,7 +661,9 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None) -> dict[str,
     """Evaluate a finished run on its eval data, or on `data_path`."""
     cfg, weights = run_config(run_dir)
     if data_path is not None:
-        cfg.data.eval = data_path
+        # Only X is read: the training file (maybe relative to another directory) is not needed to evaluate.
+        cfg.data.eval = cfg.data.train = data_path
+        cfg.data.max_train_samples = 1
     if cfg.data.eval is None:
         raise SidetuneError("this run has no data.eval; pass --data PATH")
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train))

@@ -19,12 +19,12 @@ from torch.testing import assert_close
 from sidetune.config import load_config
 from sidetune.errors import SidetuneError
 from sidetune.methods import METHODS, build_method, trainable_parameters
-from sidetune.tasks import get_task
+from sidetune.tasks import TASKS, get_task
 
 # Every method must train on tiny-llama for each task it declares but seq2seq, and on T5 for seq2seq. The other
 # presets are tried too: there a method either trains or refuses in one line (SidetuneError).
-NATURAL = {"causal_lm": "tiny-llama", "classification": "tiny-llama", "seq2seq": "tiny-t5"}
-OTHERS = {"causal_lm": ["tiny-gpt2"], "classification": ["tiny-bert"], "seq2seq": []}
+NATURAL = {"causal_lm": "tiny-llama", "chat": "tiny-llama", "classification": "tiny-llama", "seq2seq": "tiny-t5"}
+OTHERS = {"causal_lm": ["tiny-gpt2"], "chat": [], "classification": ["tiny-bert"], "seq2seq": []}
 
 
 def _params():
@@ -83,9 +83,9 @@ def test_exactly_the_trainable_set_gets_gradients(name, preset, task, must):
             assert p.grad is None, f"{pname} is frozen but got a gradient"
 
 
-@pytest.mark.parametrize("name", [n for n, cls in METHODS.items() if len(cls.tasks) < 3])
+@pytest.mark.parametrize("name", [n for n, cls in METHODS.items() if len(cls.tasks) < len(TASKS)])
 def test_an_undeclared_task_is_refused_when_the_config_is_parsed(name):
-    task = next(t for t in ("seq2seq", "causal_lm", "classification") if t not in METHODS[name].tasks)
+    task = next(t for t in TASKS if t not in METHODS[name].tasks)
     with pytest.raises(SidetuneError, match=f"does not train data.task={task}"):
         load_config(None, [f"method.name={name}", f"data.task={task}"])
 

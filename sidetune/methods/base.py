@@ -60,7 +60,7 @@ class Method(Protocol):
     name: ClassVar[str]
     Config: ClassVar[type]
     # The data.tasks it trains (a task outside this set is refused in one line before the model loads).
-    tasks: ClassVar[frozenset[str]] = frozenset({"classification", "causal_lm", "seq2seq"})
+    tasks: ClassVar[frozenset[str]] = frozenset({"classification", "causal_lm", "chat", "seq2seq"})
     # False when no gradient flows through the backbone (LST): the backbone may run in eval mode with dropout off,
     # gradient checkpointing of it is pointless, and `plan` does not propose it.
     backbone_trains: ClassVar[bool] = True
@@ -98,6 +98,12 @@ class Method(Protocol):
         --merge`). Default: this method adds computation no weight can absorb, so it refuses in one line."""
         raise SidetuneError(f"method {self.name!r} cannot be merged into the base weights (only updates that are "
                             f"linear in them, like LoRA's, can); serve the run with sidetune.load(RUN_DIR) instead")
+
+    def peft_config(self, model: nn.Module) -> dict[str, Any] | None:
+        """The method-specific fields of a PEFT adapter_config.json for the trained `model`, whose trainable
+        parameter names (under PEFT's `base_model.model.` prefix) are the adapter's keys (`sidetune export --peft`,
+        sidetune/peft_io.py). Default None: the method has no PEFT format, and export refuses in one line."""
+        return None
 
     def start_exact(self, task: Task) -> dict[str, Any] | None:
         """Method-config overrides under which step 0 equals the frozen model on `task` (the contract test checks

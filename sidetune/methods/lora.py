@@ -75,6 +75,11 @@ class LoRAConfig:
         "A2rBr (A from right vectors r+1..2r, B from the top r left ones).",
     )
     loraplus_lr_ratio: float = opt(1.0, "LoRA+: learning rate of B relative to A (1 = plain LoRA; the paper uses 16).")
+    init_from: str | None = opt(
+        None,
+        "A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to start from: its weights "
+        "replace the init; its r, lora_alpha, use_rslora and target layers must match this config.",
+    )
 
     def __post_init__(self) -> None:
         check_targets("method.targets", self.targets)
@@ -188,6 +193,10 @@ class LoRA(Method):
             if name in grads:
                 _lora_ga.apply_init(layer, grads.pop(name), c.r, c.ga_gamma, c.ga_direction)
             replace_module(model, name, layer)
+        if c.init_from is not None:  # start from a PEFT adapter trained elsewhere (sidetune/peft_io.py)
+            from sidetune.methods._peft import load_peft_adapter
+
+            load_peft_adapter(model, c.init_from, c.r, c.alpha, c.rslora)
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:
@@ -195,6 +204,14 @@ class LoRA(Method):
             # Merge in float32: a bf16 add of a small B A onto W loses most of the update's low bits.
             layer.base = float32_linear(layer.base)
         return merge_and_unwrap(model)
+
+    def peft_config(self, model: nn.Module) -> dict:
+        """PEFT's LoRA fields: sidetune's parameter names and arithmetic are PEFT's (sidetune/peft_io.py)."""
+        from sidetune.methods._peft import lora_peft_config
+
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+        conv1d = any(isinstance(m.base, Conv1D) for m in layers.values())
+        return lora_peft_config(model, layers, self.cfg.r, self.cfg.alpha, self.cfg.dropout, self.cfg.rslora, conv1d)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         """LoRA+: B matrices at lr * ratio; everything else trainable (A, task head) at lr."""

@@ -281,7 +281,7 @@ def _kv_shape(config) -> tuple[int, int, int]:
 class PTuningV2(Method):
     name: ClassVar[str] = "ptuning_v2"
     Config: ClassVar[type] = PTuningV2Config
-    tasks: ClassVar[frozenset[str]] = frozenset({"classification", "causal_lm"})  # no encoder-decoder
+    tasks: ClassVar[frozenset[str]] = frozenset({"classification", "causal_lm", "chat"})  # no encoder-decoder
 
     def __init__(self, cfg: PTuningV2Config) -> None:
         self.cfg = cfg
