@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from sidetune.methods.adapter import Adapter
 from sidetune.methods.base import Context, Method, trainable_parameters
+from sidetune.methods.bitfit import BitFit
 from sidetune.methods.full import Full
+from sidetune.methods.ia3 import IA3
 from sidetune.methods.lora import LoRA
 from sidetune.methods.lst import LST
 from sidetune.methods.pet import PET
@@ -18,6 +20,8 @@ METHODS: dict[str, type[Method]] = {
     "adapter": Adapter,
     "ptuning_v2": PTuningV2,
     "lst": LST,
+    "bitfit": BitFit,
+    "ia3": IA3,
     "pet": PET,
 }
 

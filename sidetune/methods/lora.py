@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+import sidetune.methods._lora_ga as _lora_ga
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_dropout, check_positive, check_targets, opt
-from sidetune.methods import _lora_ga
 from sidetune.methods._inject import (
     WrappedLinear,
     find_targets,
