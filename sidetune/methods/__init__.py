@@ -9,6 +9,7 @@ from sidetune.methods.base import Context, Method, trainable_parameters
 from sidetune.methods.full import Full
 from sidetune.methods.lora import LoRA
 from sidetune.methods.lst import LST
+from sidetune.methods.prefix_tuning import PrefixTuning
 from sidetune.methods.ptuning_v2 import PTuningV2
 
 METHODS: dict[str, type[Method]] = {
@@ -16,6 +17,7 @@ METHODS: dict[str, type[Method]] = {
     "lora": LoRA,
     "adapter": Adapter,
     "ptuning_v2": PTuningV2,
+    "prefix_tuning": PrefixTuning,
     "lst": LST,
 }
 
