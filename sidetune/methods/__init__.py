@@ -12,6 +12,7 @@ from sidetune.methods.ia3 import IA3
 from sidetune.methods.lora import LoRA
 from sidetune.methods.lst import LST
 from sidetune.methods.pet import PET
+from sidetune.methods.prefix_tuning import PrefixTuning
 from sidetune.methods.ptuning_v2 import PTuningV2
 
 METHODS: dict[str, type[Method]] = {
@@ -19,6 +20,7 @@ METHODS: dict[str, type[Method]] = {
     "lora": LoRA,
     "adapter": Adapter,
     "ptuning_v2": PTuningV2,
+    "prefix_tuning": PrefixTuning,
     "lst": LST,
     "bitfit": BitFit,
     "ia3": IA3,

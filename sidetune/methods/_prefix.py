@@ -1,0 +1,297 @@
+"""Shared machinery of the key/value-prefix methods (prefix_tuning, ptuning_v2): the trainable prefix, the read-only
+KV cache that carries it into the model's own attention, zero-init attention, and the module that trains.
+
+Every attention layer l gets P trainable key/value vectors that each real token attends to besides the sequence:
+
+    head_l(x) = softmax(q [K_l^p ; K_x]^T / sqrt(d)) [V_l^p ; V_x]          (one softmax over prefix + tokens)
+
+The prefix (K_l^p, V_l^p for all layers) is a P x (L * 2 * d_kv) embedding, or, reparameterized (Li & Liang 2021,
+arXiv 2101.00190, eq. 5), the output of a two-layer tanh MLP over a smaller P x d_kv embedding:
+
+    [K^p ; V^p] = W_2 tanh(W_1 E + b_1) + b_2,      E in R^{P x d_kv}, W_1: d_kv -> h, W_2: h -> L * 2 * d_kv.
+
+The prefix reaches the model through the KV cache: a transformers `Cache` whose layers are read-only prefixes
+(`update` returns [prefix ; new] without storing the new keys), so the model's own attention, masks and kernels do
+the work. The attention mask gets P ones in front; the real tokens keep positions 0..T-1 unless `shift_positions`
+moves them to P..P+T-1 (what PEFT and THUDM's BERT code do implicitly).
+
+Zero-init attention (LLaMA-Adapter, arXiv 2303.16199): a zero prefix is NOT invisible under the joint softmax (its
+logits q.0 = 0 add P * e^0 to each denominator), so the prefix can instead get its own softmax, added to the
+unchanged attention over the tokens, with V^p = 0 at init:
+
+    head_l(x) = softmax(q K_x^T / sqrt(d)) V_x  +  softmax(q K_l^p^T / sqrt(d)) V_l^p.
+
+Gradient checkpointing works (PEFT refuses it, peft PR #2191): transformers drops `past_key_values` inside
+checkpointed layers because a growing cache would be appended twice on replay; the prefix cache never grows, so
+`gradient_checkpointing_enable` checkpoints each block itself (non-reentrant, so the prefix, which enters through the
+cache rather than as an argument, still gets its gradient) and keeps the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from sidetune.errors import SidetuneError
+from sidetune.fields import check_dropout, check_positive
+from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
+from sidetune.methods._inject import freeze
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The prefix and the cache that carries it
+
+
+class PrefixEncoder(nn.Module):
+    """The trainable prefix: per layer, keys and values of shape (kv_heads, P, head_dim). Parameter layout follows
+    PEFT's PrefixEncoder (row p, column ((2 l + kv) h + head) d + i), so the two can share weights in tests.
+
+    `projection_dim`: None for a direct P x (L*2*d_kv) table, else the hidden width h of the reparameterization MLP.
+    `zero_values`: zero every value column of the last layer (zero-init attention then adds exactly 0 at step 0).
+    """
+
+    def __init__(self, num_virtual_tokens: int, num_layers: int, kv_heads: int, head_dim: int,
+                 projection_dim: int | None, dropout: float, zero_values: bool, device: torch.device) -> None:
+        super().__init__()
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        kv_dim = kv_heads * head_dim
+        out_dim = num_layers * 2 * kv_dim
+        # fp32 master weights; the cache casts them to the dtype of the model's keys.
+        kw: dict[str, Any] = {"device": device, "dtype": torch.float32}
+        if projection_dim is not None:
+            self.embedding = nn.Embedding(num_virtual_tokens, kv_dim, **kw)
+            self.transform = nn.Sequential(nn.Linear(kv_dim, projection_dim, **kw), nn.Tanh(),
+                                           nn.Linear(projection_dim, out_dim, **kw))
+        else:
+            self.embedding = nn.Embedding(num_virtual_tokens, out_dim, **kw)
+            self.transform = None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if zero_values:
+            with torch.no_grad():  # zero every value column: the prefix's own attention then adds exactly 0
+                value_cols = torch.arange(out_dim, device=device).view(num_layers, 2, kv_dim)[:, 1].reshape(-1)
+                if self.transform is not None:
+                    self.transform[-1].weight[value_cols] = 0
+                    self.transform[-1].bias[value_cols] = 0
+                else:
+                    self.embedding.weight[:, value_cols] = 0
+
+    def table(self) -> torch.Tensor:
+        """The (P, L*2*d_kv) prefix before dropout."""
+        x = self.embedding.weight
+        return self.transform(x) if self.transform is not None else x
+
+    def forward(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        x = self.dropout(self.table())
+        # (P, L*2*H*D) -> (L*2, H, P, D): one batch-independent copy; the batch dimension is a broadcast view.
+        kv = x.view(x.shape[0], self.num_layers * 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(self.num_layers)]
+
+    @torch.no_grad()
+    def materialize(self) -> None:
+        """Drop the reparameterization: replace embedding + MLP by the P x (L*2*d_kv) table they produce (Li &
+        Liang: "once training is complete, these reparametrization parameters can be dropped")."""
+        if self.transform is None:
+            return
+        table = self.table()
+        self.embedding = nn.Embedding.from_pretrained(table.clone(), freeze=False)
+        self.transform = None
+
+
+class PrefixCacheLayer(CacheLayerMixin):
+    """One layer's read-only prefix. `update` returns [prefix ; new] and stores nothing, so a layer replayed by
+    gradient checkpointing sees exactly what it saw the first time."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        b = key_states.shape[0]
+        keys = self.keys.to(key_states.dtype).expand(b, *self.keys.shape[-3:])
+        values = self.values.to(value_states.dtype).expand(b, *self.values.shape[-3:])
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2]
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+def prefix_cache(prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> Cache:
+    return Cache(layers=[PrefixCacheLayer(k.unsqueeze(0), v.unsqueeze(0)) for k, v in prefix])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Zero-init attention: the prefix's own softmax, added to the model's attention over the tokens
+
+
+def _separate_prefix_attention(base: str):
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        p = key.shape[-2] - query.shape[-2]  # the read-only prefix cache always returns P + T keys
+        # eager has no global entry: each modeling file defines its own eager_attention_forward.
+        fn = (ALL_ATTENTION_FUNCTIONS[base] if base != "eager"
+              else sys.modules[type(module).__module__].eager_attention_forward)
+        mask = attention_mask[..., p:] if isinstance(attention_mask, torch.Tensor) else attention_mask
+        out, _ = fn(module, query, key[:, :, p:], value[:, :, p:], mask, dropout=dropout, scaling=scaling, **kwargs)
+        k, v = key[:, :, :p], value[:, :, :p]
+        if query.shape[1] != k.shape[1]:  # grouped-query attention: each key/value head serves several query heads
+            k = k.repeat_interleave(query.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(query.shape[1] // v.shape[1], dim=1)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        probs = torch.softmax((query @ k.transpose(-1, -2)).float() * scale, dim=-1).to(v.dtype)
+        probs = F.dropout(probs, p=dropout, training=module.training)
+        return out + (probs @ v).transpose(1, 2), None
+
+    return attention
+
+
+def use_separate_prefix_attention(model: nn.Module, method: str) -> None:
+    base = model.config._attn_implementation or "eager"
+    if base.startswith("sidetune_prefix_"):
+        return
+    if base not in ("sdpa", "eager"):
+        raise SidetuneError(f"{method} with zero_init_attention supports attn_implementation sdpa or eager, not "
+                            f"{base!r}; set model.attn_implementation=sdpa")
+    name = f"sidetune_prefix_{base}"
+    # Registered globally under a fixed name per base implementation: registering twice is a no-op.
+    AttentionInterface.register(name, _separate_prefix_attention(base))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    model.config._attn_implementation = name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The module that trains
+
+
+class PrefixModel(nn.Module):
+    """The frozen model plus its prefix. forward(**batch) builds the prefix cache, extends the mask, sets positions."""
+
+    def __init__(self, model: nn.Module, prefix: PrefixEncoder, num_virtual_tokens: int, shift_positions: bool,
+                 method: str) -> None:
+        super().__init__()
+        self.model = model
+        self.prefix = prefix
+        self.num_virtual_tokens = num_virtual_tokens
+        self.shift_positions = shift_positions
+        self.method = method
+        self.config = model.config
+
+    def _inputs(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
+        ref = input_ids if input_ids is not None else inputs_embeds
+        b, t = ref.shape[:2]
+        p = self.num_virtual_tokens
+        if attention_mask is None:
+            attention_mask = torch.ones(b, t, dtype=torch.long, device=ref.device)
+        attention_mask = torch.cat([attention_mask.new_ones(b, p), attention_mask], dim=1)
+        if position_ids is None:
+            position_ids = torch.arange(t, device=ref.device).unsqueeze(0).expand(b, -1)
+        if self.shift_positions:
+            position_ids = position_ids + p
+        return dict(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                    position_ids=position_ids, cache=prefix_cache(self.prefix()), use_cache=False, **kwargs)
+
+    def forward(self, **batch):
+        return self.model(**self._inputs(**batch))
+
+    def lm_hidden_states(self, **inputs) -> torch.Tensor:
+        """Final hidden states for the chunked LM loss (sidetune.losses)."""
+        return self.model.base_model(**self._inputs(**inputs)).last_hidden_state
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.model.get_output_embeddings()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, eos_token_id=None,
+                 pad_token_id: int | None = None) -> torch.Tensor:
+        """Greedy or sampled decoding with the prefix (causal LMs). transformers' `generate` would append to the
+        read-only prefix cache and number positions after the prefix, so this runs the plain loop of
+        sidetune.methods._decode: the full forward the model was trained with, once per new token. Returns the
+        prompt plus the new tokens, right-padded with `pad_token_id`."""
+        if self.model.get_output_embeddings() is None or self.config.is_encoder_decoder:
+            raise SidetuneError(f"generate needs a causal LM; this {self.method} model is a "
+                                f"{type(self.model).__name__}")
+        eos, pad = special_tokens(self.config, eos_token_id, pad_token_id)
+        rows = [(ids, lambda s: self(input_ids=s).logits[:, -1]) for ids in unpadded_rows(input_ids, attention_mask)]
+        return decode_rows(rows, max_new_tokens, eos, pad, do_sample, temperature, top_k)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Checkpoint every transformer block, keeping the (read-only) prefix cache. Non-reentrant only: a reentrant
+        checkpoint gives no gradient to tensors that enter the block other than as arguments, like the prefix."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.pop("use_reentrant", False):
+            raise SidetuneError(f"{self.method} needs non-reentrant gradient checkpointing (use_reentrant=False)")
+        blocks = [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if not blocks:
+            raise SidetuneError(f"{self.method} cannot checkpoint {type(self.model).__name__}: its blocks are not "
+                                f"transformers GradientCheckpointingLayers; set train.gradient_checkpointing=false")
+        for block in blocks:
+            # Only the blocks, never the model-level flag: GPT-2's model drops the cache when its own flag is set.
+            block.gradient_checkpointing = True
+            block._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False, **kwargs)
+            block._can_checkpoint_with_cache = True  # the replay reads the same prefix: nothing is appended
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building
+
+
+def check_prefix_config(cfg) -> None:
+    """The checks both prefix configs share (run from their __post_init__)."""
+    check_positive("method.num_virtual_tokens", cfg.num_virtual_tokens)
+    check_positive("method.projection_dim", cfg.projection_dim)
+    check_dropout("method.dropout", cfg.dropout)
+
+
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of a decoder-only or encoder-only config."""
+    layers, heads, hidden = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return layers, kv_heads, head_dim
+
+
+def attach_prefix(model: nn.Module, method: str, *, num_virtual_tokens: int, projection_dim: int | None,
+                  dropout: float, zero_init_attention: bool, shift_positions: bool,
+                  train_pooler: bool = False) -> PrefixModel:
+    """Freeze `model` (its new task head stays trainable), add a prefix, return the module to train.
+
+    `train_pooler`: also train the encoder's pooler (BERT's tanh dense over [CLS], which its classification head
+    reads). A checkpoint's pooler was trained for another objective or not at all (sentence-transformers models pool
+    by mean), and a frozen one can squash what the prefix puts into [CLS]."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise SidetuneError(f"{method} supports decoder-only and encoder-only models, not encoder-decoder "
+                            f"{model.config.model_type}; use method.name=lora or adapter")
+    freeze(model)
+    if train_pooler:
+        pooler = getattr(model.base_model, "pooler", None)
+        if pooler is None:
+            raise SidetuneError(f"method.train_pooler: {type(model).__name__} has no pooler (only encoders like BERT "
+                                f"do); set method.train_pooler=false")
+        pooler.float().requires_grad_(True)  # trainable parts in fp32
+    device = next(model.parameters()).device
+    prefix = PrefixEncoder(num_virtual_tokens, *kv_shape(model.config), projection_dim, dropout,
+                           zero_init_attention, device)
+    if zero_init_attention:
+        use_separate_prefix_attention(model, method)
+    return PrefixModel(model, prefix, num_virtual_tokens, shift_positions, method)
