@@ -54,7 +54,7 @@ class PrefixTuningConfig:
 class PrefixTuning(Method):
     name: ClassVar[str] = "prefix_tuning"
     Config: ClassVar[type] = PrefixTuningConfig
-    tasks: ClassVar[frozenset[str]] = frozenset({"classification", "causal_lm"})  # no encoder-decoder
+    tasks: ClassVar[frozenset[str]] = frozenset({"classification", "causal_lm", "chat"})  # no encoder-decoder
 
     def __init__(self, cfg: PrefixTuningConfig) -> None:
         self.cfg = cfg
