@@ -9,12 +9,16 @@ from sidetune.methods.base import Context, Method, trainable_parameters
 from sidetune.methods.full import Full
 from sidetune.methods.lora import LoRA
 from sidetune.methods.lst import LST
+from sidetune.methods.prompt_tuning import PromptTuning
+from sidetune.methods.ptuning_v1 import PTuningV1
 from sidetune.methods.ptuning_v2 import PTuningV2
 
 METHODS: dict[str, type[Method]] = {
     "full": Full,
     "lora": LoRA,
     "adapter": Adapter,
+    "prompt_tuning": PromptTuning,
+    "ptuning_v1": PTuningV1,
     "ptuning_v2": PTuningV2,
     "lst": LST,
 }
