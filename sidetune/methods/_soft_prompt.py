@@ -9,9 +9,11 @@ forward() returns the (P, d) prompt.
 
 Layouts. A causal LM only gets prompts before the input (the trainer's choice scoring and generation never tell
 where a prompt ends and a completion starts, so "after the input" would be ill-defined there): the batch becomes
-[prompt ; batch as is], the labels get P ignored (-100) positions in front, and the logits returned are those of the
-real positions, so they line up with the caller's input_ids and labels (the loss is the same mean over the same
-labelled tokens, the chunked LM loss and the choice scoring work unchanged). This is PEFT's layout.
+[prompt ; batch as is] (PEFT's layout; position ids skip left padding). The labels get -100 at the virtual
+positions and at the first token, which the prompt's last position would predict but the model alone never scores
+(PEFT does score it): the loss stays the mean over exactly the targets labels[:, 1:]. The logits returned are those
+of the real positions, so they line up with the caller's input_ids and labels, and the chunked LM loss, the choice
+scoring and the decoding loop work unchanged.
 
 A classifier pools one position: BERT-style models the first ([CLS], or here the first virtual token), decoder
 classifiers (Llama, GPT-2 `score` heads) the last real one -- and transformers, given inputs_embeds instead of
@@ -81,10 +83,14 @@ class SoftPromptModel(nn.Module):
         virtual = self._virtual(embeds).unsqueeze(0).expand(b, -1, -1)
         if attention_mask is None:
             attention_mask = torch.ones(b, t, dtype=torch.long, device=embeds.device)
-        out = dict(kwargs, inputs_embeds=torch.cat([virtual, embeds], dim=1),
-                   attention_mask=torch.cat([attention_mask.new_ones(b, p), attention_mask], dim=1))
+        mask = torch.cat([attention_mask.new_ones(b, p), attention_mask], dim=1)
+        # Positions that skip pads: a left-padded row computes what it computes alone (no padding: 0 .. P+T-1).
+        out = dict(kwargs, inputs_embeds=torch.cat([virtual, embeds], dim=1), attention_mask=mask,
+                   position_ids=(mask.long().cumsum(1) - 1).clamp(min=0))
         if labels is not None:
-            out["labels"] = torch.cat([labels.new_full((b, p), -100), labels], dim=1)
+            # -100 for the virtual positions and for the first token, which the prompt's last position would predict
+            # but the model alone never scores: the loss stays the mean over exactly the targets labels[:, 1:].
+            out["labels"] = torch.cat([labels.new_full((b, p + 1), -100), labels[:, 1:]], dim=1)
         return out
 
     def _classifier_inputs(self, input_ids, attention_mask, token_type_ids, inputs_embeds, kwargs) -> dict[str, Any]:
