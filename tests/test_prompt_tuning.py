@@ -5,6 +5,7 @@ head train, the three initialisations, the chunked LM loss, generation, and one-
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -116,7 +117,7 @@ def test_training_the_prompt_lowers_the_loss():
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.05, losses
+    assert all(b < a for a, b in itertools.pairwise(losses)) and losses[-1] < losses[0] - 0.05, losses
 
 
 class _Tokenizer:
@@ -175,5 +176,5 @@ def test_unsupported_models_and_bad_configs_fail_in_one_line():
         _apply(tiny("tiny-t5", "seq2seq"), "seq2seq")
     with pytest.raises(SidetuneError, match="num_virtual_tokens must be >= 1"):
         PromptTuningConfig(num_virtual_tokens=0)
-    with pytest.raises(SidetuneError, match="method.init=text needs method.init_text"):
+    with pytest.raises(SidetuneError, match=r"method\.init=text needs method\.init_text"):
         PromptTuningConfig(init="text")
