@@ -24,7 +24,8 @@ as [before ; its real tokens ; after] and its padding is moved to index 1, with 
 
 Position 0 and position -1 are then real for every row whatever the pooling, each row computes exactly what it
 computes alone, and with no padding this is just [before ; x ; after]. Token type ids follow the tokens (the
-virtual ones get type 0, as in PEFT).
+virtual ones get type 0, as in PEFT). transformers' one-time warning that a decoder classifier "will not detect
+padding tokens in inputs_embeds" is expected, and this layout is why it does no harm.
 """
 
 from __future__ import annotations
