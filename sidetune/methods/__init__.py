@@ -13,12 +13,16 @@ from sidetune.methods.lora import LoRA
 from sidetune.methods.lst import LST
 from sidetune.methods.pet import PET
 from sidetune.methods.prefix_tuning import PrefixTuning
+from sidetune.methods.prompt_tuning import PromptTuning
+from sidetune.methods.ptuning_v1 import PTuningV1
 from sidetune.methods.ptuning_v2 import PTuningV2
 
 METHODS: dict[str, type[Method]] = {
     "full": Full,
     "lora": LoRA,
     "adapter": Adapter,
+    "prompt_tuning": PromptTuning,
+    "ptuning_v1": PTuningV1,
     "ptuning_v2": PTuningV2,
     "prefix_tuning": PrefixTuning,
     "lst": LST,
