@@ -292,9 +292,8 @@ def stacks_of(model: nn.Module) -> list[Stack]:
     config = model.config
     kind = f"{type(model).__name__} (model_type {config.model_type!r})"
     if config.is_encoder_decoder:
-        if not (hasattr(model, "encoder") and hasattr(model, "decoder")):
-            raise SidetuneError(f"LST needs an encoder and a decoder on {kind}; use data.task=seq2seq")
-        enc, dec = getattr(model.encoder, "block", None), getattr(model.decoder, "block", None)
+        enc = getattr(getattr(model, "encoder", None), "block", None)
+        dec = getattr(getattr(model, "decoder", None), "block", None)
         if enc is None or dec is None or not hasattr(enc[0], "layer"):
             raise SidetuneError(f"LST supports T5-style encoder-decoders only, not {kind}; use a decoder-only or "
                                 f"encoder-only model, or another method")
