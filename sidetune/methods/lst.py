@@ -280,11 +280,11 @@ class LSTModel(nn.Module):
         at first: the body makes one), which is updated."""
         side = self.side if self.side_encoder is None or k == 1 else self.side_encoder
         # no_grad, not inference_mode: the ladder inputs must stay usable as saved tensors of down_i.
-        extra = dict(use_cache=True, past_key_values=state["past"]) if state is not None else dict(use_cache=False)
+        extra = dict(use_cache=True, cache=state["past"]) if state is not None else dict(use_cache=False)
         with torch.no_grad(), capture(self.stacks[k].layers, side.tapped) as taps:
             out = body(**inputs, **extra)
         if state is not None:
-            state["past"] = out.past_key_values
+            state["past"] = out.cache
         return out.last_hidden_state, [taps[-1]] + [taps[i] for i in side.tapped]
 
     def _merge(self, final: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
