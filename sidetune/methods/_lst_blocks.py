@@ -486,6 +486,41 @@ class SideBlock(nn.Module):
         return x + drop(m if self.post_ff is None else self.post_ff(m))
 
 
+class _Int8SavedLinear(torch.autograd.Function):
+    """y = x W^T + b, exactly; for dW it keeps x as int8 with one absmax scale per row (x itself never needs a
+    gradient: it is a backbone activation), a quarter of fp32 and half of bf16."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        y = F.linear(x, weight, bias)
+        scale = x.detach().abs().amax(-1, keepdim=True).float().clamp(min=1e-30) / 127
+        ctx.save_for_backward((x.detach().float() / scale).round_().to(torch.int8), scale)
+        ctx.has_bias, ctx.dtypes = bias is not None, (weight.dtype, bias.dtype if bias is not None else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, scale = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        x2 = (q.float() * scale).reshape(-1, q.shape[-1]).to(dy2.dtype)
+        dw = dy2.t() @ x2
+        db = dy2.sum(0) if ctx.has_bias else None
+        return None, dw.to(ctx.dtypes[0]), (db.to(ctx.dtypes[1]) if db is not None else None)
+
+
+def ladder(linear: nn.Linear, x: torch.Tensor, int8_saved: bool) -> torch.Tensor:
+    """A ladder down-projection of a backbone activation x (which needs no gradient)."""
+    x = to_input(x, linear.weight)
+    if not int8_saved or not torch.is_grad_enabled() or x.requires_grad:
+        return linear(x)
+    if torch.is_autocast_enabled(x.device.type):  # the matmul in the compute dtype, as autocast would run it
+        dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            return _Int8SavedLinear.apply(x.to(dtype), linear.weight.to(dtype),
+                                          linear.bias.to(dtype) if linear.bias is not None else None)
+    return _Int8SavedLinear.apply(x, linear.weight, linear.bias)
+
+
 @dataclass
 class SideCache:
     """The side network's keys and values during generation: one dict per side block, and the positions seen."""
@@ -514,6 +549,7 @@ class SideStack(nn.Module):
         self.rel_bias = nn.Embedding(side.rel_bias[0], side.heads) if side.rel_bias else None
         self.rel_spec = side.rel_bias
         self.checkpointing = False
+        self.int8_ladders = False  # LSTConfig.ladder_grad_input == "int8"
         inv_freq = None
         if side.rope:
             # A fixed, evenly spaced subset of the backbone's rotary frequencies: the kept query/key dims rotate as
@@ -534,11 +570,11 @@ class SideStack(nn.Module):
         mask, is_causal = self._self_mask(attention_mask, t, emb.device, past)
         rope = self._rope(t, emb.device, past) if self.inv_freq is not None else None
         cross_mask = enc_mask.bool()[:, None, None, :] if enc_mask is not None else None
-        s = self.ladders[0](to_input(emb, self.ladders[0].weight))
+        s = ladder(self.ladders[0], emb, self.int8_ladders)
         gates = torch.sigmoid(self.alpha / self.temperature)
         for j, block in enumerate(self.blocks):
             # The ladder input h_i is the one backbone tensor autograd keeps: down_i needs it for its weight grad.
-            down = self.ladders[j + 1](to_input(taps[j], self.ladders[j + 1].weight))
+            down = ladder(self.ladders[j + 1], taps[j], self.int8_ladders)
             s = gates[j] * s + (1 - gates[j]) * down
             if cache is not None:
                 s = block(s, mask, is_causal, rope, enc, cross_mask, cache.blocks[j])

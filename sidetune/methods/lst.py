@@ -68,7 +68,13 @@ class LSTConfig:
         "adds noise to the ladder inputs.",
     )
     gradient_checkpointing: bool = opt(
-        False, "Recompute the side blocks in backward (the backbone is never recomputed: it stores nothing).")
+        True,
+        "Recompute the side blocks in backward (the backbone is never recomputed: it stores nothing). Exact; costs "
+        "one more side forward per step, small next to the backbone's.")
+    ladder_grad_input: Literal["full", "int8"] = opt(
+        "full",
+        "What each ladder keeps of its B x T x d input for its weight gradient: full (exact) or int8 with one "
+        "absmax scale per row (half of bf16; the forward is unchanged, only dW sees the rounded copy).")
     compile: bool = opt(False, "torch.compile each side block: small blocks are launch-bound on a GPU.")
     classifier_input: Literal["sum", "side"] = opt(
         "sum",
@@ -197,6 +203,8 @@ class LSTModel(nn.Module):
                 self.up.weight[keep, torch.arange(len(keep), device=device)] = 1.0  # back to the kept coordinates
         if cfg.gradient_checkpointing:
             self.gradient_checkpointing_enable()
+        for side in sides:
+            side.int8_ladders = cfg.ladder_grad_input == "int8"
         if cfg.compile:
             for side in sides:
                 for block in side.blocks:
