@@ -184,8 +184,8 @@ def test_chunked_loss_equals_plain_loss_with_the_same_gradients():
 
 
 def test_side_gradient_checkpointing_saves_less_with_the_same_gradients():
-    def run(checkpointing):
-        model, base, roles = _lst("tiny-llama", "causal_lm", dropout=0.0)
+    def run(checkpointing, **cfg):
+        model, base, roles = _lst("tiny-llama", "causal_lm", dropout=0.0, gradient_checkpointing=False, **cfg)
         _randomize_trainable(model)
         if checkpointing:
             model.gradient_checkpointing_enable()  # what train.gradient_checkpointing=true calls
@@ -198,6 +198,26 @@ def test_side_gradient_checkpointing_saves_less_with_the_same_gradients():
     assert saved_ckpt < 0.7 * saved_plain, (saved_ckpt, saved_plain)
     for name, grad in grads_plain.items():
         assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7)
+    assert LSTConfig().gradient_checkpointing  # the default: exact, and it saves this much
+    # int8 ladder inputs: a quarter of the fp32 ladder inputs; only the ladders' weight gradients change, slightly.
+    saved_int8, grads_int8 = run(True, ladder_grad_input="int8")
+    model, base, _ = _lst("tiny-llama", "causal_lm")
+    b, t, d, taps = 2, 32, base.config.hidden_size, len(model.side.tapped) + 1
+    assert saved_ckpt - saved_int8 >= 0.7 * taps * b * t * d * 3, (saved_ckpt, saved_int8)
+    for name, grad in grads_ckpt.items():
+        if ".ladders." in name and name.endswith("weight"):
+            assert 0 < (grads_int8[name] - grad).norm() <= 0.02 * grad.norm(), name
+        else:
+            assert_close(grads_int8[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_int8_ladders_keep_the_forward_exact():
+    model, base, _ = _lst("tiny-llama", "causal_lm", ladder_grad_input="int8")
+    ref, _, _ = _lst("tiny-llama", "causal_lm")
+    _randomize_trainable(model)
+    _randomize_trainable(ref)
+    batch = batch_for(base, "causal_lm")
+    assert_close(model.train()(**batch).loss, ref.train()(**batch).loss, rtol=0, atol=0)
 
 
 def test_bf16_autocast_keeps_fp32_master_weights():

@@ -1,8 +1,9 @@
 """A plain decoding loop for methods whose model cannot use transformers' `generate` as is: LST (the side network
 runs beside the backbone) and P-tuning v2 (the prefix lives in a read-only cache that `generate` would try to grow).
 
-Simple and correct, not fast: each row is decoded alone, so padding never shifts positions, and every new token
-reruns the full forward (no KV cache), so the logits are exactly those the model was trained and evaluated with.
+Each row is decoded alone, so padding never shifts positions. A step receives the whole sequence so far; a step may
+keep its own cache and feed the model only the tokens it has not seen (LST's does, for the backbone and the side
+network) or rerun the full forward (the reference the cached path is tested against).
 """
 
 from __future__ import annotations

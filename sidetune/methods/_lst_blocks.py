@@ -1,36 +1,43 @@
-"""LST's side network: the backbone families it follows and the transformer blocks of width d/r it is made of.
+"""LST's side network: how it reads a backbone stack, and the transformer blocks of width d/r it is made of.
 
 A `Stack` describes one stack of backbone blocks (a decoder-only or encoder-only body, or T5's encoder or decoder):
-its blocks, its final norm and its `BlockShape`. The side network mirrors that shape at a reduced width
-(`BlockShape.reduced`) with its own small blocks: the same norm (RMS or LayerNorm, pre- or post-norm), MLP (gated or
-not, same activation), attention (RoPE with the backbone's frequencies, T5's relative position bias, or nothing
-when the positions live in the embeddings) and mask semantics (causal for decoders, padding for encoders, cross-
-attention to the side encoder for T5). Families are recognised by their module structure, not by model_type, so
-Llama-style models (Llama, Mistral, Qwen2, SmolLM2), GPT-2, BERT-style encoders and T5 all work without forked
-modeling code.
+its blocks, its final norm and its `BlockShape`, read from the model's own config and modules rather than from a
+per-family table: the norm (RMS or LayerNorm, its eps, pre- or post-norm, Gemma's extra "sandwich" norms), the
+attention projections (q/k/v/o, or a fused qkv), grouped-query heads, q/k norms (Qwen3, Gemma3), the MLP (gated,
+fused gate+up, or plain; the activation named in the config), parallel attention + MLP (GPT-NeoX, Falcon, Phi) and
+RoPE from the model's rotary embedding (partial rotary: only the first dims of each head rotate). The side network
+mirrors what makes it a sound small transformer and what pruned init needs; it ignores what only matters inside the
+backbone (attention soft-capping, sliding windows, ALiBi, learned positions and embedding scaling: the ladders
+carry those signals in). Nothing here changes the backbone, so step 0 is the frozen model whatever the side looks like.
+
+When a block's modules cannot be mapped to these roles (names that do not say q/k/v, an unusual count of norms), the
+shape falls back to a plain pre-norm block from the config and `Stack.unmapped` says why: LST then starts the side
+network from random init instead of pruned weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, replace
+import re
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from sidetune.errors import SidetuneError
-from sidetune.methods._inject import to_input
+from sidetune.methods._inject import LINEAR_TYPES, linear_features, to_input
 
 NEG_INF = float("-inf")
 
 
 @dataclass(frozen=True)
 class BlockShape:
-    family: str  # llama | gpt2 | bert | t5
+    family: str  # "t5", or the model_type of a generic body (for messages)
     d: int  # residual width
     heads: int
     kv_heads: int  # < heads: grouped-query attention
@@ -47,12 +54,22 @@ class BlockShape:
     cross: bool  # blocks cross-attend to an encoder (T5 decoder)
     rope: bool
     rel_bias: tuple[int, int] | None  # T5: (num_buckets, max_distance)
+    rope_dims: int = 0  # dims of each head that rotate (partial rotary: < head_dim); 0 without RoPE
+    qk_norm: bool = False  # RMS norm of each query/key head before RoPE (Qwen3, Gemma3)
+    sandwich: bool = False  # norms on the attention and MLP outputs too (Gemma2, Gemma3)
+    parallel: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX, Falcon, Phi)
+    # A fused qkv projection's rows: "concat" (q | k | v: GPT-2, Phi3) or "grouped" (per key/value group: the
+    # group's queries, then its key and value: GPT-NeoX, Falcon); "" when q, k, v are separate.
+    qkv_layout: str = ""
 
     def reduced(self, r: int) -> BlockShape:
         """The side blocks' shape: width, head dims and MLP divided by r (heads kept, so attention keeps its
         structure; RoPE needs an even head dim)."""
         head_dim = max(2, self.head_dim // r // 2 * 2) if self.rope else max(1, self.head_dim // r)
-        return replace(self, d=self.d // r, head_dim=head_dim, ff=max(1, self.ff // r))
+        rope_dims = 0
+        if self.rope:
+            rope_dims = head_dim if self.rope_dims >= self.head_dim else min(head_dim, max(2, self.rope_dims // r // 2 * 2))
+        return replace(self, d=self.d // r, head_dim=head_dim, ff=max(1, self.ff // r), rope_dims=rope_dims)
 
 
 @dataclass
@@ -60,77 +77,239 @@ class Stack:
     layers: nn.ModuleList  # the backbone's blocks; ladders read their outputs
     final_norm: nn.Module | None
     shape: BlockShape
-    inv_freq: torch.Tensor | None = None  # RoPE frequencies of the backbone (Llama family)
+    inv_freq: torch.Tensor | None = None  # RoPE frequencies of the backbone
     rope_scaling: float = 1.0
+    unmapped: str | None = None  # why pruned init cannot read these blocks (None: it can)
+    out_dim: int | None = None  # width of the body's output when it differs from d (OPT's project_out)
 
 
-def family_of(layer: nn.Module) -> str:
-    if hasattr(layer, "self_attn") and hasattr(getattr(layer, "mlp", None), "down_proj"):
-        return "llama"
-    if hasattr(getattr(layer, "attn", None), "c_attn"):
-        return "gpt2"
-    if hasattr(getattr(layer, "attention", None), "self") and hasattr(layer, "intermediate"):
-        return "bert"
-    if hasattr(layer, "layer") and hasattr(layer.layer[0], "SelfAttention"):
-        return "t5"
-    raise SidetuneError(f"LST does not know the block type {type(layer).__name__}; it supports Llama-style decoders "
-                        f"(Llama, Mistral, Qwen2, SmolLM2), GPT-2, BERT-style encoders and T5")
+class Unmapped(Exception):
+    """A block whose modules cannot be given the roles pruned init needs (caught: LST falls back to random init)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading a backbone block
+
+FUSED_QKV = {"qkv_proj", "c_attn", "query_key_value", "wqkv", "qkv", "in_proj"}
+_ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+
+
+def is_norm(module: nn.Module) -> bool:
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return True
+    w = getattr(module, "weight", None)
+    return "norm" in type(module).__name__.lower() and isinstance(w, torch.Tensor) and w.dim() == 1
+
+
+def norm_kind(module: nn.Module) -> str:
+    return "layer" if isinstance(module, nn.LayerNorm) or getattr(module, "bias", None) is not None else "rms"
+
+
+def norm_eps(module: nn.Module, config) -> float:
+    for owner, key in ((module, "variance_epsilon"), (module, "eps"), (module, "epsilon"), (config, "rms_norm_eps"),
+                       (config, "layer_norm_eps"), (config, "layer_norm_epsilon"), (config, "norm_eps")):
+        value = getattr(owner, key, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return 1e-6
+
+
+def _linear_role(leaf: str, in_attention: bool) -> str:
+    low = leaf.lower()
+    head = low.split("_")[0]
+    if in_attention:
+        if low in FUSED_QKV:
+            return "qkv"
+        return {"q": "q", "query": "q", "k": "k", "key": "k", "v": "v", "value": "v"}.get(head, "o")
+    if "gate_up" in low:
+        return "gate_up"
+    if "gate" in low or low in ("w1", "wi_0"):
+        return "gate"
+    return "mlp"
+
+
+def block_modules(layer: nn.Module, d: int | None = None) -> dict[str, nn.Module]:
+    """A generic block's modules by role: q k v (or qkv) o, up gate (or gate_up) down, ln1 ln2 (post_attn post_ff:
+    Gemma2's sandwich norms), q_norm k_norm. d: the residual width (None: the width of its first block-level norm).
+    Raises Unmapped when the roles are not clear."""
+    if d is None:
+        d = next((m.weight.numel() for n, m in layer.named_modules() if is_norm(m) and m.weight is not None
+                  and not any(_ATTENTION.search(p) for p in n.split(".")[:-1])), None)
+        if d is None:
+            raise Unmapped("it has no norm outside its attention")
+    out: dict[str, nn.Module] = {}
+    norms, mlp = [], []
+    for name, mod in layer.named_modules():
+        if not name:
+            continue
+        path = name.split(".")
+        in_attention = any(_ATTENTION.search(p) for p in path[:-1])
+        if is_norm(mod):
+            if mod.weight is None:
+                raise Unmapped(f"its norm {name} has no weight")
+            head = path[-1].lower()[:1]
+            if in_attention and head in "qk" and mod.weight.numel() != d:
+                role = f"{head}_norm"
+            elif in_attention and mod.weight.numel() != d:
+                continue
+            else:
+                norms.append(mod)
+                continue
+        elif isinstance(mod, LINEAR_TYPES):
+            role = _linear_role(path[-1], in_attention)
+            if role == "mlp":
+                mlp.append(mod)
+                continue
+        else:
+            continue
+        if role in out:
+            raise Unmapped(f"two modules look like its {role!r} projection")
+        out[role] = mod
+    for mod in mlp:  # up reads the residual stream (d -> ff), down writes it (ff -> d); equal widths: in order
+        n_in, n_out = linear_features(mod)
+        role = "up" if n_in == d and (n_out != d or "up" not in out) else "down"
+        if role in out:
+            raise Unmapped(f"two modules look like its MLP {role!r} projection")
+        out[role] = mod
+    roles = {1: ("ln1",), 2: ("ln1", "ln2"), 4: ("ln1", "post_attn", "ln2", "post_ff")}.get(len(norms))
+    if roles is None:
+        raise Unmapped(f"it has {len(norms)} norms (1, 2 or 4 are understood)")
+    out |= dict(zip(roles, norms))
+    missing = [r for r in ("o", "down") if r not in out]
+    missing += [] if "qkv" in out or all(r in out for r in "qkv") else ["q/k/v"]
+    missing += [] if "up" in out or "gate_up" in out else ["up"]
+    if missing:
+        raise Unmapped(f"no {', '.join(missing)} projection found")
+    return out
+
+
+def _act(config) -> str:
+    for key in ("hidden_activation", "hidden_act", "activation_function", "dense_act_fn", "activation"):
+        value = getattr(config, key, None)
+        if isinstance(value, str) and value in ACT2FN:
+            return value
+    return "gelu"
+
+
+def _rotary(body: nn.Module, config) -> tuple[torch.Tensor | None, float]:
+    """The backbone's RoPE frequencies (the full-attention set where layer types differ) and attention scaling."""
+    if getattr(config, "alibi", False):  # Falcon with ALiBi: no rotary embedding is applied
+        return None, 1.0
+    for mod in body.modules():
+        buffers = {n: b for n, b in mod.named_buffers(recurse=False) if n.endswith("inv_freq") and "original" not in n}
+        if not buffers:
+            continue
+        key = next((n for n in ("full_attention_inv_freq", "inv_freq") if n in buffers), next(iter(buffers)))
+        prefix = key[: -len("inv_freq")]
+        scaling = getattr(mod, f"{prefix}attention_scaling", getattr(mod, "attention_scaling", 1.0))
+        return buffers[key].detach().float().clone(), float(scaling or 1.0)
+    return None, 1.0
+
+
+def is_causal_body(config) -> bool:
+    return bool(getattr(config, "is_decoder", False)) or config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def _final_norm(body: nn.Module, layers: nn.ModuleList, causal: bool) -> nn.Module | None:
+    inside = {id(m) for m in layers.modules()}
+    found = None
+    for name, mod in body.named_modules():
+        if id(mod) in inside or not is_norm(mod) or "embed" in name.lower():
+            continue
+        leaf = name.rpartition(".")[2].lower()
+        if causal or "final" in leaf or leaf in ("norm", "ln_f", "norm_f"):
+            found = mod
+    return found
+
+
+_PROJECTIONS = {"q": ("q",), "k": ("k",), "v": ("v",), "qkv": ("q", "k", "v"), "o": ("o",), "up": ("up",),
+                "gate": ("gate",), "gate_up": ("gate", "up"), "down": ("down",)}
+
+
+def _generic_stack(body: nn.Module, layers: nn.ModuleList, c) -> Stack:
+    """A decoder-only or encoder-only body, read from its config and its first block's modules."""
+    d, heads = c.hidden_size, c.num_attention_heads
+    causal = is_causal_body(c)
+    final_norm = _final_norm(body, layers, causal)
+    pre_norm = bool(getattr(c, "do_layer_norm_before", True)) if causal else final_norm is not None
+    inv_freq, scaling = _rotary(body, c)
+    head_dim = getattr(c, "head_dim", None) or d // heads
+    unmapped = None
+    try:
+        mods = block_modules(layers[0], d)
+    except Unmapped as e:
+        unmapped, mods = f"{type(layers[0]).__name__}: {e}", {}
+    if "k" in mods:
+        head_dim = getattr(c, "head_dim", None) or linear_features(mods["q"])[1] // heads
+        kv_heads = linear_features(mods["k"])[1] // head_dim
+    elif "qkv" in mods:
+        kv_heads = (linear_features(mods["qkv"])[1] // head_dim - heads) // 2
+    else:
+        kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    if "gate_up" in mods:
+        ff = linear_features(mods["gate_up"])[1] // 2
+    elif "up" in mods:
+        ff = linear_features(mods["up"])[1]
+    else:
+        ff = getattr(c, "intermediate_size", None) or 4 * d
+    ln1 = mods.get("ln1")
+    norm = norm_kind(ln1) if ln1 is not None else "rms"
+    eps = norm_eps(ln1, c) if ln1 is not None else norm_eps(nn.Module(), c)
+    biases = frozenset(part for role, mod in mods.items() if role in _PROJECTIONS
+                       and getattr(mod, "bias", None) is not None for part in _PROJECTIONS[role])
+    # Parallel attention + MLP: one norm feeding both (Phi, Falcon), or the config says so (GPT-NeoX, Falcon).
+    parallel = bool(mods) and ("ln2" not in mods or bool(getattr(c, "use_parallel_residual", False))
+                               or bool(getattr(c, "new_decoder_architecture", False)))
+    if parallel and "ln2" not in mods and "ln1" in mods:
+        mods["ln2"] = mods["ln1"]
+    rope = inv_freq is not None
+    shape = BlockShape(c.model_type, d, heads, max(1, kv_heads), head_dim, ff, norm, eps, pre_norm,
+                       "gate" in mods or "gate_up" in mods or not mods, _act(c), biases, None, causal, False, rope,
+                       None, rope_dims=min(head_dim, 2 * inv_freq.numel()) if rope else 0,
+                       qk_norm="q_norm" in mods and "k_norm" in mods, sandwich="post_ff" in mods, parallel=parallel)
+    fused = next((n.rpartition(".")[2].lower() for n, m in layers[0].named_modules() if m is mods.get("qkv")), "")
+    shape = replace(shape, qkv_layout="" if not fused else "grouped" if fused == "query_key_value" else "concat")
+    out_dim = None
+    project_out = getattr(getattr(body, "decoder", body), "project_out", None)  # OPT-350m: hidden -> embedding dim
+    if isinstance(project_out, nn.Linear):
+        out_dim = project_out.out_features
+    return Stack(layers, final_norm, shape, inv_freq, scaling, unmapped, out_dim)
+
+
+def _t5_stack(body: nn.Module, layers: nn.ModuleList, c, causal: bool, cross: bool) -> Stack:
+    # T5: no biases, unscaled scores (the scale is folded into the init), a relative position bias shared by all
+    # blocks of a stack.
+    layer = layers[0]
+    shape = BlockShape("t5", c.d_model, c.num_heads, c.num_heads, c.d_kv, c.d_ff, "rms",
+                       layer.layer[0].layer_norm.variance_epsilon, True, c.is_gated_act, c.dense_act_fn, frozenset(),
+                       1.0, causal, cross, False, (c.relative_attention_num_buckets, c.relative_attention_max_distance))
+    return Stack(layers, body.final_layer_norm, shape)
 
 
 def stacks_of(model: nn.Module) -> list[Stack]:
     """The backbone stacks the side network follows: [body] for decoder/encoder-only models, [encoder, decoder] for
-    T5."""
+    T5. A layout LST cannot follow is one SidetuneError naming the model type."""
     config = model.config
+    kind = f"{type(model).__name__} (model_type {config.model_type!r})"
     if config.is_encoder_decoder:
-        if not (hasattr(model, "encoder") and hasattr(model, "decoder")):
-            raise SidetuneError(f"LST needs an encoder and a decoder on {type(model).__name__}; use data.task=seq2seq")
-        return [_stack(model.encoder, model.encoder.block, config, causal=False, cross=False),
-                _stack(model.decoder, model.decoder.block, config, causal=True, cross=True)]
+        enc = getattr(getattr(model, "encoder", None), "block", None)
+        dec = getattr(getattr(model, "decoder", None), "block", None)
+        if enc is None or dec is None or not hasattr(enc[0], "layer"):
+            raise SidetuneError(f"LST supports T5-style encoder-decoders only, not {kind}; use a decoder-only or "
+                                f"encoder-only model, or another method")
+        return [_t5_stack(model.encoder, enc, config, causal=False, cross=False),
+                _t5_stack(model.decoder, dec, config, causal=True, cross=True)]
     body = model.base_model
-    n = config.num_hidden_layers
-    lists = [m for m in body.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
-    if not lists:
-        raise SidetuneError(f"LST found no list of {n} blocks in {type(body).__name__}")
-    layers = lists[0]
-    family = family_of(layers[0])
-    return [_stack(body, layers, config, causal=family != "bert", cross=False)]
-
-
-def _stack(body: nn.Module, layers: nn.ModuleList, c, causal: bool, cross: bool) -> Stack:
-    layer = layers[0]
-    family = family_of(layer)
-    if family == "llama":
-        attn, mlp = layer.self_attn, layer.mlp
-        heads = c.num_attention_heads
-        projections = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj, "up": mlp.up_proj,
-                       "gate": mlp.gate_proj, "down": mlp.down_proj}
-        rotary = body.rotary_emb
-        shape = BlockShape(family, c.hidden_size, heads, getattr(c, "num_key_value_heads", None) or heads,
-                           getattr(c, "head_dim", None) or c.hidden_size // heads, c.intermediate_size, "rms",
-                           layer.input_layernorm.variance_epsilon, True, True, c.hidden_act,
-                           frozenset(k for k, p in projections.items() if getattr(p, "bias", None) is not None),
-                           None, causal, cross, True, None)
-        return Stack(layers, body.norm, shape, rotary.inv_freq.detach().float().clone(),
-                     float(getattr(rotary, "attention_scaling", 1.0)))
-    if family == "gpt2":
-        shape = BlockShape(family, c.n_embd, c.n_head, c.n_head, c.n_embd // c.n_head, c.n_inner or 4 * c.n_embd,
-                           "layer", layer.ln_1.eps, True, False, c.activation_function,
-                           frozenset({"q", "k", "v", "o", "up", "down"}), None if c.scale_attn_weights else 1.0,
-                           causal, cross, False, None)
-        return Stack(layers, body.ln_f, shape)
-    if family == "bert":
-        shape = BlockShape(family, c.hidden_size, c.num_attention_heads, c.num_attention_heads,
-                           c.hidden_size // c.num_attention_heads, c.intermediate_size, "layer",
-                           layer.output.LayerNorm.eps, False, False, c.hidden_act,
-                           frozenset({"q", "k", "v", "o", "up", "down"}), None, causal, cross, False, None)
-        return Stack(layers, None, shape)
-    # T5: no biases, unscaled scores (the scale is folded into the init), a relative position bias shared by all
-    # blocks of a stack.
-    shape = BlockShape(family, c.d_model, c.num_heads, c.num_heads, c.d_kv, c.d_ff, "rms",
-                       layer.layer[0].layer_norm.variance_epsilon, True, c.is_gated_act, c.dense_act_fn, frozenset(),
-                       1.0, causal, cross, False,
-                       (c.relative_attention_num_buckets, c.relative_attention_max_distance))
-    return Stack(layers, body.final_layer_norm, shape)
+    n = getattr(config, "num_hidden_layers", None)
+    lists = [m for m in body.modules() if isinstance(m, nn.ModuleList) and len(m) == n and len(m)]
+    if not lists or not isinstance(getattr(config, "hidden_size", None), int):
+        raise SidetuneError(f"LST found no list of {n} blocks of width hidden_size in {kind}: it follows bodies made "
+                            f"of embeddings, a list of blocks and a final norm; use another method for this model")
+    try:
+        return [_generic_stack(body, lists[0], config)]
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise SidetuneError(f"LST cannot read the blocks of {kind} ({type(e).__name__}: {e}); use another method "
+                            f"for this model") from None
 
 
 def tapped_layers(spec: str | list[int], n: int | None) -> list[int]:
@@ -185,6 +364,12 @@ class SideNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
         self.bias = nn.Parameter(torch.zeros(d)) if kind == "layer" else None
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.weight.fill_(1.0)
+        if self.bias is not None:
+            self.bias.zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layer":
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
@@ -202,22 +387,39 @@ class SideAttention(nn.Module):
         self.k = nn.Linear(s.d, s.kv_heads * s.head_dim, bias="k" in b)
         self.v = nn.Linear(s.d, s.kv_heads * s.head_dim, bias="v" in b)
         self.o = nn.Linear(s.heads * s.head_dim, s.d, bias="o" in b)
+        self.q_norm = SideNorm(s.head_dim, "rms", s.eps) if s.qk_norm else None
+        self.k_norm = SideNorm(s.head_dim, "rms", s.eps) if s.qk_norm else None
 
-    def forward(self, x, mask, is_causal: bool, rope=None, kv=None, dropout: float = 0.0):
-        src = x if kv is None else kv
-        (b, t, _), s = x.shape, src.shape[1]
+    def forward(self, x, mask, is_causal: bool, rope=None, kv=None, dropout: float = 0.0, cache: dict | None = None):
+        """cache (generation): this layer's keys and values so far; new ones are appended (self-attention) or,
+        for cross-attention, computed once."""
+        b, t, _ = x.shape
         q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k(src).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(src).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q).to(x.dtype)
+        if cache is not None and kv is not None and "k" in cache:
+            k, v = cache["k"], cache["v"]
+        else:
+            src = x if kv is None else kv
+            s = src.shape[1]
+            k = self.k(src).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = self.v(src).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+            if self.k_norm is not None:
+                k = self.k_norm(k).to(x.dtype)
+            if rope is not None:
+                k = _apply_rope(k, *rope)
+            if cache is not None:
+                if kv is None and "k" in cache:
+                    k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)
+                cache["k"], cache["v"] = k, v
         if rope is not None:
-            cos, sin = (r.to(q.dtype) for r in rope)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            q = _apply_rope(q, *rope)
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v.to(q.dtype), attn_mask=mask, is_causal=is_causal,
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal,
                                              dropout_p=dropout if self.training else 0.0, scale=self.scale)
         return self.o(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -225,6 +427,16 @@ class SideAttention(nn.Module):
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of each head (all of them, or the partial-rotary part)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    n = cos.shape[-1]
+    if n == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, rest = x[..., :n], x[..., n:]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
 
 
 class SideMLP(nn.Module):
@@ -241,25 +453,80 @@ class SideMLP(nn.Module):
 
 
 class SideBlock(nn.Module):
-    """One side transformer block: self-attention, cross-attention to the side encoder (T5 decoder), MLP."""
+    """One side transformer block: self-attention, cross-attention to the side encoder (T5 decoder), MLP; pre- or
+    post-norm, sequential or parallel, with or without norms on the branch outputs (Gemma2's sandwich)."""
 
     def __init__(self, s: BlockShape, dropout: float) -> None:
         super().__init__()
-        self.pre_norm, self.dropout = s.pre_norm, dropout
+        self.pre_norm, self.parallel, self.dropout = s.pre_norm, s.parallel, dropout
         self.ln1, self.attn = SideNorm(s.d, s.norm, s.eps), SideAttention(s)
+        self.post_attn = SideNorm(s.d, s.norm, s.eps) if s.sandwich else None
         self.lnx = SideNorm(s.d, s.norm, s.eps) if s.cross else None
-        self.xattn = SideAttention(replace(s, rope=False)) if s.cross else None
+        self.xattn = SideAttention(replace(s, rope=False, qk_norm=False)) if s.cross else None
         self.ln2, self.mlp = SideNorm(s.d, s.norm, s.eps), SideMLP(s)
+        self.post_ff = SideNorm(s.d, s.norm, s.eps) if s.sandwich else None
 
-    def forward(self, x, mask, is_causal, rope, enc=None, enc_mask=None):
+    def forward(self, x, mask, is_causal, rope, enc=None, enc_mask=None, cache: dict | None = None):
         drop = (lambda y: F.dropout(y, self.dropout, self.training)) if self.dropout else (lambda y: y)
+        self_cache, cross_cache = (None, None) if cache is None else (cache.setdefault("self", {}),
+                                                                      cache.setdefault("cross", {}))
         if not self.pre_norm:  # BERT: normalise after each residual add
-            x = self.ln1(x + drop(self.attn(x, mask, is_causal, rope, dropout=self.dropout)))
+            x = self.ln1(x + drop(self.attn(x, mask, is_causal, rope, dropout=self.dropout, cache=self_cache)))
             return self.ln2(x + drop(self.mlp(x)))
-        x = x + drop(self.attn(self.ln1(x), mask, is_causal, rope, dropout=self.dropout))
+        a = self.attn(self.ln1(x), mask, is_causal, rope, dropout=self.dropout, cache=self_cache)
+        if self.post_attn is not None:
+            a = self.post_attn(a)
+        if self.parallel:  # attention and MLP both read the block input
+            m = self.mlp(self.ln2(x))
+            return x + drop(a) + drop(m if self.post_ff is None else self.post_ff(m))
+        x = x + drop(a)
         if self.xattn is not None and enc is not None:
-            x = x + drop(self.xattn(self.lnx(x), enc_mask, False, kv=enc, dropout=self.dropout))
-        return x + drop(self.mlp(self.ln2(x)))
+            x = x + drop(self.xattn(self.lnx(x), enc_mask, False, kv=enc, dropout=self.dropout, cache=cross_cache))
+        m = self.mlp(self.ln2(x))
+        return x + drop(m if self.post_ff is None else self.post_ff(m))
+
+
+class _Int8SavedLinear(torch.autograd.Function):
+    """y = x W^T + b, exactly; for dW it keeps x as int8 with one absmax scale per row (x itself never needs a
+    gradient: it is a backbone activation), a quarter of fp32 and half of bf16."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        y = F.linear(x, weight, bias)
+        scale = x.detach().abs().amax(-1, keepdim=True).float().clamp(min=1e-30) / 127
+        ctx.save_for_backward((x.detach().float() / scale).round_().to(torch.int8), scale)
+        ctx.has_bias, ctx.dtypes = bias is not None, (weight.dtype, bias.dtype if bias is not None else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, scale = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        x2 = (q.float() * scale).reshape(-1, q.shape[-1]).to(dy2.dtype)
+        dw = dy2.t() @ x2
+        db = dy2.sum(0) if ctx.has_bias else None
+        return None, dw.to(ctx.dtypes[0]), (db.to(ctx.dtypes[1]) if db is not None else None)
+
+
+def ladder(linear: nn.Linear, x: torch.Tensor, int8_saved: bool) -> torch.Tensor:
+    """A ladder down-projection of a backbone activation x (which needs no gradient)."""
+    x = to_input(x, linear.weight)
+    if not int8_saved or not torch.is_grad_enabled() or x.requires_grad:
+        return linear(x)
+    if torch.is_autocast_enabled(x.device.type):  # the matmul in the compute dtype, as autocast would run it
+        dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            return _Int8SavedLinear.apply(x.to(dtype), linear.weight.to(dtype),
+                                          linear.bias.to(dtype) if linear.bias is not None else None)
+    return _Int8SavedLinear.apply(x, linear.weight, linear.bias)
+
+
+@dataclass
+class SideCache:
+    """The side network's keys and values during generation: one dict per side block, and the positions seen."""
+
+    seen: int = 0
+    blocks: list[dict] = field(default_factory=list)
 
 
 class SideStack(nn.Module):
@@ -282,57 +549,69 @@ class SideStack(nn.Module):
         self.rel_bias = nn.Embedding(side.rel_bias[0], side.heads) if side.rel_bias else None
         self.rel_spec = side.rel_bias
         self.checkpointing = False
+        self.int8_ladders = False  # LSTConfig.ladder_grad_input == "int8"
         inv_freq = None
         if side.rope:
             # A fixed, evenly spaced subset of the backbone's rotary frequencies: the kept query/key dims rotate as
             # they did in the backbone (pruning keeps exactly these frequency pairs). Recomputed, not saved.
             half = stack.inv_freq.numel()
-            inv_freq = stack.inv_freq[rope_indices(half, side.head_dim // 2).to(stack.inv_freq.device)]
+            inv_freq = stack.inv_freq[rope_indices(half, side.rope_dims // 2).to(stack.inv_freq.device)]
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_scaling = stack.rope_scaling
 
     def forward(self, emb: torch.Tensor, taps: list[torch.Tensor], attention_mask: torch.Tensor | None,
-                enc: torch.Tensor | None = None, enc_mask: torch.Tensor | None = None) -> torch.Tensor:
-        t = emb.shape[1]
-        mask, is_causal = self._self_mask(attention_mask, t, emb.device)
-        rope = self._rope(t, emb.device) if self.inv_freq is not None else None
+                enc: torch.Tensor | None = None, enc_mask: torch.Tensor | None = None,
+                cache: SideCache | None = None) -> torch.Tensor:
+        """cache (generation, no grad): emb and taps are the new positions only; keys and values of the earlier
+        ones come from the cache, and attention_mask (if any) covers all positions."""
+        t, past = emb.shape[1], cache.seen if cache is not None else 0
+        if cache is not None and not cache.blocks:
+            cache.blocks = [{} for _ in self.blocks]
+        mask, is_causal = self._self_mask(attention_mask, t, emb.device, past)
+        rope = self._rope(t, emb.device, past) if self.inv_freq is not None else None
         cross_mask = enc_mask.bool()[:, None, None, :] if enc_mask is not None else None
-        s = self.ladders[0](to_input(emb, self.ladders[0].weight))
+        s = ladder(self.ladders[0], emb, self.int8_ladders)
         gates = torch.sigmoid(self.alpha / self.temperature)
         for j, block in enumerate(self.blocks):
             # The ladder input h_i is the one backbone tensor autograd keeps: down_i needs it for its weight grad.
-            down = self.ladders[j + 1](to_input(taps[j], self.ladders[j + 1].weight))
+            down = ladder(self.ladders[j + 1], taps[j], self.int8_ladders)
             s = gates[j] * s + (1 - gates[j]) * down
-            if self.checkpointing and self.training:
+            if cache is not None:
+                s = block(s, mask, is_causal, rope, enc, cross_mask, cache.blocks[j])
+            elif self.checkpointing and self.training:
                 # Side-only checkpointing: keep the block's input, recompute its inside in backward.
                 s = checkpoint(block, s, mask, is_causal, rope, enc, cross_mask, use_reentrant=False)
             else:
                 s = block(s, mask, is_causal, rope, enc, cross_mask)
+        if cache is not None:
+            cache.seen = past + t
         return self.norm(s)
 
-    def _self_mask(self, attention_mask, t: int, device) -> tuple[torch.Tensor | None, bool]:
-        if attention_mask is None and self.rel_bias is None:
-            return None, self.causal  # SDPA's own causal path (flash-capable on GPU)
-        allowed = torch.ones(1, 1, t, t, dtype=torch.bool, device=device)
-        if self.causal:
-            allowed = allowed.tril()
+    def _self_mask(self, attention_mask, t: int, device, past: int = 0) -> tuple[torch.Tensor | None, bool]:
+        if attention_mask is None and self.rel_bias is None and (past == 0 or t == 1):
+            return None, self.causal and past == 0  # SDPA's own causal path (flash-capable on GPU)
+        n = past + t
+        q_pos, k_pos = torch.arange(past, n, device=device), torch.arange(n, device=device)
+        allowed = k_pos[None, :] <= q_pos[:, None] if self.causal else torch.ones(t, n, dtype=torch.bool,
+                                                                                   device=device)
+        allowed = allowed[None, None]
         if attention_mask is not None:
-            allowed = allowed & attention_mask.bool()[:, None, None, :]
+            allowed = allowed & attention_mask.bool()[:, None, None, -n:]
         # Every query may see itself, so a fully padded row (left padding) gets no NaN; its output is unused.
-        allowed = allowed | torch.eye(t, dtype=torch.bool, device=device)
+        allowed = allowed | (k_pos[None, :] == q_pos[:, None])
         if self.rel_bias is None:
             return allowed, False
         from transformers.models.t5.modeling_t5 import T5Attention
 
-        pos = torch.arange(t, device=device)
-        buckets = T5Attention._relative_position_bucket(pos[None, :] - pos[:, None], bidirectional=not self.causal,
+        buckets = T5Attention._relative_position_bucket(k_pos[None, :] - q_pos[:, None], bidirectional=not self.causal,
                                                         num_buckets=self.rel_spec[0], max_distance=self.rel_spec[1])
-        bias = self.rel_bias(buckets).permute(2, 0, 1)[None]  # 1 x heads x t x t
+        bias = self.rel_bias(buckets).permute(2, 0, 1)[None]  # 1 x heads x t x n
         return bias.masked_fill(~allowed, NEG_INF), False
 
-    def _rope(self, t: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        # Positions 0..t-1, as the backbone uses them when no position_ids are given.
-        freqs = torch.arange(t, device=device, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+    def _rope(self, t: int, device, past: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        # Positions past..past+t-1, as the backbone numbers them when no position_ids are given.
+        pos = torch.arange(past, past + t, device=device, dtype=torch.float32)
+        freqs = pos[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling
 

@@ -1,11 +1,7 @@
 """Initialise LST's side network by structural pruning of the backbone (LST paper, section 3.3).
 
 Importance is the L1 magnitude of weight rows/columns (for pre-norm blocks, an input column is weighted by the gain
-of the norm in front of it, since that is the effective weight), or with `init: pruned_fisher` the empirical Fisher
-of each weight, sum over calibration batches b of (dL_b/dw * w)^2: the second-order estimate of the loss increase if
-w were cut (the diagonal-Fisher / first-order-Taylor score of structured pruning, e.g. LLM-Pruner, arXiv
-2305.11627), summed over rows/columns like the L1 scores. The Fisher scores take no norm gain: the gain already
-scales the layer's input, so it is in the gradient. What is kept:
+of the norm in front of it, since that is the effective weight). What is kept:
 
 - hidden dims: one set K of d/r dims for the whole side network (its residual stream must be consistent across
   blocks), by importance summed over every tapped layer: the input columns of q, k, v, up, gate and the output rows
@@ -25,10 +21,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from sidetune.methods._lora_ga import linear_gradients
-from sidetune.methods._lst_blocks import BlockShape, SideStack, Stack, rope_indices, stacks_of, tapped_layers
+from sidetune.methods._lst_blocks import BlockShape, SideStack, Stack, block_modules, rope_indices
 
-INPUT_SIDE = {"q": "ln1", "k": "ln1", "v": "ln1", "up": "ln2", "gate": "ln2", "xq": "lnx", "xk": None, "xv": None}
+INPUT_SIDE = {"q": "ln1", "k": "ln1", "v": "ln1", "qkv": "ln1", "up": "ln2", "gate": "ln2", "xq": "lnx", "xk": None,
+              "xv": None}
 OUTPUT_SIDE = ("o", "down", "xo")
 
 
@@ -49,18 +45,30 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
     return w.detach().float()
 
 
+@torch.no_grad()
+def norm_gain(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The effective per-dim gain (and bias) of a norm module, float32. Most norms scale by their weight; Gemma's
+    RMSNorm scales by (1 + weight). The module is probed with a zero-mean, unit-RMS input z and -z (its output is
+    gain * z + bias up to eps), and the gain is snapped to weight or 1 + weight when it is one of them."""
+    w = norm.weight.detach().float() if getattr(norm, "weight", None) is not None else None
+    b = getattr(norm, "bias", None)
+    b = b.detach().float() if isinstance(b, torch.Tensor) else None
+    if isinstance(norm, nn.LayerNorm) or w is None:
+        return (w if w is not None else torch.ones(norm.normalized_shape)), b
+    z = torch.ones(w.numel(), device=w.device)
+    z[1::2] = -1
+    dtype = norm.weight.dtype
+    plus, minus = norm(z[None].to(dtype)).float()[0], norm(-z[None].to(dtype)).float()[0]
+    gain = (plus - minus) / (2 * z)
+    for offset in (0.0, 1.0):
+        if ((gain - (w + offset)).abs() <= 0.05 * (1 + w.abs())).all():
+            return w + offset, b
+    return gain, (plus + minus) / 2 if b is not None else b
+
+
 def _modules(layer: nn.Module, family: str) -> dict[str, nn.Module]:
-    if family == "llama":
-        a, m = layer.self_attn, layer.mlp
-        return {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj, "up": m.up_proj, "gate": m.gate_proj,
-                "down": m.down_proj, "ln1": layer.input_layernorm, "ln2": layer.post_attention_layernorm}
-    if family == "gpt2":
-        return {"qkv": layer.attn.c_attn, "o": layer.attn.c_proj, "up": layer.mlp.c_fc, "down": layer.mlp.c_proj,
-                "ln1": layer.ln_1, "ln2": layer.ln_2}
-    if family == "bert":
-        a = layer.attention
-        return {"q": a.self.query, "k": a.self.key, "v": a.self.value, "o": a.output.dense, "ln1": a.output.LayerNorm,
-                "up": layer.intermediate.dense, "down": layer.output.dense, "ln2": layer.output.LayerNorm}
+    if family != "t5":
+        return block_modules(layer)
     sa, ff = layer.layer[0], layer.layer[-1]
     out = {k: getattr(sa.SelfAttention, k) for k in "qkvo"} | {"ln1": sa.layer_norm, "ln2": ff.layer_norm}
     dense = ff.DenseReluDense
@@ -72,84 +80,67 @@ def _modules(layer: nn.Module, family: str) -> dict[str, nn.Module]:
 
 
 def block_weights(layer: nn.Module, family: str) -> dict[str, torch.Tensor]:
-    """A backbone block's weights under neutral names (q k v o up gate down xq.. ln1 ln2 lnx), float32, and biases
-    under "<name>.bias"."""
+    """A backbone block's weights under neutral names (q k v o up gate down xq.. ln1 ln2 lnx post_attn post_ff q_norm
+    k_norm), float32, and biases under "<name>.bias"; norms as their effective gain (`norm_gain`). A fused qkv
+    projection stays "qkv" (`split_qkv` cuts it, given the block's shape); a fused gate+up is split here. Raises
+    `_lst_blocks.Unmapped` when the block's modules cannot be given these roles."""
     out: dict[str, torch.Tensor] = {}
     for name, mod in _modules(layer, family).items():
-        if name.startswith("ln"):
-            out[name] = mod.weight.detach().float()
-        else:
-            out[name] = dense_weight(mod)
+        if name.startswith(("ln", "post_")) or name.endswith("_norm"):
+            out[name], bias = norm_gain(mod)
+            if bias is not None:
+                out[f"{name}.bias"] = bias
+            continue
+        out[name] = dense_weight(mod)
         if getattr(mod, "bias", None) is not None:
             out[f"{name}.bias"] = mod.bias.detach().float()
-    if "qkv" in out:  # GPT-2's fused projection
-        for key, part in zip("qkv", out.pop("qkv").chunk(3, dim=0)):
-            out[key] = part
-        for key, part in zip("qkv", out.pop("qkv.bias").chunk(3, dim=0)):
-            out[f"{key}.bias"] = part
+    if "gate_up" in out:  # Phi3: gate rows first, then up
+        out["gate"], out["up"] = out.pop("gate_up").chunk(2, dim=0)
+        if "gate_up.bias" in out:
+            out["gate.bias"], out["up.bias"] = out.pop("gate_up.bias").chunk(2, dim=0)
     return out
 
 
-Scores = dict[int, dict[str, torch.Tensor]]  # block index -> neutral name -> per-weight importance (>= 0)
+def split_qkv(w: dict[str, torch.Tensor], shape: BlockShape) -> dict[str, torch.Tensor]:
+    """w with a fused "qkv" projection (and bias) cut into q, k and v, by the block's row layout."""
+    if "qkv" not in w:
+        return w
+    w = dict(w)
+    h, kv, hd = shape.heads, shape.kv_heads, shape.head_dim
+    for suffix in ("", ".bias"):
+        fused = w.pop(f"qkv{suffix}", None)
+        if fused is None:
+            continue
+        if shape.qkv_layout == "grouped":  # per group: its h/kv queries, one key, one value
+            g = fused.reshape(kv, h // kv + 2, hd, -1)
+            parts = (g[:, :-2], g[:, -2:-1], g[:, -1:])
+        else:
+            parts = fused.split([h * hd, kv * hd, kv * hd], dim=0)
+        for key, part in zip("qkv", parts):
+            w[f"{key}{suffix}"] = part.reshape(-1, *fused.shape[1:])
+    return w
 
 
-def l1_scores(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-weight L1 importance |w| (norm gains included: pre-norm blocks weight input columns by them)."""
-    return {k: v.abs() for k, v in w.items() if not k.endswith(".bias")}
-
-
-def fisher_scores(model: nn.Module, side_layers, batches) -> list[Scores]:
-    """Per-weight empirical Fisher sum_b (dL_b/dw * w)^2 of the tapped blocks' linear layers, one dict per stack,
-    from the backbone's own loss on the calibration batches. Gradients come from hooks (`linear_gradients`): no
-    backbone parameter requires grad or keeps a .grad, and 4-bit weights work through their dequantized values.
-    Costs one fp32 score matrix per tapped weight, plus one batch's gradients."""
-    layers: dict[str, nn.Module] = {}
-    out: list[Scores] = []
-    for k, stack in enumerate(stacks_of(model)):
-        out.append({})
-        for i in tapped_layers(side_layers, len(stack.layers)):
-            out[k][i] = {}
-            for name, mod in _modules(stack.layers[i], stack.shape.family).items():
-                if name.startswith("ln"):
-                    out[k][i][name] = torch.ones_like(mod.weight, dtype=torch.float32)  # gain: in the gradient
-                else:
-                    layers[f"{k}.{i}.{name}"] = mod
-    for grads in linear_gradients(model, layers, batches):
-        for key, g in grads.items():
-            k, i, name = key.split(".")
-            score = (g * dense_weight(layers[key])).square_()
-            block = out[int(k)][int(i)]
-            block[name] = block[name].add_(score) if name in block else score
-    for stack in out:
-        for block in stack.values():
-            if "qkv" in block:  # GPT-2's fused projection, split as in block_weights
-                block.update(zip("qkv", block.pop("qkv").chunk(3, dim=0)))
-    return out
-
-
-def hidden_importance(s: dict[str, torch.Tensor], pre_norm: bool) -> torch.Tensor:
-    """Importance of each residual dim in one block: the scores of the columns that read it and the rows that write
-    it (s: per-weight scores, l1_scores or fisher_scores)."""
+def hidden_importance(w: dict[str, torch.Tensor], pre_norm: bool) -> torch.Tensor:
+    """Importance of each residual dim in one block: L1 of the columns that read it and the rows that write it."""
     imp = 0
     for name, norm in INPUT_SIDE.items():
-        if name in s:
-            col = s[name].sum(0)
-            imp = imp + (col * s[norm] if pre_norm and norm is not None else col)
+        if name in w:
+            col = w[name].abs().sum(0)
+            gain = w.get(norm, w.get("ln1")) if pre_norm and norm is not None else None  # parallel: one norm
+            imp = imp + (col * gain.abs() if gain is not None else col)
     for name in OUTPUT_SIDE:
-        if name in s:
-            imp = imp + s[name].sum(1)
+        if name in w:
+            imp = imp + w[name].abs().sum(1)
     return imp
 
 
-def keep_hidden(stacks: list[Stack], tapped: list[list[int]], d_side: int,
-                scores: list[Scores] | None = None) -> torch.Tensor:
-    """The d/r residual dims the side network keeps (one set for all its stacks), sorted. `scores`: Fisher scores
-    per stack (fisher_scores); None: L1."""
+def keep_hidden(stacks: list[Stack], tapped: list[list[int]], d_side: int) -> torch.Tensor:
+    """The d/r residual dims the side network keeps (one set for all its stacks), sorted."""
     imp = 0
-    for k, (stack, layers) in enumerate(zip(stacks, tapped)):
+    for stack, layers in zip(stacks, tapped):
         for i in layers:
-            s = scores[k][i] if scores else l1_scores(block_weights(stack.layers[i], stack.shape.family))
-            imp = imp + hidden_importance(s, stack.shape.pre_norm)
+            imp = imp + hidden_importance(block_weights(stack.layers[i], stack.shape.family), stack.shape.pre_norm)
     return torch.topk(imp, d_side).indices.sort().values
 
 
@@ -157,23 +148,23 @@ def _top(imp: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(imp, k, dim=-1).indices.sort(dim=-1).values
 
 
-def _prune_attention(w, s, p: str, keep, src: BlockShape, side: BlockShape, rope: bool) -> dict[str, torch.Tensor]:
+def _prune_attention(w, p: str, keep, src: BlockShape, side: BlockShape, rope: bool) -> dict[str, torch.Tensor]:
     h, kv, hd, hd_s = src.heads, src.kv_heads, src.head_dim, side.head_dim
     group = torch.arange(h, device=keep.device) // (h // kv)
-
-    def cut(d):  # q, k, v, o sliced to the kept residual dims, as (heads, head_dim, kept) / (kept, heads, head_dim)
-        return (d[f"{p}q"].view(h, hd, -1)[:, :, keep], d[f"{p}k"].view(kv, hd, -1)[:, :, keep],
-                d[f"{p}v"].view(kv, hd, -1)[:, :, keep], d[f"{p}o"][keep].view(len(keep), h, hd))
-
-    q, k, v, o = cut(w)
-    qs, ks, vs, os_ = cut(s)
-    if rope:
-        idx = rope_indices(hd // 2, hd_s // 2).to(keep.device)
-        qk_dims = torch.cat((idx, idx + hd // 2)).expand(kv, -1)
+    q = w[f"{p}q"].reshape(h, hd, -1)[:, :, keep]
+    k = w[f"{p}k"].reshape(kv, hd, -1)[:, :, keep]
+    v = w[f"{p}v"].reshape(kv, hd, -1)[:, :, keep]
+    o = w[f"{p}o"][keep].view(len(keep), h, hd)
+    qk_imp = torch.zeros(kv, hd, device=keep.device).index_add_(0, group, q.abs().sum(-1)) + k.abs().sum(-1)
+    if rope:  # rotating dims: fixed frequency pairs; the rest of a partial-rotary head: by importance
+        rd, rd_s = src.rope_dims, side.rope_dims
+        idx = rope_indices(rd // 2, rd_s // 2).to(keep.device)
+        qk_dims = torch.cat((idx, idx + rd // 2)).expand(kv, -1)
+        if hd_s > rd_s:
+            qk_dims = torch.cat((qk_dims, rd + _top(qk_imp[:, rd:], hd_s - rd_s)), dim=1)
     else:
-        qk_imp = torch.zeros(kv, hd, device=keep.device).index_add_(0, group, qs.sum(-1)) + ks.sum(-1)
         qk_dims = _top(qk_imp, hd_s)
-    v_imp = vs.sum(-1) + torch.zeros(kv, hd, device=keep.device).index_add_(0, group, os_.sum(0))
+    v_imp = v.abs().sum(-1) + torch.zeros(kv, hd, device=keep.device).index_add_(0, group, o.abs().sum(0))
     v_dims = _top(v_imp, hd_s)
     heads, kvs = torch.arange(h, device=keep.device)[:, None], torch.arange(kv, device=keep.device)[:, None]
     out = {"q.weight": q[heads, qk_dims[group]].reshape(h * hd_s, -1),
@@ -186,15 +177,18 @@ def _prune_attention(w, s, p: str, keep, src: BlockShape, side: BlockShape, rope
                                                                    dims].reshape(-1)
     if f"{p}o.bias" in w:
         out["o.bias"] = w[f"{p}o.bias"][keep]
+    if side.qk_norm and not p:  # one gain per head dim, shared by all heads: that of the first group's kept dims
+        out["q_norm.weight"], out["k_norm.weight"] = w["q_norm"][qk_dims[0]], w["k_norm"][qk_dims[0]]
     return out
 
 
-def prune_block(w: dict[str, torch.Tensor], keep: torch.Tensor, src: BlockShape, side: BlockShape,
-                s: dict[str, torch.Tensor] | None = None) -> dict:
-    """The state dict of one side block cut from backbone block weights `w`, choosing by scores `s` (default L1)."""
-    s = l1_scores(w) if s is None else s
+def prune_block(w: dict[str, torch.Tensor], keep: torch.Tensor, src: BlockShape, side: BlockShape) -> dict:
+    """The state dict of one side block cut from backbone block weights `w`."""
+    w = split_qkv(w, src)
     out: dict[str, torch.Tensor] = {}
-    for norm in ("ln1", "ln2", "lnx"):
+    if src.parallel and "ln2" not in w:  # one norm feeds attention and MLP: the side block has two, both from it
+        w = w | {k.replace("ln1", "ln2"): v for k, v in w.items() if k.startswith("ln1")}
+    for norm in ("ln1", "ln2", "lnx", "post_attn", "post_ff"):
         if norm in w:
             out[f"{norm}.weight"] = w[norm][keep]
             if f"{norm}.bias" in w:
@@ -202,7 +196,7 @@ def prune_block(w: dict[str, torch.Tensor], keep: torch.Tensor, src: BlockShape,
     up = w["up"][:, keep]
     gate = w["gate"][:, keep] if "gate" in w else None
     down = w["down"][keep]
-    ff_imp = s["up"][:, keep].sum(1) + s["down"][keep].sum(0) + (s["gate"][:, keep].sum(1) if gate is not None else 0)
+    ff_imp = up.abs().sum(1) + down.abs().sum(0) + (gate.abs().sum(1) if gate is not None else 0)
     units = _top(ff_imp, side.ff)
     out["mlp.up.weight"], out["mlp.down.weight"] = up[units], down[:, units]
     if gate is not None:
@@ -210,29 +204,28 @@ def prune_block(w: dict[str, torch.Tensor], keep: torch.Tensor, src: BlockShape,
     for name, idx in (("up", units), ("gate", units), ("down", keep)):
         if f"{name}.bias" in w:
             out[f"mlp.{name}.bias"] = w[f"{name}.bias"][idx]
-    for key, value in _prune_attention(w, s, "", keep, src, side, src.rope).items():
+    for key, value in _prune_attention(w, "", keep, src, side, src.rope).items():
         out[f"attn.{key}"] = value
     if "xq" in w:
-        for key, value in _prune_attention(w, s, "x", keep, src, side, False).items():
+        for key, value in _prune_attention(w, "x", keep, src, side, False).items():
             out[f"xattn.{key}"] = value
     return out
 
 
 @torch.no_grad()
-def init_pruned(side: SideStack, stack: Stack, side_shape: BlockShape, keep: torch.Tensor,
-                scores: Scores | None = None) -> None:
-    """Copy pruned backbone weights into a side stack; ladders start as the selection of the kept dims. `scores`:
-    this stack's Fisher scores (None: L1)."""
+def init_pruned(side: SideStack, stack: Stack, side_shape: BlockShape, keep: torch.Tensor) -> None:
+    """Copy pruned backbone weights into a side stack; ladders start as the selection of the kept dims."""
     for block, i in zip(side.blocks, side.tapped):
         w = block_weights(stack.layers[i], stack.shape.family)
-        block.load_state_dict(prune_block(w, keep, stack.shape, side_shape, scores[i] if scores else None))
+        block.load_state_dict(prune_block(w, keep, stack.shape, side_shape))
     for ladder in side.ladders:
         ladder.weight.zero_()
         ladder.weight[torch.arange(len(keep), device=keep.device), keep] = 1.0
         ladder.bias.zero_()
     if stack.final_norm is not None:
-        side.norm.weight.copy_(stack.final_norm.weight.detach().float()[keep])
-        if side.norm.bias is not None and getattr(stack.final_norm, "bias", None) is not None:
-            side.norm.bias.copy_(stack.final_norm.bias.detach().float()[keep])
+        gain, bias = norm_gain(stack.final_norm)
+        side.norm.weight.copy_(gain[keep])
+        if side.norm.bias is not None and bias is not None:
+            side.norm.bias.copy_(bias[keep])
     if side.rel_bias is not None:
         side.rel_bias.weight.copy_(stack.layers[0].layer[0].SelfAttention.relative_attention_bias.weight.float())

@@ -16,8 +16,11 @@ to the side encoder. The side blocks start as a structurally pruned copy of the 
 
 The backbone runs under torch.no_grad and in eval mode: nothing in it requires grad, autograd saves nothing inside it
 and backward never enters it. What a training step still stores: one B x T x d ladder input per tapped block (down_i
-needs it for its weight gradient), the side network's activations (width d/r) and the LM head's logits (chunk those
-with train.loss_chunk_size). `generate` is a simple loop without a KV cache (one full forward per new token).
+needs it for its weight gradient; `ladder_grad_input: int8` keeps an int8 copy with a row scale instead), the side
+blocks' inputs (side-only recomputation, on by default) or all their activations, and the LM head's logits (chunk
+those with train.loss_chunk_size). The side network is read from the model's own config and modules
+(`_lst_blocks.py`), so any decoder with the usual layout works. `generate` keeps transformers' KV cache for the
+backbone and a K/V cache per side block, so a new token costs one token's forward through both.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from sidetune.errors import SidetuneError
 from sidetune.fields import opt
 from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
 from sidetune.methods._inject import freeze, head_module_names
-from sidetune.methods._lst_blocks import SideStack, Stack, capture, stacks_of, tapped_layers
-from sidetune.methods._lst_prune import fisher_scores, init_pruned, keep_hidden
+from sidetune.methods._lst_blocks import SideCache, SideStack, Stack, Unmapped, capture, stacks_of, tapped_layers
+from sidetune.methods._lst_prune import init_pruned, keep_hidden
 from sidetune.methods.base import Context, Method
 from sidetune.tasks import HEAD_NAMES, Task
 
@@ -54,13 +57,11 @@ class LSTConfig:
         "back from the last, which is always tapped) or a list of block indices (negative = from the end). T5: "
         "for both stacks.",
     )
-    init: Literal["pruned", "pruned_fisher", "random"] = opt(
+    init: Literal["pruned", "random"] = opt(
         "pruned",
         "pruned: side blocks, norms and ladders cut from the backbone by L1 structural pruning (the paper's "
-        "choice); pruned_fisher: the same cut, by empirical Fisher importance on calibration batches; random: "
-        "PyTorch's default init.",
+        "choice); random: PyTorch's default init.",
     )
-    calibration_batches: int = opt(8, "pruned_fisher: training batches the Fisher importance is summed over.")
     gate_temperature: float = opt(0.1, "Gate temperature T in g = sigmoid(alpha / T).")
     gate_init: float = opt(0.0, "Initial alpha of every gate (0 -> g = 0.5: half side state, half ladder input).")
     dropout: float = opt(0.0, "Dropout inside the side network (attention probabilities and residual branches).")
@@ -70,7 +71,13 @@ class LSTConfig:
         "adds noise to the ladder inputs.",
     )
     gradient_checkpointing: bool = opt(
-        False, "Recompute the side blocks in backward (the backbone is never recomputed: it stores nothing).")
+        True,
+        "Recompute the side blocks in backward (the backbone is never recomputed: it stores nothing). Exact; costs "
+        "one more side forward per step, small next to the backbone's.")
+    ladder_grad_input: Literal["full", "int8"] = opt(
+        "full",
+        "What each ladder keeps of its B x T x d input for its weight gradient: full (exact) or int8 with one "
+        "absmax scale per row (half of bf16; the forward is unchanged, only dW sees the rounded copy).")
     compile: bool = opt(False, "torch.compile each side block: small blocks are launch-bound on a GPU.")
     classifier_input: Literal["sum", "side"] = opt(
         "sum",
@@ -86,8 +93,6 @@ class LSTConfig:
     def __post_init__(self) -> None:
         if self.r < 1:
             raise SidetuneError(f"method.r must be >= 1, got {self.r}")
-        if self.calibration_batches < 1:
-            raise SidetuneError(f"method.calibration_batches must be >= 1, got {self.calibration_batches}")
         if self.gate_temperature <= 0:
             raise SidetuneError(f"method.gate_temperature must be > 0, got {self.gate_temperature}")
         if not 0 <= self.dropout < 1:
@@ -111,6 +116,8 @@ class TaskHead(nn.Module):
         c = backbone.config
         # T5 with tied embeddings rescales the decoder output before the LM head.
         self.scale = c.d_model**-0.5 if task.seq2seq and getattr(c, "scale_decoder_outputs", False) else None
+        # Gemma2: logits = cap * tanh(logits / cap), as the model's own forward does after its LM head.
+        self.softcap = getattr(c, "final_logit_softcapping", None)
 
     def forward(self, hidden, labels, attention_mask):
         if self.task.classifies:
@@ -118,6 +125,8 @@ class TaskHead(nn.Module):
         if self.scale is not None:
             hidden = hidden * self.scale
         logits = self.backbone.get_output_embeddings()(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         loss = None
         if labels is not None:
             if self.task.shift_labels:  # next-token: position t predicts token t + 1
@@ -142,7 +151,12 @@ class TaskHead(nn.Module):
                 last = (pos * attention_mask.to(pos.dtype)).argmax(-1)
                 pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         head = getattr(self.backbone, self.classifier)
-        logits = head(pooled.to(next(head.parameters()).dtype))
+        pooled = pooled.to(next(head.parameters()).dtype)
+        if isinstance(head, nn.Linear):
+            logits = head(pooled)
+        else:  # RoBERTa's, ELECTRA's heads read token 0 of a sequence: give them the pooled vector as one
+            logits = head(pooled[:, None])
+            logits = logits[:, 0] if logits.dim() == 3 else logits
         loss = None
         if labels is not None:
             n = logits.shape[-1]
@@ -161,11 +175,12 @@ class TaskHead(nn.Module):
 class LSTModel(nn.Module):
     """The module LST trains: the frozen backbone (run without grad), the side network(s), `up` and the task head."""
 
-    def __init__(self, backbone: nn.Module, cfg: LSTConfig, task: Task, scores: list | None = None) -> None:
+    def __init__(self, backbone: nn.Module, cfg: LSTConfig, task: Task) -> None:
         super().__init__()
         self.backbone, self.cfg, self.task = backbone, cfg, task
         self.stacks: list[Stack] = stacks_of(backbone)
         d = self.stacks[-1].shape.d
+        d_out = self.stacks[-1].out_dim or d  # the body's output width (OPT-350m projects it)
         if d // cfg.r < 1:
             raise SidetuneError(f"method.r={cfg.r} leaves no width of the model's {d}; use r <= {d}")
         shapes = [s.shape.reduced(cfg.r) for s in self.stacks]
@@ -174,29 +189,49 @@ class LSTModel(nn.Module):
         with torch.device(device):  # side modules are born on the backbone's device, in fp32 (master weights)
             sides = [SideStack(st, sh, tp, cfg.gate_temperature, cfg.gate_init, cfg.dropout)
                      for st, sh, tp in zip(self.stacks, shapes, tapped)]
-            self.up = nn.Linear(shapes[-1].d, d, bias=False)
+            self.up = nn.Linear(shapes[-1].d, d_out, bias=False)
         self.side_encoder = sides[0] if len(sides) == 2 else None
         self.side = sides[-1]
         # auto pooling: an encoder's first token ([CLS]); a decoder's last real token, the only one that saw them all.
         pooling = cfg.pooling if cfg.pooling != "auto" else ("last" if self.stacks[-1].shape.causal else "first")
         self.head = TaskHead(backbone, task, pooling)
-        keep = None
-        if cfg.init != "random" and device.type != "meta":  # on meta (memory accounting) only shapes matter
-            keep = keep_hidden(self.stacks, tapped, shapes[-1].d, scores).to(device)  # scores: Fisher, else L1
-            for k, (side, stack, shape) in enumerate(zip(sides, self.stacks, shapes)):
-                init_pruned(side, stack, shape, keep, scores[k] if scores else None)
+        keep, self.init_used = None, "random"
+        if cfg.init == "pruned" and device.type != "meta":  # on meta (memory accounting) only shapes matter
+            keep = self._init_pruned(sides, tapped, shapes)
         with torch.no_grad():
             if not task.classifies or cfg.classifier_input == "sum":
                 self.up.weight.zero_()  # the side output starts at exactly 0: step 0 is the frozen model
-            elif keep is not None:
+            elif keep is not None and d_out == d:
                 self.up.weight.zero_()
                 self.up.weight[keep, torch.arange(len(keep), device=device)] = 1.0  # back to the kept coordinates
         if cfg.gradient_checkpointing:
             self.gradient_checkpointing_enable()
+        for side in sides:
+            side.int8_ladders = cfg.ladder_grad_input == "int8"
         if cfg.compile:
             for side in sides:
                 for block in side.blocks:
                     block.compile()
+
+    def _init_pruned(self, sides: list[SideStack], tapped: list[list[int]], shapes) -> torch.Tensor | None:
+        """Pruned init; a block layout it cannot map starts the side network from random init, with one line."""
+        unmapped = next((s.unmapped for s in self.stacks if s.unmapped), None)
+        if unmapped is None:
+            try:
+                keep = keep_hidden(self.stacks, tapped, shapes[-1].d).to(self.up.weight.device)
+                for side, stack, shape in zip(sides, self.stacks, shapes):
+                    init_pruned(side, stack, shape, keep)
+                self.init_used = "pruned"
+                return keep
+            except (Unmapped, KeyError, RuntimeError) as e:  # a layout the reader misjudged: state dict mismatch
+                unmapped = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                for side in sides:
+                    for m in side.modules():
+                        if hasattr(m, "reset_parameters") and m is not side:
+                            m.reset_parameters()
+        print(f"sidetune: LST cannot prune {self.backbone.config.model_type} blocks ({unmapped}); "
+              f"the side network starts from random init (method.init=random)")
+        return None
 
     @property
     def config(self):
@@ -249,12 +284,19 @@ class LSTModel(nn.Module):
         side = self.side(taps[0], taps[1:], decoder_attention_mask, enc=side_enc, enc_mask=attention_mask)
         return self._merge(final, side)
 
-    def _backbone(self, k: int, body: nn.Module, inputs: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _backbone(self, k: int, body: nn.Module, inputs: dict,
+                  state: dict | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The backbone body's final hidden state and the ladder inputs [embeddings, tapped blocks' outputs].
+        state (generation): the body runs on the new tokens only, with transformers' KV cache state["past"] (None
+        at first: the body makes one), which is updated."""
         side = self.side if self.side_encoder is None or k == 1 else self.side_encoder
         # no_grad, not inference_mode: the ladder inputs must stay usable as saved tensors of down_i.
+        extra = dict(use_cache=True, cache=state["past"]) if state is not None else dict(use_cache=False)
         with torch.no_grad(), capture(self.stacks[k].layers, side.tapped) as taps:
-            final = body(**inputs, use_cache=False).last_hidden_state
-        return final, [taps[-1]] + [taps[i] for i in side.tapped]
+            out = body(**inputs, **extra)
+        if state is not None:
+            state["past"] = out.cache
+        return out.last_hidden_state, [taps[-1]] + [taps[i] for i in side.tapped]
 
     def _merge(self, final: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
         out = self.up(side)
@@ -265,10 +307,12 @@ class LSTModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, eos_token_id=None,
-                 pad_token_id: int | None = None) -> torch.Tensor:
-        """Greedy or sampled decoding with the side network attached. Simple and correct, not fast: each row is
-        decoded alone (no padding effects) and every new token reruns the full forward (no KV cache). Returns the
-        prompt plus the new tokens for causal LMs, the decoder sequence for T5, right-padded with `pad_token_id`."""
+                 pad_token_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Greedy or sampled decoding with the side network attached. Each row is decoded alone (no padding
+        effects). With use_cache (default) the backbone keeps transformers' KV cache and the side network its own,
+        so each new token costs one token's forward; without, every token reruns the full forward (the reference
+        the cached path is tested against). Returns the prompt plus the new tokens for causal LMs, the decoder
+        sequence for T5, right-padded with `pad_token_id`."""
         if self.task.classifies:
             raise SidetuneError("generate needs a causal_lm or seq2seq model; this LST model classifies")
         eos, pad = special_tokens(self.config, eos_token_id, pad_token_id)
@@ -277,14 +321,38 @@ class LSTModel(nn.Module):
             if self.side_encoder is not None:
                 enc, side_enc = self.encode(ids, None)
                 start = torch.full((1, 1), self.config.decoder_start_token_id, dtype=ids.dtype, device=ids.device)
+                if use_cache:
+                    rows.append((start, _CachedStep(self, enc, side_enc)))
+                    continue
 
                 def step(s, enc=enc, side_enc=side_enc):
                     return self.head(self.decode(s, enc, side_enc, None, None), None, None).logits[:, -1]
 
                 rows.append((start, step))
             else:
-                rows.append((ids, lambda s: self(input_ids=s).logits[:, -1]))
+                rows.append((ids, _CachedStep(self) if use_cache else lambda s: self(input_ids=s).logits[:, -1]))
         return decode_rows(rows, max_new_tokens, eos, pad, do_sample, temperature, top_k)
+
+
+class _CachedStep:
+    """One row's decoding state: feeds only the tokens it has not seen to the backbone (with its KV cache) and to
+    the side network (with its own), and returns the next-token logits."""
+
+    def __init__(self, model: LSTModel, enc: torch.Tensor | None = None, side_enc: torch.Tensor | None = None) -> None:
+        self.model, self.enc, self.side_enc = model, enc, side_enc
+        self.seen, self.state, self.side = 0, {"past": None}, SideCache()
+
+    def __call__(self, seq: torch.Tensor) -> torch.Tensor:
+        m, new = self.model, seq[:, self.seen:]
+        self.seen = seq.shape[1]
+        if self.enc is None:
+            final, taps = m._backbone(0, m.backbone.base_model, dict(input_ids=new), self.state)
+            side = m.side(taps[0], taps[1:], None, cache=self.side)
+        else:
+            final, taps = m._backbone(1, m.backbone.decoder, dict(input_ids=new, encoder_hidden_states=self.enc),
+                                      self.state)
+            side = m.side(taps[0], taps[1:], None, enc=self.side_enc, cache=self.side)
+        return m.head(m._merge(final[:, -1:], side[:, -1:]), None, None).logits[:, -1]
 
 
 class LST(Method):
@@ -296,6 +364,7 @@ class LST(Method):
     plan_options: ClassVar[dict[str, dict]] = {
         "a side block on every 2nd layer": {"side_layers": "every:2"},
         "side width d/16": {"r": 16},
+        "ladder inputs kept in int8 for the weight gradient": {"ladder_grad_input": "int8"},
     }
 
     def __init__(self, cfg: LSTConfig) -> None:
@@ -309,9 +378,6 @@ class LST(Method):
     def head_modules(self, module: nn.Module) -> list[nn.Module]:
         return [module.head]
 
-    def calibration_batches(self) -> int:
-        return self.cfg.calibration_batches if self.cfg.init == "pruned_fisher" else 0
-
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         task = ctx.task
         if task.classifies and model.config.is_encoder_decoder:
@@ -322,10 +388,4 @@ class LST(Method):
         for name in head_module_names(model):
             if name != used:
                 model.get_submodule(name).requires_grad_(False)
-        scores = None
-        # The backbone's only gradients, once, through hooks (no .grad left). Without calibration data (a saved run
-        # rebuilt by sidetune.load / eval / export, a memory prediction) the L1 cut stands in: everything the init
-        # sets is trainable, so the checkpoint overwrites it.
-        if self.cfg.init == "pruned_fisher" and ctx.calibration:
-            scores = fisher_scores(model, self.cfg.side_layers, ctx.calibration[: self.cfg.calibration_batches])
-        return LSTModel(model, self.cfg, task, scores).train(model.training)
+        return LSTModel(model, self.cfg, task).train(model.training)
