@@ -112,12 +112,17 @@ def train(cfg: Config) -> dict[str, float]:
     continuing = fresh_start or (resume_dir is not None
                                  and resume_dir.resolve().parent == (out / "checkpoints").resolve())
     lock = _claim_output_dir(out, continuing, t.overwrite, accelerator)  # held until the run ends
+    global_batch = t.batch_size * t.grad_accum * accelerator.num_processes
 
     try:
         # First writes.
         kept_rows = 0
         if accelerator.is_main_process:
-            checkpoint.write_json(out / checkpoint.RUN_MANIFEST, {"written_by": "sidetune", "files": list(_RUN_FILES)})
+            # The global batch is a property of the launch, not of config.yaml: recorded here beside it.
+            checkpoint.write_json(out / checkpoint.RUN_MANIFEST, {
+                "written_by": "sidetune", "files": list(_RUN_FILES), "num_processes": accelerator.num_processes,
+                "distributed_type": str(accelerator.distributed_type.value), "batch_size": t.batch_size,
+                "grad_accum": t.grad_accum, "global_batch": global_batch})
             checkpoint.write_text(out / "config.yaml", yaml_config(cfg))
             if continuing:
                 rows = resume_state.get("metrics_rows") if resume_state is not None else 0
@@ -132,7 +137,7 @@ def train(cfg: Config) -> dict[str, float]:
         n_total = sum(p.numel() for p in model.parameters())
         accelerator.print(f"sidetune: {cfg.method.name} on {cfg.model.name}: {n_trainable:,} trainable of {n_total:,} "
                           f"parameters ({100 * n_trainable / n_total:.2f}%), {total_steps} steps; global batch "
-                          f"{t.batch_size * t.grad_accum * accelerator.num_processes} = batch_size {t.batch_size} x "
+                          f"{global_batch} = batch_size {t.batch_size} x "
                           f"grad_accum {t.grad_accum} x {accelerator.num_processes} process(es)")
 
         def save(at: int) -> Path:
