@@ -254,6 +254,18 @@ def _compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return resolve_dtype(cfg.compute_dtype, device, torch.bfloat16)
 
 
+def quant_storage(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """The dtype 4-bit weights are packed into. uint8 (bitsandbytes' default) unless the run is an FSDP launch
+    (`accelerate launch` sets ACCELERATE_USE_FSDP): FSDP shards only floating tensors, and one dtype per sharded
+    group, so bitsandbytes documents (FSDP-QLoRA) packing the 4-bit bytes into the compute dtype. The bytes, and so
+    the numbers, are the same either way."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return _compute_dtype(cfg, device)
+    return torch.uint8
+
+
 def _bnb_config(cfg: ModelConfig, device: torch.device) -> BitsAndBytesConfig | None:
     if cfg.quantize is None:
         return None
@@ -262,7 +274,8 @@ def _bnb_config(cfg: ModelConfig, device: torch.device) -> BitsAndBytesConfig | 
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=cfg.quantize, bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=_compute_dtype(cfg, device), llm_int8_skip_modules=skip)
+        bnb_4bit_compute_dtype=_compute_dtype(cfg, device), bnb_4bit_quant_storage=quant_storage(cfg, device),
+        llm_int8_skip_modules=skip)
 
 
 def _new_modules(model: nn.Module, missing_keys: set[str] | list[str]) -> list[str]:
@@ -333,7 +346,7 @@ def quantize_linears(model: nn.Module, cfg: ModelConfig, device: torch.device) -
     if device.type == "meta":
         return  # accounting on meta counts quantized bytes analytically (memory.py)
     skip = unquantized_names(model)
-    compute = _compute_dtype(cfg, device)
+    compute, storage = _compute_dtype(cfg, device), quant_storage(cfg, device)
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name.rsplit(".", 1)[-1] in skip:
             continue
@@ -345,9 +358,11 @@ def quantize_linears(model: nn.Module, cfg: ModelConfig, device: torch.device) -
                                            has_fp16_weights=False)
         else:
             new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=has_bias, compute_dtype=compute,
-                                    compress_statistics=cfg.double_quant, quant_type=cfg.quantize, device="meta")
+                                    compress_statistics=cfg.double_quant, quant_type=cfg.quantize,
+                                    quant_storage=storage, device="meta")
             new.weight = bnb.nn.Params4bit(module.weight.data.to(compute), requires_grad=False,
-                                           compress_statistics=cfg.double_quant, quant_type=cfg.quantize)
+                                           compress_statistics=cfg.double_quant, quant_type=cfg.quantize,
+                                           quant_storage=storage)
         if has_bias:
             new.bias = nn.Parameter(module.bias.data.to(compute), requires_grad=False)
         parent, _, child = name.rpartition(".")

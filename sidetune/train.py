@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -48,6 +48,7 @@ def train(cfg: Config) -> dict[str, float]:
     and its lock) runs before the first file is written."""
     t = cfg.train
     out = Path(t.output_dir)
+    _check_launch(cfg)
     accelerator = Accelerator(
         # No CUDA device: the processes of `accelerate launch --multi_gpu` / torchrun run on the CPU over gloo
         # (accelerate's own MULTI_CPU mode would need mpirun).
@@ -59,6 +60,9 @@ def train(cfg: Config) -> dict[str, float]:
         # Shuffling seeded by (seed, epoch): a resumed run sees the same batches as an uninterrupted one.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise SidetuneError("FSDP1 (fsdp_version: 1) is not supported: sidetune's checkpoints gather FSDP2's sharded "
+                            "trainable tensors; launch with recipes/accelerate/fsdp.yaml (fsdp_version: 2)")
     set_seed(t.seed)
     s = build(cfg, accelerator.device, with_optimizer=True)
     model, task = s.model, s.task
@@ -113,12 +117,17 @@ def train(cfg: Config) -> dict[str, float]:
     continuing = fresh_start or (resume_dir is not None
                                  and resume_dir.resolve().parent == (out / "checkpoints").resolve())
     lock = _claim_output_dir(out, continuing, t.overwrite, accelerator)  # held until the run ends
+    global_batch = t.batch_size * t.grad_accum * accelerator.num_processes
 
     try:
         # First writes.
         kept_rows = 0
         if accelerator.is_main_process:
-            checkpoint.write_json(out / checkpoint.RUN_MANIFEST, {"written_by": "sidetune", "files": list(_RUN_FILES)})
+            # The global batch is a property of the launch, not of config.yaml: recorded here beside it.
+            checkpoint.write_json(out / checkpoint.RUN_MANIFEST, {
+                "written_by": "sidetune", "files": list(_RUN_FILES), "num_processes": accelerator.num_processes,
+                "distributed_type": str(accelerator.distributed_type.value), "batch_size": t.batch_size,
+                "grad_accum": t.grad_accum, "global_batch": global_batch})
             checkpoint.write_text(out / "config.yaml", yaml_config(cfg))
             if continuing:
                 rows = resume_state.get("metrics_rows") if resume_state is not None else 0
@@ -133,7 +142,7 @@ def train(cfg: Config) -> dict[str, float]:
         n_total = sum(p.numel() for p in model.parameters())
         accelerator.print(f"sidetune: {cfg.method.name} on {cfg.model.name}: {n_trainable:,} trainable of {n_total:,} "
                           f"parameters ({100 * n_trainable / n_total:.2f}%), {total_steps} steps; global batch "
-                          f"{t.batch_size * t.grad_accum * accelerator.num_processes} = batch_size {t.batch_size} x "
+                          f"{global_batch} = batch_size {t.batch_size} x "
                           f"grad_accum {t.grad_accum} x {accelerator.num_processes} process(es)")
 
         def save(at: int) -> Path:
@@ -212,8 +221,9 @@ def train(cfg: Config) -> dict[str, float]:
         if eval_loaders:
             eval_metrics = evaluate(module, eval_loaders, task, accelerator)
             log.write({"step": step, **eval_metrics})
+        state = trainable_state(model)  # every process: under FSDP gathering the shards is a collective
         if accelerator.is_main_process:
-            save_trainable(model, cfg, out / "final")
+            save_trainable(model, cfg, out / "final", state)
         accelerator.wait_for_everyone()
         accelerator.end_training()
         accelerator.print(f"sidetune: done; final weights in {out / 'final'}")
@@ -223,6 +233,11 @@ def train(cfg: Config) -> dict[str, float]:
     finally:
         if lock is not None:
             lock.close()  # releases the flock
+        if accelerator.num_processes > 1:
+            # Left to interpreter exit, torch can deadlock there: ProcessGroupGloo's destructor joins its worker thread
+            # holding the GIL while that thread waits for the GIL to free a finished collective's tensors (a 2-process
+            # CPU run wrote final/ and never exited). Shutting the group down while Python is alive avoids it.
+            accelerator.state.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -322,6 +337,24 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
+def _check_launch(cfg: Config) -> None:
+    """Refuse, in one line and before any work, the `accelerate launch` setups sidetune cannot run correctly.
+    accelerate itself would, on a machine without CUDA, silently ignore an FSDP or DeepSpeed config and run DDP."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise SidetuneError("DeepSpeed launches are not supported (sidetune's loop, checkpoints and 4-bit bases are "
+                            "untested with ZeRO); use recipes/accelerate/multi_gpu.yaml (DDP) or fsdp.yaml")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        if not torch.cuda.is_available():
+            raise SidetuneError("FSDP needs CUDA GPUs: accelerate runs FSDP only on accelerators (without one it "
+                                "would quietly fall back to DDP); on CPU use recipes/accelerate/cpu_ddp.yaml")
+        if cfg.model.quantize is not None:
+            raise SidetuneError(f"model.quantize={cfg.model.quantize} with FSDP2 is not supported: fully_shard drops "
+                                f"the 4-bit weights' quant_state (bitsandbytes issue #1945); shard a 16-bit base "
+                                f"(model.quantize=null) or train the 4-bit base with DDP (multi_gpu.yaml)")
+
+
 def _oom_message(e: BaseException, cfg: Config, step: int, device: torch.device) -> str:
     tried = re.search(r"Tried to allocate ([\d.]+ \w+)", str(e))
     if device.type == "cuda":
@@ -400,16 +433,28 @@ def _choice_accuracy(module: nn.Module, loader: DataLoader, gather) -> float:
 # Checkpoints and saved runs
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    """An FSDP2-sharded tensor (DTensor): reading or writing it whole is a collective on every process."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in trainable_parameters(model).items()}
+    """The trainable set, whole, on the CPU. Under FSDP every process must call it: each sharded tensor is gathered
+    (`full_tensor`, an all-gather). The trainable set is small, so holding it whole once is cheap."""
+    return {n: (p.detach().full_tensor() if _is_sharded(p) else p.detach()).contiguous().cpu()
+            for n, p in trainable_parameters(model).items()}
 
 
-def save_trainable(model: nn.Module, cfg: Config, out: Path) -> None:
+def save_trainable(model: nn.Module, cfg: Config, out: Path, state: dict[str, torch.Tensor] | None = None) -> None:
     """The trainable set as safetensors plus the full resolved config: enough to rebuild the model with `load_run`.
-    Written like a checkpoint: into a temporary directory beside `out`, with a manifest, then renamed."""
+    Written like a checkpoint: into a temporary directory beside `out`, with a manifest, then renamed. `state`: the
+    `trainable_state` already gathered by every process (FSDP)."""
+    state = trainable_state(model) if state is None else state
     tmp = checkpoint.begin(out)
     checkpoint.write_files(tmp, {
-        checkpoint.TRAINABLE: lambda p: save_file(trainable_state(model), str(p), metadata={"method": cfg.method.name}),
+        checkpoint.TRAINABLE: lambda p: save_file(state, str(p), metadata={"method": cfg.method.name}),
         "config.yaml": lambda p: save_config(cfg, p)})
     checkpoint.commit(tmp, out, None)
 
@@ -436,7 +481,13 @@ def load_trainable(model: nn.Module, path: Path) -> None:
                                 f"method.r)?")
     with torch.no_grad():
         for name, tensor in state.items():
-            params[name].copy_(tensor)
+            p = params[name]
+            if _is_sharded(p):  # FSDP: every process holds the whole file and keeps its own shard of it
+                from torch.distributed.tensor import distribute_tensor
+
+                p.copy_(distribute_tensor(tensor.to(p.device, p.dtype), p.device_mesh, p.placements))
+            else:
+                p.copy_(tensor)
 
 
 def _save_checkpoint(root: Path, step: int, accelerator: Accelerator, model: nn.Module, optimizer, scheduler,
@@ -449,11 +500,13 @@ def _save_checkpoint(root: Path, step: int, accelerator: Accelerator, model: nn.
         checkpoint.begin(final)
     accelerator.wait_for_everyone()
     checkpoint.write_files(tmp, checkpoint.rng_writers(accelerator.process_index))
+    # Gathered by every process (collectives under FSDP), written by the main one.
+    weights, optim = trainable_state(model), optimizer_state(model, optimizer)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpoint.write_files(tmp, {
-            checkpoint.TRAINABLE: lambda p: save_file(trainable_state(model), str(p)),
-            checkpoint.OPTIMIZER: lambda p: torch.save(optimizer.state_dict(), p),
+            checkpoint.TRAINABLE: lambda p: save_file(weights, str(p)),
+            checkpoint.OPTIMIZER: lambda p: torch.save(optim, p),
             checkpoint.SCHEDULER: lambda p: torch.save(scheduler.state_dict(), p)})
         checkpoint.commit(tmp, final, {"step": step, "metrics_rows": log.rows,
                                        "num_processes": accelerator.num_processes, "config": cfg.to_dict()})
@@ -469,11 +522,40 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, rank: i
     for name, target in ((checkpoint.OPTIMIZER, optimizer), (checkpoint.SCHEDULER, scheduler)):
         state = checkpoint.load_tensors(path / name)
         try:
-            target.load_state_dict(state)
+            if target is optimizer:
+                load_optimizer_state(model, optimizer, state)
+            else:
+                target.load_state_dict(state)
         except Exception as e:
             raise SidetuneError(f"train.resume: {path / name} does not fit this run's {name.split('.')[0]} "
                                 f"({one_line(e, 100)}); resume with the checkpoint's config") from None
     checkpoint.restore_rng(path, rank)
+
+
+def _sharded_optimizer(model: nn.Module) -> bool:
+    return any(_is_sharded(p) for p in trainable_parameters(model).values())
+
+
+def optimizer_state(model: nn.Module, optimizer) -> dict[str, Any]:
+    """The optimizer state to save. Under FSDP its tensors are shards: every process calls this, and gets the whole
+    state (torch.distributed.checkpoint's full_state_dict, keyed by parameter name), as small as the trainable set."""
+    if not _sharded_optimizer(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    return get_optimizer_state_dict(model, inner, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict[str, Any]) -> None:
+    """`optimizer_state` back: under FSDP every process reads the whole state and keeps its own shards."""
+    if not _sharded_optimizer(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    set_optimizer_state_dict(model, inner, state, options=StateDictOptions(full_state_dict=True))
 
 
 # Keys that may change between a checkpoint and its resumed run without changing what the checkpoint holds.
