@@ -102,6 +102,7 @@ def recipe_rows(path: str, model: str | None, batch: int | None, seq: int | None
                *([f"data.max_length={seq}"] if seq else []), *(s for s in sets if s.split(".")[0] in
                                                                 ("model", "data", "train"))]
     own = [f"method.{k}={json.dumps(v)}" for k, v in (raw.get("method") or {}).items()]
+    own += [s for s in sets if s.startswith("method.")]  # --set method.r=32: the recipe row's own method
     quantize = load_config(None, shared).model.quantize
     label = next((a for a, (m, q) in ALIASES.items() if m == cfg.method.name and q == quantize), cfg.method.name)
     rows = [RowSpec("floor" if quantize is None else f"floor-{quantize}", None, shared),
