@@ -68,7 +68,7 @@ def test_unknown_model_is_one_line(tmp_path):
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert"])
 def test_task_without_a_head_is_one_line(name):
     with pytest.raises(SidetuneError, match=r"has no ForSeq2SeqLM head in transformers; pick a data.task it supports "
-                                            r"\(classification, causal_lm\)"):
+                                            r"\(classification, causal_lm, chat\)"):
         load_model(ModelConfig(name=name), "seq2seq")
 
 

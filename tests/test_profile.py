@@ -125,10 +125,13 @@ def test_backbone_activations_grow_linearly_with_seq(label):
         assert not _backbone_gets_grad(label)
     else:
         assert 0 < b - a <= c - b, (a, b, c)
-        if label == "ptuning_v2":
+        if label in ("ptuning_v2", "prefix_tuning"):
             # The prefix needs an explicit B x 1 x T x (P+T) attention mask, which SDPA converts to a float bias and
             # saves in every layer: a T^2 term on top of the linear ones (PEFT's prefix tuning pays the same).
             assert c - b > b - a
+        elif label in ("prompt_tuning", "ptuning_v1"):
+            # P virtual tokens run through the backbone with the T real ones: linear in T + P (affine in T).
+            assert c - b == b - a and a > b - a, (a, b, c)
         else:
             # SDPA with is_causal saves O(T) per layer: every backbone activation is linear in T.
             assert b == 2 * a and c == 3 * a, (a, b, c)
