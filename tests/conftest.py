@@ -99,3 +99,16 @@ def ctx(task_or_model) -> Context:
     task = ("classification" if "SequenceClassification" in name else
             "seq2seq" if model.config.is_encoder_decoder else "causal_lm")
     return Context.for_task(task)
+
+
+def adam_losses(model: torch.nn.Module, batch: dict, steps: int = 30, lr: float = 1e-2) -> list[float]:
+    """The loss at each of `steps` Adam steps on one fixed batch, training only the trainable set."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import batch_for, ctx, tiny
+from conftest import adam_losses, batch_for, ctx, tiny
 from torch.testing import assert_close
 
 from sidetune.config import load_config
@@ -97,14 +97,7 @@ def test_loss_goes_down():
     torch.manual_seed(0)
     model = _bitfit("tiny-bert", "classification").train()
     batch = batch_for(model, "classification", batch=8)
-    opt = torch.optim.Adam(trainable_parameters(model).values(), lr=1e-2)
-    losses = []
-    for _ in range(30):
-        loss = model(**batch).loss
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = adam_losses(model, batch, steps=30, lr=1e-2)
     assert losses[-1] < 0.5 * losses[0], losses
 
 

@@ -7,13 +7,12 @@ import copy
 
 import pytest
 import torch
-from conftest import batch_for, ctx, tiny
+from conftest import adam_losses, batch_for, ctx, tiny
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
 from sidetune.config import load_config
 from sidetune.errors import SidetuneError
-from sidetune.methods import trainable_parameters
 from sidetune.methods.ia3 import IA3, IA3Config, IA3Linear, ia3_layers
 from sidetune.profile import measure
 
@@ -151,14 +150,7 @@ def test_bad_targets_are_one_clear_error():
 def test_loss_goes_down():
     model = _ia3(tiny("tiny-bert", "classification")).train()
     batch = batch_for(model, "classification", batch=8)
-    opt = torch.optim.Adam(trainable_parameters(model).values(), lr=1e-2)
-    losses = []
-    for _ in range(30):
-        loss = model(**batch).loss
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = adam_losses(model, batch, steps=30, lr=1e-2)
     assert losses[-1] < 0.6 * losses[0], losses
 
 
