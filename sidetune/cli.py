@@ -83,6 +83,19 @@ COMMANDS = {"train": _train, "eval": _eval}
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A worker of an `accelerate launch` run leaves without interpreter finalization: torch can deadlock there
+        # (its autograd and gloo worker threads against the GIL's teardown, pytorch/pytorch#190489, open), and CI saw
+        # a 2-process CPU run write final/, print "done" and never exit, even after destroy_process_group. Every file
+        # sidetune writes is closed and fsynced before this point; only the standard streams need flushing.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     # Offline unless the user says otherwise: every model sidetune loads is local, and a hub lookup without network
     # hangs for ~20 s before failing. Set before transformers/datasets are imported: they read these at import.

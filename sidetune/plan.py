@@ -92,16 +92,18 @@ def largest_batch(spec: RowSpec, target: str, vram: int, batch: int, peak_at_bat
     return lo
 
 
-def changes(spec: RowSpec, task: str, trains_backbone_weights: bool = False) -> list[tuple[str, list[str]]]:
+def changes(spec: RowSpec, task: str, trains_backbone_weights: bool = False,
+            sharding: Sharding = ONE_PROCESS) -> list[tuple[str, list[str]]]:
     """The memory-cutting changes that apply to a row: (description, config overrides). A method that trains the
-    backbone's own weights is not offered 4-bit quantization: it would freeze them, a different method."""
+    backbone's own weights is not offered 4-bit quantization: it would freeze them, a different method. Nor is a
+    sharding the trainer refuses a 4-bit base under (FSDP2)."""
     from sidetune.config import load_config
     from sidetune.methods import METHODS
 
     cfg = load_config(None, spec.overrides)
     cls = METHODS[spec.method]
     out = []
-    if cfg.model.quantize is None and not trains_backbone_weights:
+    if cfg.model.quantize is None and not trains_backbone_weights and sharding.refusal("nf4") is None:
         out.append(("4-bit base", ["model.quantize=nf4"]))
     if get_task(task).shift_labels and not cfg.train.loss_chunk_size:
         # At least 8 chunks per batch, so that only an eighth of the logits is ever alive (a power of two: 512, not 511).
@@ -124,6 +126,12 @@ def plan(model: str, vram: int, batch: int, seq: int, task: str = "causal_lm", m
     specs = resolve_rows(methods, model, task, batch, seq, list(sets), references=False)
     result = []
     for spec in specs:
+        refused = sharding.refusal(_quantize(spec))
+        if refused:
+            # The trainer would refuse this launch: no prediction, the reason instead.
+            result.append({"label": spec.label, "method": spec.method, "refused": refused, "fits": False,
+                           "peak_bytes": None, "largest_batch": 0, "changes": [], "how": f"refused: {refused}"})
+            continue
         log(f"sidetune: plan: {spec.label}")
         base = _measure(spec, target, sharding=sharding)
         peak = base["peak_bytes"]
@@ -134,12 +142,18 @@ def plan(model: str, vram: int, batch: int, seq: int, task: str = "causal_lm", m
         if not entry["fits"]:
             # Most parameters trainable: the method trains the backbone itself (full fine-tuning).
             trains_backbone = base["params_trainable"] > base["params_total"] / 2
-            for description, extra in changes(spec, task, trains_backbone):
+            for description, extra in changes(spec, task, trains_backbone, sharding):
                 p = _peak(spec, target, extra, sharding=sharding)
                 entry["changes"].append({"change": description, "overrides": extra, "peak_bytes": p,
                                          "fits": p <= vram})
         result.append(entry)
     return result
+
+
+def _quantize(spec: RowSpec) -> str | None:
+    from sidetune.config import load_config
+
+    return load_config(None, spec.overrides).model.quantize
 
 
 def render(entries: list[dict], vram: int, batch: int, seq: int, sharding: Sharding = ONE_PROCESS) -> str:
@@ -152,6 +166,10 @@ def render(entries: list[dict], vram: int, batch: int, seq: int, sharding: Shard
     for e in entries:
         fixes = [f"{c['change']}" + (f" `{' '.join(c['overrides'])}`" if not c["change"].startswith("all together") else "")
                  + f": {c['peak_bytes'] / scale:.2f}" for c in e["changes"] if c["fits"]]
+        if e.get("refused"):
+            lines.append(f"| {e['label']} | – | refused | – | {e['refused']}: sidetune train refuses this launch; "
+                         f"plan it with `--shard ddp` |")
+            continue
         if e["fits"]:
             advice = "–"
         elif fixes:

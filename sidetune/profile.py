@@ -76,6 +76,8 @@ def check_model(name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from sidetune.config import load_config
+
     if (args.batch is not None and args.batch < 1) or (args.seq is not None and args.seq < 2):
         raise SidetuneError(f"--batch must be >= 1 and --seq >= 2, got {args.batch} and {args.seq}")
     if args.recipe is None and args.model is None:
@@ -93,8 +95,6 @@ def run(args: argparse.Namespace) -> int:
         vram = torch.cuda.get_device_properties(0).total_memory  # judge against the GPU it runs on
     if args.recipe is not None:
         specs = recipe_rows(args.recipe, args.model, args.batch, args.seq, args.methods, args.sets)
-        from sidetune.config import load_config
-
         check_model(load_config(None, specs[0].overrides).model.name)
     else:
         check_model(args.model)
@@ -118,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
                     else run_isolated(spec, device, target, args.steps))
         if rows[-1].get("error"):
             print(f"sidetune:   {spec.label}: {rows[-1]['error']}", flush=True)
+        elif refused := sharding.refusal(load_config(None, spec.overrides).model.quantize):
+            rows[-1].update(processes=sharding.processes, shard=sharding.kind, per_gpu_note=f"refused: {refused}")
+            print(f"sidetune:   {spec.label}: {refused}; sidetune train refuses this launch (plan it with --shard "
+                  f"ddp)", flush=True)
         elif not sharding.single and rows[-1].get("predicted_peak_bytes"):
             r = rows[-1]
             step = {"peak_bytes": r["predicted_peak_bytes"], "peak_phase": r["predicted_peak_phase"],

@@ -32,6 +32,7 @@ from sidetune.config import Config, load_config, save_config
 from sidetune.errors import SidetuneError, one_line
 from sidetune.memory import peak_memory, short
 from sidetune.methods import trainable_parameters
+from sidetune.profiling.shard import fsdp_refusal
 from sidetune.session import Setup, build, forward_module, mixed_precision, rebuild, train_step
 from sidetune.tasks import Task
 
@@ -349,10 +350,10 @@ def _check_launch(cfg: Config) -> None:
         if not torch.cuda.is_available():
             raise SidetuneError("FSDP needs CUDA GPUs: accelerate runs FSDP only on accelerators (without one it "
                                 "would quietly fall back to DDP); on CPU use recipes/accelerate/cpu_ddp.yaml")
-        if cfg.model.quantize is not None:
-            raise SidetuneError(f"model.quantize={cfg.model.quantize} with FSDP2 is not supported: fully_shard drops "
-                                f"the 4-bit weights' quant_state (bitsandbytes issue #1945); shard a 16-bit base "
-                                f"(model.quantize=null) or train the 4-bit base with DDP (multi_gpu.yaml)")
+        refused = fsdp_refusal(cfg.model.quantize)
+        if refused:
+            raise SidetuneError(f"{refused}; shard a 16-bit base (model.quantize=null) or train the 4-bit base with "
+                                f"DDP (multi_gpu.yaml)")
 
 
 def _oom_message(e: BaseException, cfg: Config, step: int, device: torch.device) -> str:

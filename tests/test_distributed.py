@@ -1,7 +1,8 @@
 """Multi-process runs under `accelerate launch`: two CPU processes (gloo) against one process with the same global
 batch. Over more than two epochs (a per-rank epoch boundary used to hang the loop) the loss curves agree; a
 two-process run stopped in the middle (SIGTERM to one rank: both save, both stop) and resumed with
-train.resume=latest ends with the same weights and losses as the uninterrupted one."""
+train.resume=latest ends with the one-process run's losses and weights (float tolerance) and, for LoRA, with an
+uninterrupted two-process run's to the bit."""
 
 from __future__ import annotations
 
@@ -82,27 +83,29 @@ def _worker(launcher: int, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("method", ["lora", "lst"])
-def test_two_processes_match_one_process_and_resume_exactly(tmp_path, method):
-    extra = [f"method.name={method}"]
-    one, _ = _train(tmp_path, f"one-{method}", 1, 8, *extra)
-    two, proc = _train(tmp_path, f"two-{method}", 2, 4, *extra)
-    said = proc.stdout + proc.stderr
-    assert "global batch 8 = batch_size 4 x grad_accum 1 x 2 process(es)" in said
-    a, b = _curve(one), _curve(two)
-    assert len(a) == len(b) == STEPS  # 40 rows / global batch 8 = 5 steps an epoch: 12 steps cross two boundaries
-    assert a[-1] < a[0]
-    for x, y in zip(a, b):
-        assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (a, b)
-    assert (two / "final" / "trainable.safetensors").is_file()
-    # The run records its global batch (train.py's run manifest).
-    run = json.loads((two / "sidetune-run.json").read_text())
-    assert (run["num_processes"], run["global_batch"]) == (2, 8)
-    assert json.loads((one / "sidetune-run.json").read_text())["global_batch"] == 8
+def _train_here(tmp_path: Path, name: str, *extra: str) -> Path:
+    """The one-process reference, trained in this process (no interpreter start-up and imports to pay again)."""
+    from sidetune.config import load_config
+    from sidetune.train import train
 
-    # Stopped in the middle: SIGTERM to rank 1 alone once the step-4 checkpoint is complete (saves are slowed so
-    # that the signal lands before the end). Both ranks stop at the same step, each writes its RNG state, rank 0
-    # the rest.
+    out = tmp_path / name
+    train(load_config(None, _command(tmp_path, out, 1, 8, *extra)[5:]))  # after "-m sidetune train CONFIG"
+    return out
+
+
+@pytest.mark.parametrize("method, exact", [("lora", True), ("lst", False)])
+def test_two_processes_match_one_process_and_resume(tmp_path, method, exact):
+    """A two-process run, stopped in the middle and resumed, against a one-process run of the same global batch.
+    SIGTERM goes to rank 1 alone once the step-4 checkpoint is complete (saves are slowed so that the signal lands
+    before the end): both ranks stop at the same step, each writes its RNG state, rank 0 the rest. The resumed run
+    logs each step once, and its curve and weights agree with the one-process run within float tolerance (the
+    reductions differ). For LoRA also an uninterrupted two-process run: the resumed one equals it to the bit."""
+    extra = [f"method.name={method}"]
+    one = _train_here(tmp_path, f"one-{method}", *extra)
+    single = _curve(one)
+    assert len(single) == STEPS  # 40 rows / global batch 8 = 5 steps an epoch: 12 steps cross two boundaries
+    assert single[-1] < single[0]
+
     out = tmp_path / f"stopped-{method}"
     cmd = _command(tmp_path, out, 2, 4, *extra, "train.save_every=2")
     first = subprocess.Popen(cmd, env=_env(SIDETUNE_TEST_SAVE_DELAY="0.3"), stdout=subprocess.PIPE,
@@ -118,28 +121,38 @@ def test_two_processes_match_one_process_and_resume_exactly(tmp_path, method):
         time.sleep(0.05)
     stdout, stderr = first.communicate(timeout=300)
     assert signalled and first.returncode != 0, stderr[-3000:]
-    assert "stopped by SIGTERM" in stdout + stderr, stderr[-3000:]
+    said = stdout + stderr
+    assert "global batch 8 = batch_size 4 x grad_accum 1 x 2 process(es)" in said
+    assert "stopped by SIGTERM" in said, stderr[-3000:]
     assert not (out / "final").exists()
     stopped_at = max(r["step"] for r in read_metrics(out) if "loss" in r)
     assert 4 <= stopped_at < STEPS
     ckpt = out / "checkpoints" / f"step-{stopped_at:07d}"
     assert {"rng-0.safetensors", "rng-1.safetensors"} <= {p.name for p in ckpt.iterdir()}
     assert json.loads((ckpt / "state.json").read_text())["num_processes"] == 2
+    # The run records its global batch (train.py's run manifest).
+    run = json.loads((out / "sidetune-run.json").read_text())
+    assert (run["num_processes"], run["global_batch"]) == (2, 8)
+    assert json.loads((one / "sidetune-run.json").read_text())["global_batch"] == 8
 
     again = subprocess.run([*cmd, "train.resume=latest"], env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {ckpt} at step {stopped_at}" in again.stdout + again.stderr
-    rows = read_metrics(out)
-    assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))  # each step once
-    assert _curve(out) == pytest.approx(b, rel=1e-6, abs=1e-7)
-    ref, got = load_file(two / "final" / "trainable.safetensors"), load_file(out / "final" / "trainable.safetensors")
-    assert ref.keys() == got.keys()
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == list(range(1, STEPS + 1))  # each step once
+    resumed = _curve(out)
+    for x, y in zip(single, resumed):
+        assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (single, resumed)
+    got, ref = load_file(out / "final" / "trainable.safetensors"), load_file(one / "final" / "trainable.safetensors")
+    assert got.keys() == ref.keys()
     for key in ref:
-        torch.testing.assert_close(got[key], ref[key], rtol=1e-6, atol=1e-7, msg=key)
-    # And the single process with the same global batch, within float tolerance.
-    single = load_file(one / "final" / "trainable.safetensors")
-    for key in ref:
-        torch.testing.assert_close(got[key], single[key], rtol=1e-3, atol=1e-4, msg=key)
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-3, atol=1e-4, msg=key)
+
+    if exact:
+        two, _ = _train(tmp_path, f"two-{method}", 2, 4, *extra)
+        assert resumed == _curve(two)
+        uninterrupted = load_file(two / "final" / "trainable.safetensors")
+        for key in uninterrupted:
+            assert torch.equal(got[key], uninterrupted[key]), key
 
 
 # ---------------------------------------------------------------------------------------------------------------------

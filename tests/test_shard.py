@@ -42,3 +42,22 @@ def test_bad_sharding_is_one_line():
         Sharding(0)
     with pytest.raises(SidetuneError, match="--shard"):
         Sharding(2, "zero3")
+
+
+def test_plan_never_offers_what_the_trainer_refuses_under_fsdp():
+    """A 4-bit base under FSDP2 is refused by `sidetune train`; the planner says so for the 4-bit rows and offers no
+    "4-bit base" change, with the trainer's own reason. Under DDP the same rows are planned."""
+    from sidetune.plan import plan, render
+    from sidetune.profiling.shard import fsdp_refusal
+
+    fsdp = Sharding(2, "fsdp")
+    entries = plan("tiny-llama", 1, 2, 16, methods="lora,qlora", target="cpu", log=lambda *_: None, sharding=fsdp)
+    by = {e["label"]: e for e in entries}
+    assert by["qlora"]["refused"] == fsdp_refusal("nf4") and by["qlora"]["peak_bytes"] is None
+    assert by["lora"]["peak_bytes"] > 1 and not by["lora"]["fits"]  # a 1-byte budget: every change is tried
+    tried = [c["change"] for c in by["lora"]["changes"]]
+    assert tried and not any("4-bit" in c for c in tried)
+    table = render(entries, 1, 2, 16, fsdp)
+    assert "| qlora | – | refused |" in table and "--shard ddp" in table
+    ddp = plan("tiny-llama", 1, 2, 16, methods="qlora", target="cpu", log=lambda *_: None, sharding=Sharding(2))
+    assert ddp[0]["peak_bytes"] > 0 and "refused" not in ddp[0]

@@ -36,6 +36,20 @@ class Sharding:
     def single(self) -> bool:
         return self.processes == 1
 
+    def refusal(self, quantize: str | None) -> str | None:
+        """Why sidetune's trainer refuses a run of a base quantized as `quantize` under this sharding, or None.
+        The trainer's launch check and the planner both ask this, so a plan never offers a run the trainer refuses."""
+        return fsdp_refusal(quantize) if self.kind == "fsdp" and not self.single else None
+
+
+def fsdp_refusal(quantize: str | None) -> str | None:
+    """The one rule for what FSDP2 cannot shard today: a 4-bit base. fully_shard drops the bitsandbytes weights'
+    quant_state (bitsandbytes issue #1945), so their shards could not be dequantized."""
+    if quantize is None:
+        return None
+    return (f"model.quantize={quantize} with FSDP2 is not supported: fully_shard drops the 4-bit weights' quant_state "
+            f"(bitsandbytes issue #1945)")
+
 
 def per_gpu_peak(step: dict[str, Any], sharding: Sharding) -> tuple[int, str]:
     """(per-GPU peak bytes, one line saying how it was derived) from a `measure` result."""
