@@ -80,6 +80,28 @@ def test_generate_with_the_prefix(preset):
         _apply(tiny("tiny-bert", "classification")).generate(ids)
 
 
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("shift_positions", [False, True])
+def test_cached_generate_equals_the_full_forward_per_token(preset, shift_positions):
+    """The growing prefix cache (prefix, then every token seen) decodes exactly what rerunning the full forward the
+    model trained with decodes; and it is a cache: the model sees one new token per step."""
+    base = tiny(preset, "causal_lm").eval()
+    batch = batch_for(base, "causal_lm", batch=2, seq=8)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    model = _apply(base, shift_positions=shift_positions).eval()
+    with torch.no_grad():
+        model.prefix.embedding.weight.normal_(std=3.0)
+        uncached = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[], use_cache=False)
+        seen = []
+        hook = model.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[1]),
+                                                     with_kwargs=True)
+        cached = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
+        hook.remove()
+    assert torch.equal(cached, uncached)
+    real = [int(m.sum()) for m in mask]
+    assert seen == [real[0], 1, 1, 1, 1, 1, real[1], 1, 1, 1, 1, 1]
+
+
 @pytest.mark.parametrize("preset,task", [("tiny-llama", "causal_lm"), ("tiny-bert", "classification")])
 def test_a_zero_prefix_is_not_invisible_under_the_joint_softmax(preset, task):
     # Why zero_init_attention exists: q.0 = 0 adds e^0 terms to each softmax denominator.

@@ -137,8 +137,18 @@ class PrefixCacheLayer(CacheLayerMixin):
         return -1
 
 
-def prefix_cache(prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> Cache:
-    return Cache(layers=[PrefixCacheLayer(k.unsqueeze(0), v.unsqueeze(0)) for k, v in prefix])
+class GrowingPrefixCacheLayer(PrefixCacheLayer):
+    """Decoding: the prefix followed by every token seen so far. `update` appends, as a KV cache does, so each new
+    token costs one token's forward."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.keys, self.values = super().update(key_states, value_states)
+        return self.keys, self.values
+
+
+def prefix_cache(prefix: list[tuple[torch.Tensor, torch.Tensor]], growing: bool = False) -> Cache:
+    layer = GrowingPrefixCacheLayer if growing else PrefixCacheLayer
+    return Cache(layers=[layer(k.unsqueeze(0), v.unsqueeze(0)) for k, v in prefix])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -223,17 +233,36 @@ class PrefixModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, eos_token_id=None,
-                 pad_token_id: int | None = None) -> torch.Tensor:
-        """Greedy or sampled decoding with the prefix (causal LMs). transformers' `generate` would append to the
-        read-only prefix cache and number positions after the prefix, so this runs the plain loop of
-        sidetune.methods._decode: the full forward the model was trained with, once per new token. Returns the
-        prompt plus the new tokens, right-padded with `pad_token_id`."""
+                 pad_token_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Greedy or sampled decoding with the prefix (causal LMs), in the plain loop of sidetune.methods._decode:
+        transformers' `generate` would number positions after the prefix and build its own cache. With use_cache
+        (default) each row keeps a KV cache that starts as the prefix and grows by the tokens seen, so a new token
+        costs one token's forward; without it, the full forward the model was trained with runs once per new token
+        (the reference the cached path is tested against). Zero-init attention always takes the full forward: its
+        attention tells the prefix from the tokens by the count of new queries, which a growing cache breaks.
+        Returns the prompt plus the new tokens, right-padded with `pad_token_id`."""
         if self.model.get_output_embeddings() is None or self.config.is_encoder_decoder:
             raise SidetuneError(f"generate needs a causal LM; this {self.method} model is a "
                                 f"{type(self.model).__name__}")
         eos, pad = special_tokens(self.config, eos_token_id, pad_token_id)
-        rows = [(ids, lambda s: self(input_ids=s).logits[:, -1]) for ids in unpadded_rows(input_ids, attention_mask)]
+        cached = use_cache and not (self.config._attn_implementation or "").startswith("sidetune_prefix_")
+        rows = [(ids, self._cached_step() if cached else lambda s: self(input_ids=s).logits[:, -1])
+                for ids in unpadded_rows(input_ids, attention_mask)]
         return decode_rows(rows, max_new_tokens, eos, pad, do_sample, temperature, top_k)
+
+    def _cached_step(self):
+        """One row's decoding step: feeds the model only the tokens its cache has not seen."""
+        cache, p = prefix_cache(self.prefix(), growing=True), self.num_virtual_tokens
+
+        def step(seq: torch.Tensor) -> torch.Tensor:
+            seen = cache.get_seq_length() - p
+            new = seq[:, seen:]
+            positions = torch.arange(seen, seq.shape[1], device=seq.device)[None] + (p if self.shift_positions else 0)
+            mask = torch.ones(1, p + seq.shape[1], dtype=torch.long, device=seq.device)
+            return self.model(input_ids=new, attention_mask=mask, position_ids=positions, cache=cache,
+                              use_cache=True).logits[:, -1]
+
+        return step
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Checkpoint every transformer block, keeping the (read-only) prefix cache. Non-reentrant only: a reentrant
