@@ -162,7 +162,11 @@ def _build_chat(cfg: DataConfig, tokenizer, train_rows: datasets.Dataset,
 def _packed(cfg: DataConfig, data: TaskData, seed: int) -> TaskData:
     """With data.packing, the training rows packed (eval rows stay one example each: per-row scores and choices)."""
     if cfg.packing:
+        n = len(data.train)
         data.train = pack(data.train, cfg.max_length, seed)
+        tokens = sum(len(ids) for ids in data.train["input_ids"])
+        print(f"sidetune: data.packing: {n} training examples in {len(data.train)} rows of up to {cfg.max_length} "
+              f"tokens ({tokens / (len(data.train) * cfg.max_length):.0%} full)")
     return data
 
 
