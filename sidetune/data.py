@@ -211,11 +211,8 @@ def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     size = 1
     while size < len(lengths):
         size *= 2
-    free = [0] * (2 * size)  # free[size + b]: bin b's free space (an unopened bin counts as full capacity)
-    for b in range(size):
-        free[size + b] = capacity
-    for node in range(size - 1, 0, -1):
-        free[node] = capacity
+    # free[size + b]: bin b's free space (an unopened bin has all of it); free[node]: the most under that node.
+    free = [capacity] * (2 * size)
     bins: list[list[int]] = []
     for i, n in enumerate(lengths):
         node = 1
