@@ -5,6 +5,9 @@ truncation, and pad per batch.
 - causal_lm: plain text (loss on every token), or `prompt_template` -> `completion_template` with the loss on the
   completion only. With `label_names`, evaluation also scores each label's completion and reports accuracy.
 - seq2seq: source text -> target text (`text_field` -> `target_field`, or the two templates).
+
+`data.packing` (causal_lm, chat) then packs the tokenized training examples into rows of up to max_length tokens
+(`pack`); the collator pads those rows without an attention mask (`tasks.Task.collator`).
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) ->
         eval_rows = eval_rows.select(range(min(cfg.max_eval_samples, len(eval_rows))))
 
     if task.conversational:
-        return _build_chat(cfg, tokenizer, train_rows, eval_rows)
+        return _packed(cfg, _build_chat(cfg, tokenizer, train_rows, eval_rows), seed)
 
     label_names = cfg.label_names
     num_labels = None
@@ -143,8 +146,8 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) ->
     if task.shift_labels and label_names and eval_rows is not None:
         choices = eval_rows.map(lambda batch, idx: choice_rows(cfg, tokenizer, batch, label_names, idx), batched=True,
                                 remove_columns=eval_rows.column_names, desc="building choices", with_indices=True)
-    return TaskData(tokenize(train_rows), tokenize(eval_rows) if eval_rows is not None else None, choices,
-                    num_labels, label_names)
+    return _packed(cfg, TaskData(tokenize(train_rows), tokenize(eval_rows) if eval_rows is not None else None,
+                                 choices, num_labels, label_names), seed)
 
 
 def _build_chat(cfg: DataConfig, tokenizer, train_rows: datasets.Dataset,
@@ -154,6 +157,76 @@ def _build_chat(cfg: DataConfig, tokenizer, train_rows: datasets.Dataset,
     return TaskData(chat.tokenize(cfg, tokenizer, train_rows, "data.train"),
                     chat.tokenize(cfg, tokenizer, eval_rows, "data.eval") if eval_rows is not None else None,
                     None, None, None)
+
+
+def _packed(cfg: DataConfig, data: TaskData, seed: int) -> TaskData:
+    """With data.packing, the training rows packed (eval rows stay one example each: per-row scores and choices)."""
+    if cfg.packing:
+        n = len(data.train)
+        data.train = pack(data.train, cfg.max_length, seed)
+        tokens = sum(len(ids) for ids in data.train["input_ids"])
+        print(f"sidetune: data.packing: {n} training examples in {len(data.train)} rows of up to {cfg.max_length} "
+              f"tokens ({tokens / (len(data.train) * cfg.max_length):.0%} full)")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sequence packing
+
+
+def pack(examples: datasets.Dataset, max_length: int, seed: int) -> datasets.Dataset:
+    """Tokenized causal-LM examples packed into rows of at most `max_length` tokens, with no cross-example attention.
+
+    A row holds input_ids, labels and position_ids and no attention mask: position ids restart at 0 for every
+    example, and transformers (masking_utils.find_packed_sequence_indices, when there is no attention mask and no
+    cache) turns that into a block-diagonal causal mask, so each example attends to itself only; LST's side network
+    reads the same position ids. The rows are built by transformers' DataCollatorWithFlattening, which also sets
+    each example's first label to -100: the loss shifts labels inside the row, and the previous example's last token
+    must not be scored against the next example's first. The loss per example is then the unpacked one.
+
+    Bins: first-fit over the examples in a seeded order (each goes into the first row with room for it). An example
+    of one token is left out: it has no next token to learn, and the collator pads a row with position 0, so a real
+    example always ends on a nonzero position (what `tasks.batch_tokens` counts by).
+    """
+    import numpy as np
+    from transformers import DataCollatorWithFlattening
+
+    ids, labels = list(examples["input_ids"]), list(examples["labels"])  # read once: row access decodes each time
+    order = [i for i in np.random.default_rng(seed).permutation(len(ids)).tolist() if len(ids[i]) >= 2]
+    if not order:
+        raise SidetuneError("data.packing=true: every training example is a single token, with nothing to learn; "
+                            "check data.train and data.max_length")
+    flatten = DataCollatorWithFlattening(return_tensors="np")
+    rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+    for members in _first_fit([len(ids[i]) for i in order], max_length):
+        row = flatten([{"input_ids": ids[order[j]], "labels": labels[order[j]]} for j in members])
+        for key in rows:
+            rows[key].append(row[key][0].tolist())
+    return datasets.Dataset.from_dict(rows)
+
+
+def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit bin packing: item i goes into the lowest-numbered bin with room for it. A max-tree over the bins'
+    free space finds that bin in O(log n), so packing a large corpus stays fast."""
+    size = 1
+    while size < len(lengths):
+        size *= 2
+    # free[size + b]: bin b's free space (an unopened bin has all of it); free[node]: the most under that node.
+    free = [capacity] * (2 * size)
+    bins: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        node = 1
+        while node < size:  # descend to the leftmost bin with room (the root always has room: n <= capacity)
+            node = 2 * node if free[2 * node] >= n else 2 * node + 1
+        b = node - size
+        if b == len(bins):
+            bins.append([])
+        bins[b].append(i)
+        free[node] -= n
+        while node > 1:
+            node //= 2
+            free[node] = max(free[2 * node], free[2 * node + 1])
+    return bins
 
 
 def _relabel(rows: datasets.Dataset, field: str, to_id) -> datasets.Dataset:

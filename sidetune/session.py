@@ -9,6 +9,7 @@ All input errors surface in `build`, before a run directory is touched.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -66,6 +67,8 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
     pad_id = tokenizer.pad_token_id if tokenizer is not None else None
     base = load_model(cfg.model, method.model_task(task), cfg.data.num_labels, device, pad_id, seed=cfg.train.seed,
                       fake=fake)
+    if cfg.data.packing:
+        _allow_packed_rows(base)
     base_modules = {id(m) for m in base.modules()}
     ctx = Context(task, lambda: load_tokenizer(cfg.model),
                   cfg.data.label_names or (data.label_names if data is not None else None),
@@ -76,6 +79,17 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
     module = training_module(model, cfg, method)
     optimizer = make_optimizer(model, method, cfg.train, device) if with_optimizer else None
     return Setup(cfg, task, tokenizer, data, method, base, base_modules, model, module, optimizer)
+
+
+def _allow_packed_rows(model: nn.Module) -> None:
+    """data.packing: the model must take the position ids that keep packed examples apart, and run without a KV
+    cache. transformers reads packed rows from position_ids only when there is neither an attention mask nor a
+    cache, and a causal LM whose config says use_cache=True makes itself a cache on every forward (training
+    included): the mask would then be one plain causal mask over the whole row, across examples."""
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        raise SidetuneError(f"data.packing=true needs a model whose forward takes position_ids, and "
+                            f"{type(model).__name__} does not; set data.packing=false")
+    model.config.use_cache = False  # generate() keeps its own use_cache (the generation config's)
 
 
 def rebuild(cfg: Config, device: torch.device | str) -> Setup:

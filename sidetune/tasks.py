@@ -43,12 +43,14 @@ class Task:
         return getattr(transformers, self.auto_class)
 
     def collator(self, tokenizer):
-        """Dynamic padding per batch; LM labels are padded with -100 so that padding never counts in the loss."""
+        """Dynamic padding per batch; LM labels are padded with -100 so that padding never counts in the loss.
+        Packed rows (data.packing, sidetune.data.pack) are padded without an attention mask: see `LMCollator`."""
         from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
         if self.classifies:
             return DataCollatorWithPadding(tokenizer, return_tensors="pt")
-        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
+        return LMCollator(tokenizer.pad_token_id, DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100,
+                                                                             return_tensors="pt"))
 
     def loss_weight(self, labels):
         """How many targets a batch's mean loss averages over: examples, or labelled (next) tokens."""
@@ -56,6 +58,45 @@ class Task:
             return labels.shape[0]
         targets = labels[:, 1:] if self.shift_labels else labels
         return (targets != -100).sum()
+
+
+class LMCollator:
+    """Pads a batch of LM rows: packed rows (they carry position_ids) here, to the batch's longest; ordinary rows
+    through `unpacked` (DataCollatorForSeq2Seq).
+
+    A packed batch has no attention_mask: transformers reads the examples in a row from the position ids only when
+    the mask is absent. Padding gets label -100 and position 0 at every padded slot, so each one is a sequence of its
+    own (it joins no example and attends only to itself: no NaN row) and the real tokens of a row end at its last
+    nonzero position (`batch_tokens`).
+    """
+
+    def __init__(self, pad_id: int | None, unpacked) -> None:
+        self.pad_id = pad_id if pad_id is not None else 0
+        self.unpacked = unpacked
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        if "position_ids" not in features[0]:
+            return self.unpacked(features)
+        width = max(len(f["input_ids"]) for f in features)
+        pads = {"input_ids": self.pad_id, "labels": -100, "position_ids": 0}
+        return {key: torch.tensor([list(f[key]) + [pad] * (width - len(f[key])) for f in features])
+                for key, pad in pads.items()}
+
+
+def batch_tokens(batch: dict):
+    """The real (unpadded) tokens of a collated batch, as a device tensor (no host sync): the attention mask's sum,
+    or for packed rows (no mask) each row's length up to its last nonzero position (see LMCollator)."""
+    import torch
+
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    if "position_ids" in batch:
+        pos = batch["position_ids"]
+        slot = torch.arange(1, pos.shape[-1] + 1, device=pos.device)
+        return (slot * (pos > 0)).amax(-1).sum()  # per row: 1 + the index of its last nonzero position
+    return batch["input_ids"].numel()
 
 
 TASKS: dict[str, Task] = {

@@ -34,7 +34,7 @@ from sidetune.memory import peak_memory, short
 from sidetune.methods import trainable_parameters
 from sidetune.profiling.shard import fsdp_refusal
 from sidetune.session import Setup, build, forward_module, mixed_precision, rebuild, train_step
-from sidetune.tasks import Task
+from sidetune.tasks import Task, batch_tokens
 
 # What marks a directory as holding a run (the lock file does not: it stays behind, harmless, after every run).
 RUN_NAMES = (checkpoint.RUN_MANIFEST, "config.yaml", "metrics.jsonl", "checkpoints", "final", "logs")
@@ -173,8 +173,7 @@ def train(cfg: Config) -> dict[str, float]:
                             # checks loss and gradient norm before the optimizer step.
                             train_step(module, batch, optimizer, s.trainable, t.max_grad_norm,
                                        scheduler=scheduler, backward=guard.backward(step + 1), clip=None)
-                        tokens += (batch["attention_mask"].sum() if "attention_mask" in batch
-                                   else batch["input_ids"].numel())
+                        tokens += batch_tokens(batch)  # real tokens: padding, also of packed rows, left out
                         if not accelerator.sync_gradients:
                             continue
                         step += 1

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
+from transformers.masking_utils import find_packed_sequence_indices
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from sidetune.errors import SidetuneError
@@ -561,14 +562,19 @@ class SideStack(nn.Module):
 
     def forward(self, emb: torch.Tensor, taps: list[torch.Tensor], attention_mask: torch.Tensor | None,
                 enc: torch.Tensor | None = None, enc_mask: torch.Tensor | None = None,
-                cache: SideCache | None = None) -> torch.Tensor:
+                cache: SideCache | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """cache (generation, no grad): emb and taps are the new positions only; keys and values of the earlier
-        ones come from the cache, and attention_mask (if any) covers all positions."""
+        ones come from the cache, and attention_mask (if any) covers all positions.
+        position_ids (B x T): the backbone's positions, for RoPE; without an attention mask, positions that restart
+        at 0 mark packed examples (data.packing), each of which attends only to itself, as in the backbone."""
         t, past = emb.shape[1], cache.seen if cache is not None else 0
         if cache is not None and not cache.blocks:
             cache.blocks = [{} for _ in self.blocks]
-        mask, is_causal = self._self_mask(attention_mask, t, emb.device, past)
-        rope = self._rope(t, emb.device, past) if self.inv_freq is not None else None
+        packed = None
+        if position_ids is not None and attention_mask is None and cache is None:
+            packed = find_packed_sequence_indices(position_ids.expand(emb.shape[0], -1))  # None: one example a row
+        mask, is_causal = self._self_mask(attention_mask, t, emb.device, past, packed)
+        rope = self._rope(t, emb.device, past, position_ids) if self.inv_freq is not None else None
         cross_mask = enc_mask.bool()[:, None, None, :] if enc_mask is not None else None
         s = ladder(self.ladders[0], emb, self.int8_ladders)
         gates = torch.sigmoid(self.alpha / self.temperature)
@@ -587,8 +593,11 @@ class SideStack(nn.Module):
             cache.seen = past + t
         return self.norm(s)
 
-    def _self_mask(self, attention_mask, t: int, device, past: int = 0) -> tuple[torch.Tensor | None, bool]:
-        if attention_mask is None and self.rel_bias is None and (past == 0 or t == 1):
+    def _self_mask(self, attention_mask, t: int, device, past: int = 0,
+                   packed: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
+        """packed (B x T): the index of each token's example in its row (transformers'
+        find_packed_sequence_indices); attention stays inside an example: the block-diagonal causal mask."""
+        if attention_mask is None and packed is None and self.rel_bias is None and (past == 0 or t == 1):
             return None, self.causal and past == 0  # SDPA's own causal path (flash-capable on GPU)
         n = past + t
         q_pos, k_pos = torch.arange(past, n, device=device), torch.arange(n, device=device)
@@ -597,6 +606,8 @@ class SideStack(nn.Module):
         allowed = allowed[None, None]
         if attention_mask is not None:
             allowed = allowed & attention_mask.bool()[:, None, None, -n:]
+        if packed is not None:
+            allowed = allowed & (packed[:, None, :, None] == packed[:, None, None, :])
         # Every query may see itself, so a fully padded row (left padding) gets no NaN; its output is unused.
         allowed = allowed | (k_pos[None, :] == q_pos[:, None])
         if self.rel_bias is None:
@@ -608,10 +619,15 @@ class SideStack(nn.Module):
         bias = self.rel_bias(buckets).permute(2, 0, 1)[None]  # 1 x heads x t x n
         return bias.masked_fill(~allowed, NEG_INF), False
 
-    def _rope(self, t: int, device, past: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        # Positions past..past+t-1, as the backbone numbers them when no position_ids are given.
-        pos = torch.arange(past, past + t, device=device, dtype=torch.float32)
-        freqs = pos[:, None] * self.inv_freq[None, :]
+    def _rope(self, t: int, device, past: int = 0,
+              position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # The backbone's position_ids when given (B x T -> cos/sin B x 1 x T x dims, one row per sequence), else
+        # positions past..past+t-1, as the backbone numbers them without position_ids (T x dims).
+        if position_ids is not None:
+            freqs = position_ids.to(device, torch.float32)[:, None, :, None] * self.inv_freq
+        else:
+            pos = torch.arange(past, past + t, device=device, dtype=torch.float32)
+            freqs = pos[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling
 

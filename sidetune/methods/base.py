@@ -66,6 +66,10 @@ class Method(Protocol):
     backbone_trains: ClassVar[bool] = True
     # Memory-cutting variants `sidetune plan` may propose: a description mapped to method-config overrides.
     plan_options: ClassVar[dict[str, dict[str, Any]]] = {}
+    # True when the method trains on packed rows (data.packing): several examples in one row, kept apart only by
+    # position ids that restart at 0 (transformers then builds a block-diagonal causal mask). False for methods
+    # that add virtual tokens or prefixes to a row: one set of them cannot belong to several examples. Default True.
+    packing: ClassVar[bool] = True
 
     cfg: Any  # the method's Config instance; the class defines __init__(self, cfg)
 

@@ -269,7 +269,9 @@ class LSTModel(nn.Module):
             raise SidetuneError("lm_hidden_states is for decoder-only models; T5 goes through forward()")
         final, taps = self._backbone(0, self.backbone.base_model,
                                      dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs))
-        return self._merge(final, self.side(taps[0], taps[1:], attention_mask))
+        # Packed rows (data.packing) carry position_ids and no mask: the side blocks read the same examples there.
+        side = self.side(taps[0], taps[1:], attention_mask, position_ids=kwargs.get("position_ids"))
+        return self._merge(final, side)
 
     def encode(self, input_ids, attention_mask):
         """T5: the backbone encoder's output and the side encoder's."""

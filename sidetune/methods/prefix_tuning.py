@@ -55,6 +55,8 @@ class PrefixTuning(Method):
     name: ClassVar[str] = "prefix_tuning"
     Config: ClassVar[type] = PrefixTuningConfig
     tasks: ClassVar[frozenset[str]] = frozenset({"classification", "causal_lm", "chat"})  # no encoder-decoder
+    # The prefix reaches attention through a Cache, and transformers reads packed rows only without one.
+    packing: ClassVar[bool] = False
 
     def __init__(self, cfg: PrefixTuningConfig) -> None:
         self.cfg = cfg

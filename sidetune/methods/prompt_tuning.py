@@ -83,6 +83,8 @@ class PromptTuning(Method):
     name: ClassVar[str] = "prompt_tuning"
     Config: ClassVar[type] = PromptTuningConfig
     tasks: ClassVar[frozenset[str]] = frozenset({"classification", "causal_lm"})  # no encoder-decoder
+    # The soft prompt is prepended to the row: in a packed row only the first example would follow it.
+    packing: ClassVar[bool] = False
 
     def __init__(self, cfg: PromptTuningConfig) -> None:
         self.cfg = cfg

@@ -113,6 +113,8 @@ class PTuningV1(Method):
     name: ClassVar[str] = "ptuning_v1"
     Config: ClassVar[type] = PTuningV1Config
     tasks: ClassVar[frozenset[str]] = frozenset({"classification", "causal_lm"})  # no encoder-decoder
+    # The virtual tokens sit around one input per row: a packed row holds several.
+    packing: ClassVar[bool] = False
 
     def __init__(self, cfg: PTuningV1Config) -> None:
         self.cfg = cfg
