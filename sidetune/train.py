@@ -746,6 +746,7 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None) -> dict[str,
         # Only X is read: the training file (maybe relative to another directory) is not needed to evaluate.
         cfg.data.eval = cfg.data.train = data_path
         cfg.data.max_train_samples = 1
+    cfg.data.packing = False  # packing shapes the training rows only, which evaluation never reads
     if cfg.data.eval is None:
         raise SidetuneError("this run has no data.eval; pass --data PATH")
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train))
