@@ -29,9 +29,9 @@ from transformers import PreTrainedTokenizerBase
 
 from sidetune import checkpoint
 from sidetune.config import Config, load_config, save_config
+from sidetune.decoding import GenerationEval
 from sidetune.errors import SidetuneError, one_line
 from sidetune.memory import peak_memory, short
-from sidetune.decoding import GenerationEval
 from sidetune.methods import trainable_parameters
 from sidetune.plot import CURVES, plot_runs
 from sidetune.session import Setup, build, forward_module, mixed_precision, rebuild, train_step
