@@ -22,7 +22,7 @@ import yaml
 
 from sidetune.errors import SidetuneError, one_line
 from sidetune.fields import opt
-from sidetune.tasks import get_task
+from sidetune.tasks import Task, get_task
 
 
 @dataclass
@@ -299,7 +299,7 @@ def validate(cfg: Config) -> None:
     _check_eval_generate(d, task)
 
 
-def _check_eval_generate(d: DataConfig, task) -> None:
+def _check_eval_generate(d: DataConfig, task: Task) -> None:
     """data.eval_generate needs a model that decodes and examples with a prompt before their completion."""
     if d.eval_generate_max_new_tokens < 1:
         raise SidetuneError(f"data.eval_generate_max_new_tokens must be >= 1, got {d.eval_generate_max_new_tokens}")

@@ -225,14 +225,17 @@ def train(cfg: Config) -> dict[str, float]:
             eval_metrics = evaluate(module, eval_loaders, task, accelerator)
             log.write({"step": step, **eval_metrics})
         state = trainable_state(model)  # every process: under FSDP gathering the shards is a collective
+        curves = ""
         if accelerator.is_main_process:
             save_trainable(model, cfg, out / "final", state)
             if log.rows:  # a run with no step and no eval (max_steps=0, data.eval=null) has nothing to plot
-                plot_runs([out], out / CURVES)
+                try:
+                    curves = f", curves in {plot_runs([out], out / CURVES)}"
+                except Exception as e:  # the weights are saved; a failed picture must not fail (or hang) the run
+                    print(f"sidetune: could not write {out / CURVES} ({one_line(e, 100)}); the run is complete")
         accelerator.wait_for_everyone()
         accelerator.end_training()
-        accelerator.print(f"sidetune: done; final weights in {out / 'final'}"
-                          f"{f', curves in {out / CURVES}' if log.rows else ''}")
+        accelerator.print(f"sidetune: done; final weights in {out / 'final'}{curves}")
         if eval_metrics:
             accelerator.print(json.dumps({"step": step, **eval_metrics}))
         return eval_metrics

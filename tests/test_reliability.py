@@ -218,6 +218,18 @@ def test_curves_png_of_someone_else_is_refused_and_the_runs_own_is_replaced(tmp_
     assert second[:8] == b"\x89PNG\r\n\x1a\n" and second != first  # three steps plotted, not two
 
 
+def test_a_failed_curves_png_leaves_the_run_complete(tmp_path, small_data, capsys, monkeypatch):
+    def broken(runs, out):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr("sidetune.train.plot_runs", broken)
+    out = tmp_path / "run"
+    rc, stdout, err = _main(capsys, "train", RECIPE, *_overrides(out, small_data, "train.max_steps=1"))
+    assert rc == 0, err
+    assert "could not write" in stdout and "no fonts" in stdout
+    assert (out / "final" / "manifest.json").is_file() and not (out / "curves.png").exists()
+
+
 def test_lock_refuses_a_concurrent_run(tmp_path, small_data, capsys):
     out = tmp_path / "locked"
     out.mkdir()
