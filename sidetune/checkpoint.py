@@ -169,6 +169,16 @@ def remove_written(path: Path) -> None:
         path.rmdir()
 
 
+def run_files(out: Path) -> list[str]:
+    """The top-level file names the run manifest (`sidetune-run.json`) of `out` lists as sidetune's own; none when
+    it has no readable manifest."""
+    try:
+        files = json.loads((Path(out) / RUN_MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [f for f in files if isinstance(f, str)] if isinstance(files, list) else []
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Listing and pruning
 

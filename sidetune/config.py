@@ -22,7 +22,7 @@ import yaml
 
 from sidetune.errors import SidetuneError, one_line
 from sidetune.fields import opt
-from sidetune.tasks import get_task
+from sidetune.tasks import Task, get_task
 
 
 @dataclass
@@ -114,6 +114,14 @@ class DataConfig:
     max_train_samples: int | None = opt(
         None, "Use only the first N training / evaluation rows (after a seeded shuffle for training); null = all.")
     max_eval_samples: int | None = opt(None, "Use only the first N evaluation rows; null = all.")
+    eval_generate: bool = opt(
+        False,
+        "causal_lm / chat / seq2seq: also decode each eval example's prompt greedily (the tokens before its "
+        "completion, or before the last assistant turn) and score the text against the reference: eval_exact_match "
+        "and eval_token_f1 (SQuAD-style normalised exact match and token-overlap F1, mean over examples).",
+    )
+    eval_generate_max_new_tokens: int = opt(
+        64, "data.eval_generate: stop each decoding after this many new tokens (or at the end-of-sequence token).")
 
 
 @dataclass
@@ -302,6 +310,22 @@ def validate(cfg: Config) -> None:
                             f"data.task={d.task}; set data.packing=false")
     if not task.shift_labels and t.loss_chunk_size:
         raise SidetuneError("train.loss_chunk_size applies to data.task=causal_lm only; set it to 0")
+    _check_eval_generate(d, task)
+
+
+def _check_eval_generate(d: DataConfig, task: Task) -> None:
+    """data.eval_generate needs a model that decodes and examples with a prompt before their completion."""
+    if d.eval_generate_max_new_tokens < 1:
+        raise SidetuneError(f"data.eval_generate_max_new_tokens must be >= 1, got {d.eval_generate_max_new_tokens}")
+    if not d.eval_generate:
+        return
+    if not task.generates:
+        raise SidetuneError(f"data.eval_generate=true needs a task that generates text; data.task={d.task} predicts "
+                            f"labels (its eval_accuracy scores them); set data.eval_generate=false")
+    if task.shift_labels and not task.conversational and not (d.prompt_template or d.completion_template or d.format):
+        raise SidetuneError("data.eval_generate=true needs prompt -> completion examples, and plain-text causal_lm "
+                            "data has no prompt; set data.prompt_template / data.completion_template or data.format "
+                            "(or data.task=chat)")
 
 
 def _check_ranges(cfg: Config) -> None:

@@ -47,7 +47,6 @@ class Generator:
     def __init__(self, run_dir: str | Path, device: str | None = None) -> None:
         import torch
 
-        from sidetune import chat
         from sidetune.tasks import get_task
         from sidetune.train import load_run, run_config
 
@@ -57,9 +56,8 @@ class Generator:
             raise SidetuneError(f"this run classifies (data.task={self.task.name}); it has no LM head to generate "
                                 f"with: use sidetune eval or sidetune.load(RUN) to predict labels")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # The run's chat template (data.chat_template) comes with the tokenizer: session.build gives it.
         self.model, self.tokenizer = load_run(run_dir, self.device)
-        if self.cfg.data.chat_template is not None or self.task.conversational:
-            chat.use_template(self.tokenizer, self.cfg.data, self.cfg.model.name)
 
     # ----- prompts
 
@@ -97,30 +95,12 @@ class Generator:
 
     def complete(self, ids: list[int], max_new_tokens: int = 128, temperature: float | None = None,
                  top_k: int | None = None, greedy: bool = False) -> str:
-        """The decoded continuation of one prompt (special tokens dropped)."""
-        import torch
+        """The decoded continuation of one prompt (special tokens dropped): sidetune.decoding.complete, which the
+        trainer's data.eval_generate also calls."""
+        from sidetune.decoding import complete
 
-        sample = not greedy and (temperature is not None or top_k is not None)
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": sample,
-                                  "eos_token_id": self.tokenizer.eos_token_id,
-                                  "pad_token_id": self.tokenizer.pad_token_id}
-        if sample:
-            kwargs.update(temperature=temperature if temperature is not None else 1.0, top_k=top_k or 0)
-        elif self._hf_generate:
-            # Unset the checkpoint's sampling defaults (generation_config.json), which greedy decoding ignores
-            # with a warning each call.
-            kwargs.update(temperature=None, top_k=None, top_p=None)
-        input_ids = torch.tensor([ids], device=self.device)
-        with torch.no_grad():
-            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-        new = out[0] if self.task.seq2seq else out[0, len(ids):]
-        return self.tokenizer.decode(new, skip_special_tokens=True)
-
-    @property
-    def _hf_generate(self) -> bool:
-        from transformers import GenerationMixin
-
-        return isinstance(self.model, GenerationMixin)
+        return complete(self.model, self.tokenizer, ids, self.device, seq2seq=self.task.seq2seq,
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy)
 
 
 def run(args: argparse.Namespace) -> int:

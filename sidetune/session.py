@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from sidetune import chat
 from sidetune import data as data_lib
 from sidetune.config import Config, TrainConfig
 from sidetune.errors import SidetuneError
@@ -61,6 +62,10 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
     task = get_task(cfg.data.task)
     method = build_method(cfg.method)
     tokenizer = None if fake else load_tokenizer(cfg.model)
+    if tokenizer is not None and cfg.data.chat_template is not None:
+        # Here, not only on the data path: every build (the trainer, sidetune.load, export, generate, chat) renders
+        # with the template the run trained with. A file's text goes into cfg, so the saved config carries it.
+        chat.use_template(tokenizer, cfg.data, cfg.model.name)
     data = data_lib.build(cfg.data, tokenizer, cfg.train.seed) if with_data and not fake else None
     if data is not None and data.num_labels is not None:
         cfg.data.num_labels = data.num_labels  # resolved into the saved config, so a reload needs no data

@@ -29,16 +29,19 @@ from transformers import PreTrainedTokenizerBase
 
 from sidetune import checkpoint
 from sidetune.config import Config, load_config, save_config
+from sidetune.decoding import GenerationEval
 from sidetune.errors import SidetuneError, one_line
 from sidetune.memory import peak_memory, short
 from sidetune.methods import trainable_parameters
+from sidetune.plot import CURVES, plot_runs
 from sidetune.profiling.shard import fsdp_refusal
 from sidetune.session import Setup, build, forward_module, mixed_precision, rebuild, train_step
 from sidetune.tasks import Task, batch_tokens
 
 # What marks a directory as holding a run (the lock file does not: it stays behind, harmless, after every run).
 RUN_NAMES = (checkpoint.RUN_MANIFEST, "config.yaml", "metrics.jsonl", "checkpoints", "final", "logs")
-_RUN_FILES = ("config.yaml", "metrics.jsonl")  # the top-level files sidetune writes, listed in the run manifest
+# The top-level files sidetune writes, listed in the run manifest (curves.png: `sidetune plot`'s PNG, at the end).
+_RUN_FILES = ("config.yaml", "metrics.jsonl", CURVES)
 
 
 def train(cfg: Config) -> dict[str, float]:
@@ -222,11 +225,17 @@ def train(cfg: Config) -> dict[str, float]:
             eval_metrics = evaluate(module, eval_loaders, task, accelerator)
             log.write({"step": step, **eval_metrics})
         state = trainable_state(model)  # every process: under FSDP gathering the shards is a collective
+        curves = ""
         if accelerator.is_main_process:
             save_trainable(model, cfg, out / "final", state)
+            if log.rows:  # a run with no step and no eval (max_steps=0, data.eval=null) has nothing to plot
+                try:
+                    curves = f", curves in {plot_runs([out], out / CURVES)}"
+                except Exception as e:  # the weights are saved; a failed picture must not fail (or hang) the run
+                    print(f"sidetune: could not write {out / CURVES} ({one_line(e, 100)}); the run is complete")
         accelerator.wait_for_everyone()
         accelerator.end_training()
-        accelerator.print(f"sidetune: done; final weights in {out / 'final'}")
+        accelerator.print(f"sidetune: done; final weights in {out / 'final'}{curves}")
         if eval_metrics:
             accelerator.print(json.dumps({"step": step, **eval_metrics}))
         return eval_metrics
@@ -349,6 +358,11 @@ def _check_launch(cfg: Config) -> None:
         if not torch.cuda.is_available():
             raise SidetuneError("FSDP needs CUDA GPUs: accelerate runs FSDP only on accelerators (without one it "
                                 "would quietly fall back to DDP); on CPU use recipes/accelerate/cpu_ddp.yaml")
+        if cfg.data.eval_generate:
+            raise SidetuneError("data.eval_generate=true with FSDP is not supported: each process decodes its own "
+                                "examples, for a different number of forward passes, and FSDP's all-gathers need the "
+                                "same number on every process; launch with DDP (multi_gpu.yaml), or score the "
+                                "finished run with `sidetune eval RUN` (one process)")
         refused = fsdp_refusal(cfg.model.quantize)
         if refused:
             raise SidetuneError(f"{refused}; shard a 16-bit base (model.quantize=null) or train the 4-bit base with "
@@ -374,19 +388,29 @@ def _oom_message(e: BaseException, cfg: Config, step: int, device: torch.device)
 # Evaluation
 
 
-def _eval_loaders(s: Setup, batch_size: int, collate, accelerator: Accelerator) -> dict[str, DataLoader]:
-    loaders = {}
+def _eval_loaders(s: Setup, batch_size: int, collate,
+                  accelerator: Accelerator) -> dict[str, DataLoader | GenerationEval]:
+    """The eval data, sharded over the processes: "eval" (loss, accuracy), "choices" (label scoring of a causal
+    LM), "generate" (data.eval_generate: this process's share of the prompts, decoded with the model's generate)."""
+    loaders: dict[str, DataLoader | GenerationEval] = {}
     for key, ds in (("eval", s.data.eval), ("choices", s.data.eval_choices)):
         if ds is not None:
             loaders[key] = accelerator.prepare(DataLoader(ds, batch_size=batch_size, collate_fn=collate))
+    if s.cfg.data.eval_generate and s.data.eval is not None:
+        # s.model, not the prepared module: decoding calls the model's own generate, on each process alone (no DDP
+        # collective in it); it shares its parameters with what trains.
+        loaders["generate"] = GenerationEval(s.model, s.tokenizer, s.task, s.data.eval,
+                                             s.cfg.data.eval_generate_max_new_tokens, accelerator.process_index,
+                                             accelerator.num_processes)
     return loaders
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, loaders: dict[str, DataLoader], task: Task,
+def evaluate(module: nn.Module, loaders: dict[str, DataLoader | GenerationEval], task: Task,
              accelerator: Accelerator | None = None) -> dict[str, float]:
     """eval_loss for every task; eval_accuracy for classification, and for causal LM with label choices;
-    eval_perplexity for LM tasks. Losses are averaged per example (classification) or per target token (LM)."""
+    eval_perplexity for LM tasks; eval_exact_match and eval_token_f1 with data.eval_generate. Losses are averaged
+    per example (classification) or per target token (LM)."""
     module.eval()
     gather = accelerator.gather_for_metrics if accelerator is not None else (lambda x: x)
     loss_sum, count, correct, seen = 0.0, 0, 0, 0
@@ -410,6 +434,14 @@ def evaluate(module: nn.Module, loaders: dict[str, DataLoader], task: Task,
         metrics["eval_accuracy"] = correct / seen
     if "choices" in loaders:
         metrics["eval_accuracy"] = _choice_accuracy(module, loaders["choices"], gather)
+    if "generate" in loaders:
+        if accelerator is None:
+            metrics.update(loaders["generate"].score(next(module.parameters()).device))
+        else:
+            # Each process decodes its share; the sums are reduced (a collective: every process gets here).
+            with accelerator.autocast():
+                metrics.update(loaders["generate"].score(
+                    accelerator.device, lambda x: accelerator.reduce(x, reduction="sum")))
     return metrics
 
 
@@ -647,6 +679,11 @@ def _claim(out: Path, continuing: bool, overwrite: bool):
             raise SidetuneError(f"train.overwrite=true, but {out / foreign[0]} was not written by sidetune (no "
                                 f"{checkpoint.RUN_MANIFEST} lists it); move it away or choose another "
                                 f"train.output_dir")
+    if (out / CURVES).exists() and CURVES not in _listed_run_files(out):
+        # The run writes curves.png at its end: it must not replace a file of someone else's.
+        raise SidetuneError(f"train.output_dir={out} holds {CURVES}, which sidetune did not write (no "
+                            f"{checkpoint.RUN_MANIFEST} lists it) and the run would replace; move it away or choose "
+                            f"another train.output_dir")
     if out.exists() and not out.is_dir():
         raise SidetuneError(f"train.output_dir={out} is a file; choose a directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -670,11 +707,7 @@ def _try_lock(path: Path, mode: str):
 
 
 def _listed_run_files(out: Path) -> list[str]:
-    try:
-        files = json.loads((out / checkpoint.RUN_MANIFEST).read_text())["files"]
-        return [f for f in files if f in _RUN_FILES]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
+    return [f for f in checkpoint.run_files(out) if f in _RUN_FILES]
 
 
 def _remove_run(out: Path) -> None:

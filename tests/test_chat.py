@@ -165,3 +165,28 @@ def test_a_tiny_llama_chat_run_learns(tmp_path):
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert losses[-1] < losses[0] - 1.0, losses
     assert evals[-1] < evals[0], evals
+
+
+def test_a_run_reloads_with_the_chat_template_it_trained_with(tmp_path):
+    """data.chat_template is applied by session.build, so sidetune.load (and export, generate, chat, which build the
+    same way) render with the run's template, not the tokenizer's own, even once the template file is gone."""
+    import sidetune
+    from sidetune.generate import Generator
+    from sidetune.train import train
+
+    tagged = ("{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] + ' [end]\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}")
+    template_file = tmp_path / "tagged.jinja"
+    template_file.write_text(tagged)
+    run = tmp_path / "run"
+    train(load_config(None, ["model.name=tiny-llama", "method.name=lora", "data.task=chat",
+                             "data.train=chat/train.jsonl", "data.eval=null", "data.max_train_samples=4",
+                             "data.max_length=48", f"data.chat_template={template_file}", "train.batch_size=4",
+                             "train.max_steps=1", "train.progress=false", f"train.output_dir={run}"]))
+    template_file.unlink()
+    _, tok = sidetune.load(run)
+    assert tok.chat_template == tagged
+    question = [{"role": "user", "content": "What is 2 plus 3?"}]
+    expected = "[user] What is 2 plus 3? [end]\n[assistant] "
+    assert tok.decode(chat.prompt_ids(tok, question)) == expected
+    assert tok.decode(Generator(run, "cpu").prompt_ids({"prompt": "What is 2 plus 3?"})) == expected

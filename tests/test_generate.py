@@ -130,3 +130,28 @@ def test_plot_overlays_runs(lora_run, lst_run, tmp_path, capsys):
     assert width > 500 and height > 300
     assert main(["plot", str(tmp_path / "nothing")]) == 2
     assert "has no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_plot_without_out_never_replaces_a_file_sidetune_did_not_write(lora_run, tmp_path, monkeypatch, capsys):
+    # The run wrote its own curves.png at its end and lists it: a plain `sidetune plot RUN` replaces it.
+    assert "curves.png" in json.loads((lora_run / "sidetune-run.json").read_text())["files"]
+    assert main(["plot", str(lora_run)]) == 0
+    assert (lora_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A directory with metrics but no manifest: its curves.png is someone else's, kept; one line asks for --out.
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "metrics.jsonl").write_text((lora_run / "metrics.jsonl").read_text())
+    (theirs / "curves.png").write_text("mine")
+    capsys.readouterr()
+    assert main(["plot", str(theirs)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sidetune did not write it" in err and "--out" in err
+    assert (theirs / "curves.png").read_text() == "mine"
+    (theirs / "curves.png").unlink()
+    assert main(["plot", str(theirs)]) == 0 and (theirs / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # Several runs default to ./curves.png, which is never replaced; --out says where.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "curves.png").write_text("mine")
+    assert main(["plot", str(lora_run), str(theirs)]) == 2
+    assert "--out" in capsys.readouterr().err and (tmp_path / "curves.png").read_text() == "mine"
+    assert main(["plot", str(lora_run), str(theirs), "--out", str(tmp_path / "both.png")]) == 0

@@ -194,6 +194,42 @@ def test_unrelated_directory_keeps_its_files(tmp_path, small_data, capsys):
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2]
 
 
+def test_curves_png_of_someone_else_is_refused_and_the_runs_own_is_replaced(tmp_path, small_data, capsys):
+    """Every run ends by writing curves.png (listed in its run manifest): one that sidetune did not write is refused
+    before any write, with or without train.overwrite; the run's own is replaced by a rerun."""
+    out = tmp_path / "plots"
+    out.mkdir()
+    (out / "curves.png").write_text("theirs")
+    before = _snapshot(out)
+    for extra in ([], ["train.overwrite=true"]):
+        rc, _, err = _main(capsys, "train", RECIPE, *_overrides(out, small_data, "train.max_steps=2", *extra))
+        assert rc == 2 and err.count("\n") == 1 and "curves.png, which sidetune did not write" in err, err
+        assert _snapshot(out) == before
+    (out / "curves.png").unlink()
+    rc, _, err = _main(capsys, "train", RECIPE, *_overrides(out, small_data, "train.max_steps=2"))
+    assert rc == 0, err
+    first = (out / "curves.png").read_bytes()
+    assert first[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "curves.png" in json.loads((out / "sidetune-run.json").read_text())["files"]
+    rc, _, err = _main(capsys, "train", RECIPE, *_overrides(out, small_data, "train.max_steps=3",
+                                                             "train.overwrite=true"))
+    assert rc == 0, err
+    second = (out / "curves.png").read_bytes()
+    assert second[:8] == b"\x89PNG\r\n\x1a\n" and second != first  # three steps plotted, not two
+
+
+def test_a_failed_curves_png_leaves_the_run_complete(tmp_path, small_data, capsys, monkeypatch):
+    def broken(runs, out):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr("sidetune.train.plot_runs", broken)
+    out = tmp_path / "run"
+    rc, stdout, err = _main(capsys, "train", RECIPE, *_overrides(out, small_data, "train.max_steps=1"))
+    assert rc == 0, err
+    assert "could not write" in stdout and "no fonts" in stdout
+    assert (out / "final" / "manifest.json").is_file() and not (out / "curves.png").exists()
+
+
 def test_lock_refuses_a_concurrent_run(tmp_path, small_data, capsys):
     out = tmp_path / "locked"
     out.mkdir()
