@@ -295,7 +295,7 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         peak = "n/a" if r["peak_allocated_gib"] is None else f"{r['peak_allocated_gib']:.2f}"
         runs = ", ".join(f"{t:.0f}" for t in r["step_ms_all"])
-        lines.append(f"| {r['phase']} | {r['trainable'] / 1e6:.2f}M | {peak} | {r['step_ms']:.1f} | {runs} |")
+        lines.append(f"| {r['phase']} | {r['trainable']:,} | {peak} | {r['step_ms']:.1f} | {runs} |")
     lines.append("")
     saved = result["rows"][[r["key"] for r in result["rows"]].index("qlst")]["saved_for_backward_gib"]
     lines.append("Saved for backward by Q-LST (GiB): " + ", ".join(f"{k} {v:.4g}" for k, v in saved.items()) + ".")
