@@ -20,7 +20,8 @@ and freed, so each phase's CUDA peak is its own. `--interleave`: every phase bui
 up, then --steps rounds of one step per phase (floor qlst qlora peft floor qlst ...), median per phase. On a machine
 shared with other jobs the load drifts over minutes; interleaving exposes every phase to the same drift, so the
 ratios of medians mean something where sequential means do not. With all phases resident a per-phase peak is not
-defined: interleaved rows report times only (on CPU there is no per-phase peak counter anyway: RSS only grows).
+defined: interleaved rows report times only (on CPU there is no per-phase peak counter anyway: RSS only grows),
+and the device must hold all four models at once (4 x 5.3 GiB of NF4 weights at the llama-8b shape).
 
     python bench/lst_bench.py                                     # CUDA: llama-8b shape, batch 4 x seq 1024
     python bench/lst_bench.py --model tiny-llama --device cpu --batch 2 --seq 64 --steps 2   # the code path on CPU
