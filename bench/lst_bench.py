@@ -26,7 +26,7 @@ and the device must hold all four models at once (4 x 5.3 GiB of NF4 weights at 
     python bench/lst_bench.py                                     # CUDA: llama-8b shape, batch 4 x seq 1024
     python bench/lst_bench.py --model tiny-llama --device cpu --batch 2 --seq 64 --steps 2   # the code path on CPU
     OMP_NUM_THREADS=1 python bench/lst_bench.py --model smollm2-135m --device cpu --batch 4 --seq 128 --chunk 256 \\
-        --interleave --warmup 1 --steps 5       # CPU times: real SmolLM2-135M weights in NF4, 5 interleaved rounds
+        --interleave --warmup 1 --steps 7       # CPU times: real SmolLM2-135M in NF4, 7 rounds (bench/RESULTS.md)
 """
 
 from __future__ import annotations
