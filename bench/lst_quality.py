@@ -7,10 +7,11 @@ lean defaults) on SmolLM2-135M, SST-2 as causal LM, with the same steps, batch, 
 
 Rows: lora / qlora = recipes/smollm2_lora.yaml (q,v r=8, lr 5e-4; qlora adds nf4); lst-* / qlst-* =
 recipes/smollm2_lst.yaml (r=8, every:2, pruned init, lr 2e-3; qlst adds nf4). "old" = no side recomputation, full
-ladder inputs, fp32 AdamW (the settings before issue 11); "new" = the lean defaults of recipes/llama8b_qlst.yaml:
-side-only recomputation (exact), int8 ladder inputs for dW, 8-bit AdamW. Label accuracy = picking the likelier label
-completion on the first --eval-samples dev sentences; eval loss on the completion. Appends a section to
-bench/RESULTS.md unless --no-record.
+ladder inputs, fp32 AdamW (the settings before issue 11); "new" = the lean defaults, which both LST recipes now
+carry (recipes/smollm2_lst.yaml, recipes/llama8b_qlst.yaml): side-only recomputation (exact), int8 ladder inputs for
+dW, 8-bit AdamW. Both sets are passed as overrides, so the rows stay what they say if a recipe changes. Label
+accuracy = picking the likelier label completion on the first --eval-samples dev sentences; eval loss on the
+completion. Appends a section to bench/RESULTS.md unless --no-record.
 """
 
 from __future__ import annotations
