@@ -139,9 +139,10 @@ def plan(model: str, vram: int, batch: int, seq: int, task: str = "causal_lm", m
                                  "how": base["per_gpu_note"],
                                  "largest_batch": largest_batch(spec, target, vram, batch, peak, sharding=sharding),
                                  "changes": []}
+        # Most parameters trainable: the method trains the backbone itself (full fine-tuning).
+        trains_backbone = base["params_trainable"] > base["params_total"] / 2
+        entry["trains_backbone"] = trains_backbone
         if not entry["fits"]:
-            # Most parameters trainable: the method trains the backbone itself (full fine-tuning).
-            trains_backbone = base["params_trainable"] > base["params_total"] / 2
             for description, extra in changes(spec, task, trains_backbone, sharding):
                 p = _peak(spec, target, extra, sharding=sharding)
                 entry["changes"].append({"change": description, "overrides": extra, "peak_bytes": p,
@@ -177,7 +178,11 @@ def render(entries: list[dict], vram: int, batch: int, seq: int, sharding: Shard
         elif e["largest_batch"]:
             advice = f"nothing tried fits at this batch: batch {e['largest_batch']} does"
         else:
-            advice = "nothing tried fits, not even at batch 1: more memory, or a method that freezes the backbone"
+            advice = "nothing tried fits, not even at batch 1: more GPUs or memory"
+            if sharding.refusal("nf4") and not e["trains_backbone"]:
+                advice += ", or a 4-bit base with `--shard ddp` (FSDP2 cannot shard one)"
+            if e["trains_backbone"]:
+                advice += ", or a method that freezes the backbone"
         lines.append(f"| {e['label']} | {e['peak_bytes'] / scale:.2f} | {'yes' if e['fits'] else 'no'} | "
                      f"{e['largest_batch']} | {advice} |")
     if not sharding.single:
