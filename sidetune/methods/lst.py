@@ -31,7 +31,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput, SequenceClassifierOutput
+from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput
 
 from sidetune.errors import SidetuneError
 from sidetune.fields import opt
@@ -39,8 +39,9 @@ from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
 from sidetune.methods._inject import freeze, head_module_names
 from sidetune.methods._lst_blocks import SideCache, SideStack, Stack, Unmapped, capture, stacks_of, tapped_layers
 from sidetune.methods._lst_prune import init_pruned, keep_hidden
+from sidetune.methods._readout import classifier_name, classify, pool
 from sidetune.methods.base import Context, Method
-from sidetune.tasks import HEAD_NAMES, Task
+from sidetune.tasks import Task
 
 
 @dataclass
@@ -112,7 +113,6 @@ class TaskHead(nn.Module):
         super().__init__()
         self.__dict__["backbone"] = backbone
         self.task, self.pooling = task, pooling
-        self.classifier = next((n for n in HEAD_NAMES if hasattr(backbone, n)), None)
         c = backbone.config
         # T5 with tied embeddings rescales the decoder output before the LM head.
         self.scale = c.d_model**-0.5 if task.seq2seq and getattr(c, "scale_decoder_outputs", False) else None
@@ -137,39 +137,7 @@ class TaskHead(nn.Module):
         return (Seq2SeqLMOutput if self.task.seq2seq else CausalLMOutput)(loss=loss, logits=logits)
 
     def _classify(self, hidden, labels, attention_mask):
-        how = self.pooling
-        if how == "first":
-            pooled = hidden[:, 0]
-        elif how == "mean":
-            m = attention_mask[..., None].to(hidden.dtype) if attention_mask is not None else None
-            pooled = hidden.mean(1) if m is None else (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-        else:  # the rightmost real token (works with left and right padding)
-            if attention_mask is None:
-                pooled = hidden[:, -1]
-            else:
-                pos = torch.arange(hidden.shape[1], device=hidden.device)
-                last = (pos * attention_mask.to(pos.dtype)).argmax(-1)
-                pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        head = getattr(self.backbone, self.classifier)
-        pooled = pooled.to(next(head.parameters()).dtype)
-        if isinstance(head, nn.Linear):
-            logits = head(pooled)
-        else:  # RoBERTa's, ELECTRA's heads read token 0 of a sequence: give them the pooled vector as one
-            logits = head(pooled[:, None])
-            logits = logits[:, 0] if logits.dim() == 3 else logits
-        loss = None
-        if labels is not None:
-            n = logits.shape[-1]
-            kind = self.backbone.config.problem_type or (
-                "regression" if n == 1 else
-                "single_label_classification" if not labels.is_floating_point() else "multi_label_classification")
-            if kind == "regression":
-                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
-            elif kind == "single_label_classification":
-                loss = F.cross_entropy(logits.float(), labels)
-            else:
-                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return classify(self.backbone, pool(hidden, attention_mask, self.pooling), labels)
 
 
 class LSTModel(nn.Module):
@@ -384,7 +352,7 @@ class LST(Method):
             raise SidetuneError("LST on an encoder-decoder model supports data.task=seq2seq only")
         freeze(model)
         # Only the classifier LST feeds trains; any other new module (e.g. an untrained BERT pooler) stays frozen.
-        used = next((n for n in HEAD_NAMES if hasattr(model, n)), None) if task.classifies else None
+        used = classifier_name(model) if task.classifies else None
         for name in head_module_names(model):
             if name != used:
                 model.get_submodule(name).requires_grad_(False)

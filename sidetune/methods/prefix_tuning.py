@@ -25,7 +25,7 @@ from typing import ClassVar, Literal
 from torch import nn
 
 from sidetune.fields import opt
-from sidetune.methods._prefix import attach_prefix, check_prefix_config
+from sidetune.methods._prefix import HEAD_LR_HELP, POOLING_HELP, attach_prefix, check_prefix_config, prefix_param_groups
 from sidetune.methods.base import Context, Method
 
 
@@ -46,6 +46,8 @@ class PrefixTuningConfig:
         False, "Give the real tokens positions P..P+T-1 instead of 0..T-1 (what PEFT does; needed to match it).")
     train_pooler: bool = opt(
         False, "Also train the encoder's pooler (BERT's tanh dense over [CLS] that its classification head reads).")
+    pooling: Literal["model", "mean", "first", "last"] = opt("model", POOLING_HELP)
+    head_lr: float | None = opt(None, HEAD_LR_HELP)
 
     def __post_init__(self) -> None:
         check_prefix_config(self)
@@ -68,4 +70,7 @@ class PrefixTuning(Method):
         return attach_prefix(model, self.name, num_virtual_tokens=c.num_virtual_tokens,
                              projection_dim=c.projection_dim, dropout=c.dropout,
                              zero_init_attention=c.zero_init_attention, shift_positions=c.shift_positions,
-                             train_pooler=c.train_pooler)
+                             train_pooler=c.train_pooler, pooling=c.pooling, task=ctx.task)
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict] | None:
+        return prefix_param_groups(model, lr, self.cfg.head_lr)

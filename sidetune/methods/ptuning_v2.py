@@ -39,7 +39,14 @@ from typing import ClassVar, Literal
 from torch import nn
 
 from sidetune.fields import opt
-from sidetune.methods._prefix import PrefixModel, attach_prefix, check_prefix_config
+from sidetune.methods._prefix import (
+    HEAD_LR_HELP,
+    POOLING_HELP,
+    PrefixModel,
+    attach_prefix,
+    check_prefix_config,
+    prefix_param_groups,
+)
 from sidetune.methods.base import Context, Method
 
 PTuningV2Model = PrefixModel  # the module that trains (shared with prefix_tuning)
@@ -67,6 +74,8 @@ class PTuningV2Config:
     )
     train_pooler: bool = opt(
         False, "Also train the encoder's pooler (BERT's tanh dense over [CLS] that its classification head reads).")
+    pooling: Literal["model", "mean", "first", "last"] = opt("model", POOLING_HELP)
+    head_lr: float | None = opt(None, HEAD_LR_HELP)
 
     def __post_init__(self) -> None:
         check_prefix_config(self)
@@ -89,4 +98,7 @@ class PTuningV2(Method):
         return attach_prefix(model, self.name, num_virtual_tokens=c.num_virtual_tokens,
                              projection_dim=c.projection_dim if c.prefix_projection else None, dropout=c.dropout,
                              zero_init_attention=c.zero_init_attention, shift_positions=c.shift_positions,
-                             train_pooler=c.train_pooler)
+                             train_pooler=c.train_pooler, pooling=c.pooling, task=ctx.task)
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict] | None:
+        return prefix_param_groups(model, lr, self.cfg.head_lr)
