@@ -15,6 +15,13 @@ prefix (`materialize` drops E and the MLP). That reparameterization is what sets
 the read-only prefix KV cache, masks, positions, zero-init attention, gradient checkpointing, generation).
 
 Defaults follow the paper's table-to-text setting: P = 10, h = 512. Only the prefix (and a new task head) trains.
+
+Learning rate. The MLP makes the prefix move fast: one Adam step changes each W_2 entry by about lr, so each prefix
+entry by about lr x h x |tanh| (h = 512 terms). Li & Liang train at 5e-5 - 8e-5. On MiniLM / SST-2 lr 1e-3 doubled
+the prefix keys' scale within 20 steps, and the run ended at chance with logits that barely depended on the input;
+at 1e-4 it trains (bench/RESULTS.md, 2026-12-02). A classifier trained from scratch wants a larger step than that:
+`head_lr` gives it its own (recipes/sst2_prefix_tuning.yaml: 1e-2). `pooling` chooses what it reads
+(sidetune/methods/_readout.py); the model's own head reads BERT's frozen pooler.
 """
 
 from __future__ import annotations
