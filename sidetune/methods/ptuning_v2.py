@@ -21,11 +21,12 @@ prefix gets its own softmax, added to the unchanged attention over the tokens,
 with V^p = 0 at init. Step 0 then equals the base exactly, and V^p gets a gradient from step 0 (K^p from step 1, as
 LoRA's A with B = 0).
 
-Readout (`train_pooler`, off by default as in THUDM's code, which keeps the whole BERT frozen). BERT's
-classification head reads the pooler, tanh(W h_[CLS] + b), frozen here with the backbone. In all-MiniLM-L6-v2 (a
-sentence-transformers model, trained to pool by mean) it squashes [CLS] to a small scale (output std ~0.04 per
-dimension against ~0.2 for h_[CLS]). Training it too (148k parameters) measured 0.792 against 0.788 frozen on SST-2
-dev (300 steps, one seed each): no real gain, so recipes/sst2_ptuning_v2.yaml leaves it frozen.
+Readout (`pooling`, `train_pooler`). BERT's classification head reads the pooler, tanh(W h_[CLS] + b), frozen here
+with the backbone (as in THUDM's code). In all-MiniLM-L6-v2 (a sentence-transformers model, trained to pool by mean)
+it squashes [CLS] to a small scale (output std ~0.04 per dimension against ~0.2 for h_[CLS]). Training it too (148k
+parameters, `train_pooler`) measured 0.792 against 0.788 frozen on SST-2 dev (300 steps, one seed each);
+`pooling: mean`, the classifier on the masked mean of the last hidden states (sidetune/methods/_readout.py),
+measured 0.819, so recipes/sst2_ptuning_v2.yaml uses it. The default stays `model`, the published setting.
 
 Still paid (the gradient-to-input cost): the prefix feeds every layer, so backward carries dL/dx through the whole
 backbone and autograd keeps its activations.
