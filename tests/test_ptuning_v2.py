@@ -279,6 +279,8 @@ def test_head_lr_puts_the_head_in_its_own_group():
 def test_readout_configs_fail_in_one_line():
     with pytest.raises(SidetuneError, match="bypasses it"):
         PTuningV2Config(train_pooler=True, pooling="mean")
+    with pytest.raises(SidetuneError, match="has none, so set"):
+        _apply(tiny("tiny-llama", "causal_lm"), pooling="mean")
     with pytest.raises(SidetuneError, match="head_lr must be > 0"):
         PTuningV2Config(head_lr=0.0)
     with pytest.raises(SidetuneError, match="is not allowed"):

@@ -47,6 +47,7 @@ from sidetune.fields import check_dropout, check_positive
 from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
 from sidetune.methods._inject import freeze
 from sidetune.methods._readout import POOLINGS, classifier_name, classify, pool
+from sidetune.tasks import Task
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The prefix and the cache that carries it
@@ -304,8 +305,11 @@ def kv_shape(config) -> tuple[int, int, int]:
 
 def attach_prefix(model: nn.Module, method: str, *, num_virtual_tokens: int, projection_dim: int | None,
                   dropout: float, zero_init_attention: bool, shift_positions: bool,
-                  train_pooler: bool = False, pooling: str = "model", task=None) -> PrefixModel:
+                  task: Task, train_pooler: bool = False, pooling: str = "model") -> PrefixModel:
     """Freeze `model` (its new task head stays trainable), add a prefix, return the module to train.
+
+    `pooling`: "model" (the model's own head) or what the classification layer reads instead (`_readout.POOLINGS`);
+    only a classifier of `task` has a readout to choose.
 
     `train_pooler`: also train the encoder's pooler (BERT's tanh dense over [CLS], which its classification head
     reads). A checkpoint's pooler was trained for another objective or not at all (sentence-transformers models pool
@@ -313,12 +317,11 @@ def attach_prefix(model: nn.Module, method: str, *, num_virtual_tokens: int, pro
     if getattr(model.config, "is_encoder_decoder", False):
         raise SidetuneError(f"{method} supports decoder-only and encoder-only models, not encoder-decoder "
                             f"{model.config.model_type}; use method.name=lora or adapter")
-    readout = None
-    if pooling != "model" and task is not None and task.classifies:  # only a classifier has a readout to choose
-        if pooling not in POOLINGS or classifier_name(model) is None:
-            raise SidetuneError(f"method.pooling={pooling!r} needs a classification layer "
-                                f"({type(model).__name__} has none) and one of model, {', '.join(POOLINGS)}")
-        readout = pooling
+    readout = None if pooling == "model" else pooling
+    if readout is not None and (not task.classifies or classifier_name(model) is None or readout not in POOLINGS):
+        # only a classifier has a readout to choose; an LM head reads every position
+        raise SidetuneError(f"method.pooling={pooling!r} chooses what a classification layer reads; this "
+                            f"{type(model).__name__} on data.task={task.name} has none, so set method.pooling=model")
     freeze(model)
     if train_pooler:
         pooler = getattr(model.base_model, "pooler", None)
