@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import batch_for, ctx, tiny
+from conftest import adam_losses, batch_for, ctx, tiny
 from torch.testing import assert_close
 
 import sidetune
@@ -396,3 +396,125 @@ def test_qlst_on_cuda_bf16():
     assert tracker.by_role()["backbone"] == 0 and torch.isfinite(loss)
     for p in trainable_parameters(model).values():
         assert p.dtype == torch.float32 and p.is_cuda and p.grad is not None and torch.isfinite(p.grad).all()
+
+
+# ----- init: pruned_fisher
+
+
+def _fisher_lst(base, batches, **cfg):
+    from sidetune.methods.base import Context
+
+    c = ctx(base)
+    method = LST(LSTConfig(init="pruned_fisher", fisher_batches=len(batches), **cfg))
+    assert method.calibration_batches() == len(batches)
+    return method.apply(base, Context(c.task, label_names=c.label_names, calibration=batches))
+
+
+def test_fisher_scores_are_squared_per_example_mask_gradients():
+    # Oracle: an explicit mask parameter of ones, shared by the batch, on one example at a time; the Fisher of a
+    # two-example batch must be the sum of its rows' squared mask gradients (mean of squares, not square of mean).
+    from sidetune.methods._lst_prune import fisher_scores
+
+    base = tiny("tiny-llama", "classification").eval()
+    batch = batch_for(base, "classification")
+    batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, base.config.pad_token_id)
+    model = LST(LSTConfig(r=2)).apply(base, ctx(base)).eval()
+    tapped = [model.side.tapped]
+
+    def loss_of(b):
+        hidden = base.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        return model.head(hidden, b["labels"], b["attention_mask"]).loss
+
+    scores = fisher_scores(model.stacks, tapped, loss_of, [batch])
+    layer = base.model.layers[1]
+    expected_ff = expected_hidden = expected_k = 0
+    for row in range(2):
+        one = {k: v[row:row + 1] for k, v in batch.items()}
+        m_ff = torch.ones(layer.mlp.down_proj.in_features, requires_grad=True)
+        m_k = torch.ones(layer.self_attn.k_proj.out_features, requires_grad=True)
+        m_h = torch.ones(base.config.hidden_size, requires_grad=True)
+        hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, mask=m_ff: (a[0] * mask,)),
+                 layer.self_attn.k_proj.register_forward_hook(lambda m, a, o, mask=m_k: o * mask)]
+        hooks += [lay.register_forward_hook(
+            lambda m, a, o, mask=m_h: (o[0] * mask, *o[1:]) if isinstance(o, tuple) else o * mask)
+            for lay in base.model.layers]
+        with torch.enable_grad():
+            loss_of(one).backward()
+        for h in hooks:
+            h.remove()
+        expected_ff = expected_ff + m_ff.grad ** 2
+        expected_k = expected_k + m_k.grad ** 2
+        expected_hidden = expected_hidden + m_h.grad ** 2
+    assert_close(scores.blocks[0][1]["ff"], expected_ff, rtol=1e-4, atol=1e-10)
+    assert_close(scores.blocks[0][1]["k"], expected_k, rtol=1e-4, atol=1e-10)
+    assert_close(scores.hidden, expected_hidden, rtol=1e-4, atol=1e-10)
+    assert expected_ff.min() >= 0 and expected_ff.max() > 0
+
+
+def test_pruned_fisher_follows_the_scores_not_the_weights(monkeypatch):
+    # The dims and MLP units the weights make heaviest are what magnitude pruning keeps; Fisher scores that rate
+    # them zero make pruned_fisher keep others, and the side blocks are then cut at the dims the scores chose.
+    import sidetune.methods.lst as lst_mod
+    from sidetune.methods._lst_prune import Scores
+
+    base = tiny("tiny-llama", "causal_lm")
+    strong, heavy_units = [5, 17, 40], [3, 100]
+    with torch.no_grad():
+        for layer in base.model.layers:
+            layer.self_attn.q_proj.weight[:, strong] *= 50
+            layer.mlp.down_proj.weight[:, heavy_units] *= 50
+    d, ff = base.config.hidden_size, base.config.intermediate_size
+    kv = base.config.num_key_value_heads * (d // base.config.num_attention_heads)
+    fisher_dims, fisher_units = [0, 1, 2, 3, 4, 6, 7, 8], [0, 1, 2, 4, 5, 6, 7, 8]
+    hidden = torch.zeros(d)
+    hidden[fisher_dims] = 1.0
+    units = torch.zeros(ff)
+    units[:64] = torch.rand(64) * 0.1  # the rest of the MLP by an arbitrary order below these
+    units[fisher_units] = 1.0 + torch.arange(8.0)
+    fake = Scores(hidden, [{i: {"ff": units, "k": torch.rand(kv), "v": torch.rand(kv)} for i in range(4)}])
+    seen = {}
+
+    def fake_scores(stacks, tapped, loss_of, batches):
+        seen["batches"] = len(batches)
+        return fake
+
+    monkeypatch.setattr(lst_mod, "fisher_scores", fake_scores)
+    magnitude = LST(LSTConfig(r=8)).apply(copy.deepcopy(base), ctx(base))
+    fisher = _fisher_lst(copy.deepcopy(base), [batch_for(base, "causal_lm")] * 2, r=8)
+    assert seen["batches"] == 2 and fisher.init_used == "pruned_fisher" and magnitude.init_used == "pruned"
+    kept_mag = magnitude.side.ladders[0].weight.argmax(1).tolist()
+    kept = fisher.side.ladders[0].weight.argmax(1).tolist()
+    assert set(strong) <= set(kept_mag) and kept == fisher_dims
+    layer, block = base.model.layers[0], fisher.side.blocks[0]
+    assert_close(block.ln1.weight, layer.input_layernorm.weight[kept])
+    ff_side = block.mlp.up.weight.shape[0]
+    want_units = sorted(torch.topk(units, ff_side).indices.tolist())
+    assert set(fisher_units) <= set(want_units) and not set(heavy_units) & set(want_units)
+    assert_close(block.mlp.up.weight, layer.mlp.up_proj.weight[want_units][:, kept])
+    assert_close(block.mlp.down.weight, layer.mlp.down_proj.weight[kept][:, want_units])
+
+
+@pytest.mark.parametrize("preset,task", [*FAMILIES, ("tiny-bert", "classification")])
+def test_pruned_fisher_builds_on_every_family_and_trains(preset, task):
+    # Real scores: fused qkv (GPT-2), cross-attention (T5), an encoder classifier (BERT). They pick another side
+    # network than the weight magnitudes here, and it trains.
+    base = tiny(preset, task)
+    batches = [batch_for(base, task, batch=4, seed=s) for s in range(2)]
+    model = _fisher_lst(copy.deepcopy(base), batches, r=4)
+    magnitude = LST(LSTConfig(r=4)).apply(copy.deepcopy(base), ctx(base))
+    assert model.init_used == "pruned_fisher"
+    differs = any((a - b).abs().max() > 0 for a, b in zip(model.side.parameters(), magnitude.side.parameters())
+                  if a.shape == b.shape)
+    assert differs
+    _randomize_trainable(model)  # up != 0: the side network's output matters
+    model.train()
+    losses = adam_losses(model, batches[0], steps=15, lr=1e-2)
+    assert losses[-1] < losses[0] - 0.2, losses
+
+
+def test_pruned_fisher_needs_calibration_batches():
+    with pytest.raises(SidetuneError, match="needs calibration batches"):
+        LST(LSTConfig(init="pruned_fisher")).apply(tiny("tiny-llama", "causal_lm"), ctx("causal_lm"))
+    with pytest.raises(SidetuneError, match="fisher_batches must be >= 1"):
+        LSTConfig(init="pruned_fisher", fisher_batches=0)
+    assert LST(LSTConfig()).calibration_batches() == 0

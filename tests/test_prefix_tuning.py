@@ -141,3 +141,21 @@ def test_bad_configs_fail_in_one_line():
         PrefixTuningConfig(dropout=1.0)
     with pytest.raises(SidetuneError, match="prefix_tuning supports decoder-only and encoder-only"):
         PrefixTuning(PrefixTuningConfig()).apply(tiny("tiny-t5", "seq2seq"), ctx("seq2seq"))
+
+
+def test_head_lr_and_pooling_reach_prefix_tuning():
+    # The readout and the head's lr are the shared _prefix.py options (tested in depth in test_ptuning_v2.py);
+    # prefix_tuning passes them on: the recipe's settings give the classifier its own group and read the mean.
+    base = tiny("tiny-bert", "classification").eval()
+    method = PrefixTuning(PrefixTuningConfig(num_virtual_tokens=5, projection_dim=32, pooling="mean", head_lr=1e-2,
+                                             zero_init_attention=True))
+    model = method.apply(copy.deepcopy(base), ctx(base)).eval()
+    groups = method.param_groups(model, 1e-4)
+    assert [g["lr"] for g in groups] == [1e-4, 1e-2]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.model.classifier.parameters()}
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.prefix.parameters()}
+    batch = batch_for(base, "classification")
+    with torch.no_grad():
+        hidden = base.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        m = batch["attention_mask"][..., None].float()
+        assert_close(model(**batch).logits, base.classifier((hidden * m).sum(1) / m.sum(1)), rtol=1e-5, atol=1e-6)

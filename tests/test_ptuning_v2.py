@@ -236,3 +236,76 @@ def test_trains_through_the_cli_with_gradient_checkpointing(tmp_path, sst2_small
     from safetensors.torch import load_file
 
     assert all(k.startswith("prefix.") for k in load_file(out / "final" / "trainable.safetensors"))
+
+
+# ----- the readout (method.pooling) and the head's own lr (method.head_lr), shared with prefix_tuning
+
+
+@pytest.mark.parametrize("pooling", ["mean", "first"])
+def test_pooling_reads_the_hidden_states_not_the_pooler(pooling):
+    # At an exact step 0 the prefix model's hidden states are the frozen model's, so the oracle is the plain BERT:
+    # its last hidden states pooled over the real tokens, straight into the classifier (its pooler bypassed).
+    base = tiny("tiny-bert", "classification").eval()
+    batch = batch_for(base, "classification")
+    model = _apply(base, zero_init_attention=True, pooling=pooling).eval()
+    with torch.no_grad():
+        out = model(**batch)
+        hidden = base.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        m = batch["attention_mask"][..., None].float()
+        pooled = (hidden * m).sum(1) / m.sum(1) if pooling == "mean" else hidden[:, 0]
+        expected = base.classifier(pooled)
+        assert_close(out.logits, expected, rtol=1e-5, atol=1e-6)
+        assert_close(out.loss, torch.nn.functional.cross_entropy(expected, batch["labels"]), rtol=1e-5, atol=1e-6)
+        # not the model's own head, and the padding is masked out of the mean
+        assert (out.logits - base(**batch).logits).abs().max() > 1e-4
+        if pooling == "mean":
+            assert (expected[0] - base.classifier(hidden[0].mean(0))).abs().max() > 1e-5
+
+
+def test_pooling_last_is_a_decoders_own_readout():
+    base = tiny("tiny-llama", "classification").eval()
+    batch = batch_for(base, "classification")
+    # Llama's own head finds the last real token by pad id, ours by the mask: pad as a collator would.
+    batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, base.config.pad_token_id)
+    model = _apply(base, zero_init_attention=True, pooling="last").eval()
+    with torch.no_grad():
+        out, ref = model(**batch), base(**batch)
+    assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-6)
+    assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_pooling_mean_trains_the_prefix_and_the_classifier_only():
+    model = _apply(tiny("tiny-bert", "classification"), pooling="mean").train()
+    model(**batch_for(model, "classification")).loss.backward()
+    for name, p in model.named_parameters():
+        trains = name.startswith(("prefix.", "model.classifier."))
+        assert p.requires_grad == trains and (p.grad is not None and p.grad.abs().sum() > 0) == trains, name
+
+
+def test_head_lr_puts_the_head_in_its_own_group():
+    from sidetune.config import TrainConfig
+    from sidetune.session import make_optimizer
+
+    method = PTuningV2(PTuningV2Config(num_virtual_tokens=5, head_lr=1e-2, train_pooler=True))
+    model = method.apply(tiny("tiny-bert", "classification"), ctx("classification"))
+    opt = make_optimizer(model, method, TrainConfig(lr=1e-4), torch.device("cpu"))
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert lr_of[id(p)] == (1e-4 if name.startswith("prefix.") else 1e-2), name
+    assert {n for n, p in model.named_parameters() if lr_of.get(id(p)) == 1e-2} >= {
+        "model.classifier.weight", "model.bert.pooler.dense.weight"}
+    assert PTuningV2(PTuningV2Config()).param_groups(model, 1e-4) is None  # default: one group at train.lr
+
+
+def test_readout_configs_fail_in_one_line():
+    with pytest.raises(SidetuneError, match="bypasses it"):
+        PTuningV2Config(train_pooler=True, pooling="mean")
+    with pytest.raises(SidetuneError, match="has none, so set"):
+        _apply(tiny("tiny-llama", "causal_lm"), pooling="mean")
+    with pytest.raises(SidetuneError, match="head_lr must be > 0"):
+        PTuningV2Config(head_lr=0.0)
+    with pytest.raises(SidetuneError, match="is not allowed"):
+        from sidetune.config import load_config
+
+        load_config(None, ["method.name=ptuning_v2", "method.pooling=max"])

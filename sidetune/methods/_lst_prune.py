@@ -13,9 +13,20 @@ of the norm in front of it, since that is the effective weight). What is kept:
 
 Ladders start as the selection of K (down_i(h) = h[K]), so the pruned blocks read the same coordinates they were cut
 from. Quantized backbones (4-bit, 8-bit) are dequantized one layer at a time.
+
+`init: pruned_fisher` keeps the same structure but ranks by Fisher importance on calibration batches of the training
+data instead of weight magnitude (the mask-based Fisher of Kwon et al. 2022, arXiv 2204.09656): a mask m = 1 scales
+each unit, and a unit's score is sum over examples of (dL/dm)^2, dL/dm = sum over tokens of (activation x its
+gradient). The masks sit on the outputs of k and v (or a fused qkv: the q/k and v/o dims per key/value group), on
+the input of down (the MLP units) and, one mask shared by every tapped block, on the blocks' outputs (the residual
+dims). The loss is the task's as LST computes it at step 0; for a classifier that is a freshly initialised head,
+so there the scores rank what moves a random readout (an LM head is the model's own).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -135,8 +146,12 @@ def hidden_importance(w: dict[str, torch.Tensor], pre_norm: bool) -> torch.Tenso
     return imp
 
 
-def keep_hidden(stacks: list[Stack], tapped: list[list[int]], d_side: int) -> torch.Tensor:
-    """The d/r residual dims the side network keeps (one set for all its stacks), sorted."""
+def keep_hidden(stacks: list[Stack], tapped: list[list[int]], d_side: int,
+                scores: Scores | None = None) -> torch.Tensor:
+    """The d/r residual dims the side network keeps (one set for all its stacks), sorted. `scores`: Fisher
+    importance (`fisher_scores`) instead of weight magnitude."""
+    if scores is not None:
+        return _top(scores.hidden, d_side)
     imp = 0
     for stack, layers in zip(stacks, tapped):
         for i in layers:
@@ -148,7 +163,8 @@ def _top(imp: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(imp, k, dim=-1).indices.sort(dim=-1).values
 
 
-def _prune_attention(w, p: str, keep, src: BlockShape, side: BlockShape, rope: bool) -> dict[str, torch.Tensor]:
+def _prune_attention(w, p: str, keep, src: BlockShape, side: BlockShape, rope: bool,
+                     fisher: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     h, kv, hd, hd_s = src.heads, src.kv_heads, src.head_dim, side.head_dim
     group = torch.arange(h, device=keep.device) // (h // kv)
     q = w[f"{p}q"].reshape(h, hd, -1)[:, :, keep]
@@ -156,6 +172,8 @@ def _prune_attention(w, p: str, keep, src: BlockShape, side: BlockShape, rope: b
     v = w[f"{p}v"].reshape(kv, hd, -1)[:, :, keep]
     o = w[f"{p}o"][keep].view(len(keep), h, hd)
     qk_imp = torch.zeros(kv, hd, device=keep.device).index_add_(0, group, q.abs().sum(-1)) + k.abs().sum(-1)
+    if fisher is not None:  # scaling key dim i of a group scales its q.k term in every head of the group
+        qk_imp = fisher[f"{p}k"].view(kv, hd).to(keep.device)
     if rope:  # rotating dims: fixed frequency pairs; the rest of a partial-rotary head: by importance
         rd, rd_s = src.rope_dims, side.rope_dims
         idx = rope_indices(rd // 2, rd_s // 2).to(keep.device)
@@ -165,6 +183,8 @@ def _prune_attention(w, p: str, keep, src: BlockShape, side: BlockShape, rope: b
     else:
         qk_dims = _top(qk_imp, hd_s)
     v_imp = v.abs().sum(-1) + torch.zeros(kv, hd, device=keep.device).index_add_(0, group, o.abs().sum(0))
+    if fisher is not None:
+        v_imp = fisher[f"{p}v"].view(kv, hd).to(keep.device)
     v_dims = _top(v_imp, hd_s)
     heads, kvs = torch.arange(h, device=keep.device)[:, None], torch.arange(kv, device=keep.device)[:, None]
     out = {"q.weight": q[heads, qk_dims[group]].reshape(h * hd_s, -1),
@@ -182,9 +202,13 @@ def _prune_attention(w, p: str, keep, src: BlockShape, side: BlockShape, rope: b
     return out
 
 
-def prune_block(w: dict[str, torch.Tensor], keep: torch.Tensor, src: BlockShape, side: BlockShape) -> dict:
-    """The state dict of one side block cut from backbone block weights `w`."""
+def prune_block(w: dict[str, torch.Tensor], keep: torch.Tensor, src: BlockShape, side: BlockShape,
+                fisher: dict[str, torch.Tensor] | None = None) -> dict:
+    """The state dict of one side block cut from backbone block weights `w`; `fisher`: this block's Fisher scores
+    (keys k, v, ff, and xk, xv for cross-attention) rank its units instead of weight magnitude."""
     w = split_qkv(w, src)
+    if fisher is not None:
+        fisher = split_qkv(fisher, src)
     out: dict[str, torch.Tensor] = {}
     if src.parallel and "ln2" not in w:  # one norm feeds attention and MLP: the side block has two, both from it
         w = w | {k.replace("ln1", "ln2"): v for k, v in w.items() if k.startswith("ln1")}
@@ -197,6 +221,8 @@ def prune_block(w: dict[str, torch.Tensor], keep: torch.Tensor, src: BlockShape,
     gate = w["gate"][:, keep] if "gate" in w else None
     down = w["down"][keep]
     ff_imp = up.abs().sum(1) + down.abs().sum(0) + (gate.abs().sum(1) if gate is not None else 0)
+    if fisher is not None:
+        ff_imp = fisher["ff"].to(ff_imp.device)
     units = _top(ff_imp, side.ff)
     out["mlp.up.weight"], out["mlp.down.weight"] = up[units], down[:, units]
     if gate is not None:
@@ -204,20 +230,22 @@ def prune_block(w: dict[str, torch.Tensor], keep: torch.Tensor, src: BlockShape,
     for name, idx in (("up", units), ("gate", units), ("down", keep)):
         if f"{name}.bias" in w:
             out[f"mlp.{name}.bias"] = w[f"{name}.bias"][idx]
-    for key, value in _prune_attention(w, "", keep, src, side, src.rope).items():
+    for key, value in _prune_attention(w, "", keep, src, side, src.rope, fisher).items():
         out[f"attn.{key}"] = value
     if "xq" in w:
-        for key, value in _prune_attention(w, "x", keep, src, side, False).items():
+        for key, value in _prune_attention(w, "x", keep, src, side, False, fisher).items():
             out[f"xattn.{key}"] = value
     return out
 
 
 @torch.no_grad()
-def init_pruned(side: SideStack, stack: Stack, side_shape: BlockShape, keep: torch.Tensor) -> None:
-    """Copy pruned backbone weights into a side stack; ladders start as the selection of the kept dims."""
+def init_pruned(side: SideStack, stack: Stack, side_shape: BlockShape, keep: torch.Tensor,
+                fisher: dict[int, dict[str, torch.Tensor]] | None = None) -> None:
+    """Copy pruned backbone weights into a side stack; ladders start as the selection of the kept dims. `fisher`:
+    per tapped block index, its Fisher scores (`Scores.blocks[stack]`)."""
     for block, i in zip(side.blocks, side.tapped):
         w = block_weights(stack.layers[i], stack.shape.family)
-        block.load_state_dict(prune_block(w, keep, stack.shape, side_shape))
+        block.load_state_dict(prune_block(w, keep, stack.shape, side_shape, fisher[i] if fisher else None))
     for ladder in side.ladders:
         ladder.weight.zero_()
         ladder.weight[torch.arange(len(keep), device=keep.device), keep] = 1.0
@@ -229,3 +257,82 @@ def init_pruned(side: SideStack, stack: Stack, side_shape: BlockShape, keep: tor
             side.norm.bias.copy_(bias[keep])
     if side.rel_bias is not None:
         side.rel_bias.weight.copy_(stack.layers[0].layer[0].SelfAttention.relative_attention_bias.weight.float())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fisher importance (init: pruned_fisher)
+
+MASKED_OUTPUTS = ("k", "v", "qkv", "xk", "xv")  # projections whose output dims are the attention dims pruning picks
+
+
+@dataclass
+class Scores:
+    """Fisher importance: `hidden` (d,) for the residual dims; `blocks[stack][layer]` maps k, v (or qkv), xk, xv
+    (their output dims) and ff (the MLP units) to a score per unit."""
+
+    hidden: torch.Tensor
+    blocks: list[dict[int, dict[str, torch.Tensor]]]
+
+
+class _Masks:
+    """One batch's masks of ones, (B, 1, units) each, made on first use by the forward hooks that apply them."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.b, self.masks = batch_size, {}
+
+    def get(self, key: tuple, like: torch.Tensor) -> torch.Tensor:
+        if key not in self.masks:
+            self.masks[key] = torch.ones(self.b, 1, like.shape[-1], device=like.device, dtype=like.dtype,
+                                         requires_grad=True)
+        return self.masks[key]
+
+    def on_output(self, key: tuple):
+        def hook(module, args, out):
+            if isinstance(out, tuple):  # a block: (hidden, ...); its residual stream is the first entry
+                return (out[0] * self.get(key, out[0]), *out[1:])
+            return out * self.get(key, out)
+        return hook
+
+    def on_input(self, key: tuple):
+        return lambda module, args: (args[0] * self.get(key, args[0]), *args[1:])
+
+
+def fisher_scores(stacks: list[Stack], tapped: list[list[int]], loss_of: Callable[[dict], torch.Tensor],
+                  batches: Iterable[dict[str, torch.Tensor]]) -> Scores:
+    """Sum over the calibration examples of (dL/dm)^2 for a mask m = 1 on every unit pruning chooses among.
+
+    Each mask has shape (B, 1, units): one copy per example, so m.grad holds per-example derivatives (the Fisher is
+    a mean of squares, not the square of the batch mean). `loss_of(batch)` is the batch's mean loss; the backbone's
+    weights stay frozen, only the masks take gradients."""
+    hidden = None
+    blocks: list[dict[int, dict[str, torch.Tensor]]] = [{i: {} for i in layers} for layers in tapped]
+    for batch in batches:
+        b = batch["input_ids"].shape[0]
+        masks = _Masks(b)
+        handles = []
+        for k, (stack, layers) in enumerate(zip(stacks, tapped)):
+            for i in layers:
+                mods = _modules(stack.layers[i], stack.shape.family)
+                handles += [mods[r].register_forward_hook(masks.on_output((k, i, r)))
+                            for r in MASKED_OUTPUTS if r in mods]
+                handles.append(mods["down"].register_forward_pre_hook(masks.on_input((k, i, "ff"))))
+                # one residual mask for every tapped block: the side network keeps one set of dims throughout
+                handles.append(stack.layers[i].register_forward_hook(masks.on_output(("hidden",))))
+        try:
+            with torch.enable_grad():
+                (loss_of(batch).float() * b).backward()  # per-example derivatives of the summed loss
+        finally:
+            for h in handles:
+                h.remove()
+        for key, m in masks.masks.items():
+            if m.grad is None:
+                continue  # a unit this loss does not reach scores 0 (absent)
+            sq = m.grad.detach().float()[:, 0].pow(2).sum(0)
+            if key == ("hidden",):
+                hidden = sq if hidden is None else hidden + sq
+            else:
+                k, i, role = key
+                blocks[k][i][role] = blocks[k][i][role] + sq if role in blocks[k][i] else sq
+    if hidden is None:
+        raise RuntimeError("the calibration loss reached no tapped block")
+    return Scores(hidden, blocks)  # a fused qkv's scores are cut like its weight rows, in prune_block (split_qkv)

@@ -46,6 +46,8 @@ from sidetune.errors import SidetuneError
 from sidetune.fields import check_dropout, check_positive
 from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
 from sidetune.methods._inject import freeze
+from sidetune.methods._readout import POOLINGS, classifier_name, classify, pool
+from sidetune.tasks import Task
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The prefix and the cache that carries it
@@ -197,9 +199,10 @@ class PrefixModel(nn.Module):
     """The frozen model plus its prefix. forward(**batch) builds the prefix cache, extends the mask, sets positions."""
 
     def __init__(self, model: nn.Module, prefix: PrefixEncoder, num_virtual_tokens: int, shift_positions: bool,
-                 method: str) -> None:
+                 method: str, pooling: str | None = None) -> None:
         super().__init__()
         self.model = model
+        self.pooling = pooling  # None: the model's own classification head; else see sidetune/methods/_readout.py
         self.prefix = prefix
         self.num_virtual_tokens = num_virtual_tokens
         self.shift_positions = shift_positions
@@ -221,7 +224,13 @@ class PrefixModel(nn.Module):
                     position_ids=position_ids, cache=prefix_cache(self.prefix()), use_cache=False, **kwargs)
 
     def forward(self, **batch):
-        return self.model(**self._inputs(**batch))
+        if self.pooling is None:  # the model's own head (BERT: its pooler over [CLS]; Llama: the last real token)
+            return self.model(**self._inputs(**batch))
+        labels = batch.pop("labels", None)
+        # The hidden states hold the real tokens only (the prefix lives in the cache), so the batch's own mask
+        # pools them.
+        hidden = self.model.base_model(**self._inputs(**batch)).last_hidden_state
+        return classify(self.model, pool(hidden, batch.get("attention_mask"), self.pooling), labels)
 
     def lm_hidden_states(self, **inputs) -> torch.Tensor:
         """Final hidden states for the chunked LM loss (sidetune.losses)."""
@@ -285,11 +294,34 @@ class PrefixModel(nn.Module):
 # Building
 
 
+POOLING_HELP = (
+    "Classification readout. model: the model's own head (BERT's pooler, tanh(W h_[CLS] + b), frozen with the "
+    "backbone; a decoder's last real token). mean / first / last: the classification layer reads the masked mean of "
+    "the final hidden states, the first token or the last real token (sidetune/methods/_readout.py).")
+HEAD_LR_HELP = "Learning rate of the task head (and of the pooler with train_pooler); null: train.lr."
+
+
 def check_prefix_config(cfg) -> None:
     """The checks both prefix configs share (run from their __post_init__)."""
     check_positive("method.num_virtual_tokens", cfg.num_virtual_tokens)
     check_positive("method.projection_dim", cfg.projection_dim)
     check_dropout("method.dropout", cfg.dropout)
+    if cfg.head_lr is not None and not cfg.head_lr > 0:
+        raise SidetuneError(f"method.head_lr must be > 0 (or null for train.lr), got {cfg.head_lr}")
+    if cfg.train_pooler and cfg.pooling != "model":
+        raise SidetuneError(f"method.train_pooler trains the pooler that pooling=model reads, but "
+                            f"method.pooling={cfg.pooling!r} bypasses it; drop one of the two")
+
+
+def prefix_param_groups(model: PrefixModel, lr: float, head_lr: float | None) -> list[dict] | None:
+    """The prefix at `lr`, everything else trainable (the task head, a trained pooler) at `head_lr`. A head trained
+    from scratch on a frozen readout wants a larger step than a prefix whose every change moves every layer."""
+    if head_lr is None:
+        return None
+    prefix = [p for p in model.prefix.parameters() if p.requires_grad]
+    ids = {id(p) for p in prefix}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    return [{"params": prefix, "lr": lr}] + ([{"params": rest, "lr": head_lr}] if rest else [])
 
 
 def kv_shape(config) -> tuple[int, int, int]:
@@ -302,8 +334,11 @@ def kv_shape(config) -> tuple[int, int, int]:
 
 def attach_prefix(model: nn.Module, method: str, *, num_virtual_tokens: int, projection_dim: int | None,
                   dropout: float, zero_init_attention: bool, shift_positions: bool,
-                  train_pooler: bool = False) -> PrefixModel:
+                  task: Task, train_pooler: bool = False, pooling: str = "model") -> PrefixModel:
     """Freeze `model` (its new task head stays trainable), add a prefix, return the module to train.
+
+    `pooling`: "model" (the model's own head) or what the classification layer reads instead (`_readout.POOLINGS`);
+    only a classifier of `task` has a readout to choose.
 
     `train_pooler`: also train the encoder's pooler (BERT's tanh dense over [CLS], which its classification head
     reads). A checkpoint's pooler was trained for another objective or not at all (sentence-transformers models pool
@@ -311,6 +346,11 @@ def attach_prefix(model: nn.Module, method: str, *, num_virtual_tokens: int, pro
     if getattr(model.config, "is_encoder_decoder", False):
         raise SidetuneError(f"{method} supports decoder-only and encoder-only models, not encoder-decoder "
                             f"{model.config.model_type}; use method.name=lora or adapter")
+    readout = None if pooling == "model" else pooling
+    if readout is not None and (not task.classifies or classifier_name(model) is None or readout not in POOLINGS):
+        # only a classifier has a readout to choose; an LM head reads every position
+        raise SidetuneError(f"method.pooling={pooling!r} chooses what a classification layer reads; this "
+                            f"{type(model).__name__} on data.task={task.name} has none, so set method.pooling=model")
     freeze(model)
     if train_pooler:
         pooler = getattr(model.base_model, "pooler", None)
@@ -323,4 +363,4 @@ def attach_prefix(model: nn.Module, method: str, *, num_virtual_tokens: int, pro
                            zero_init_attention, device)
     if zero_init_attention:
         use_separate_prefix_attention(model, method)
-    return PrefixModel(model, prefix, num_virtual_tokens, shift_positions, method)
+    return PrefixModel(model, prefix, num_virtual_tokens, shift_positions, method, readout)

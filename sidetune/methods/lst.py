@@ -31,16 +31,17 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput, SequenceClassifierOutput
+from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput
 
 from sidetune.errors import SidetuneError
-from sidetune.fields import opt
+from sidetune.fields import check_positive, opt
 from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
 from sidetune.methods._inject import freeze, head_module_names
 from sidetune.methods._lst_blocks import SideCache, SideStack, Stack, Unmapped, capture, stacks_of, tapped_layers
-from sidetune.methods._lst_prune import init_pruned, keep_hidden
+from sidetune.methods._lst_prune import fisher_scores, init_pruned, keep_hidden
+from sidetune.methods._readout import classifier_name, classify, pool
 from sidetune.methods.base import Context, Method
-from sidetune.tasks import HEAD_NAMES, Task
+from sidetune.tasks import Task
 
 
 @dataclass
@@ -57,11 +58,13 @@ class LSTConfig:
         "back from the last, which is always tapped) or a list of block indices (negative = from the end). T5: "
         "for both stacks.",
     )
-    init: Literal["pruned", "random"] = opt(
+    init: Literal["pruned", "pruned_fisher", "random"] = opt(
         "pruned",
         "pruned: side blocks, norms and ladders cut from the backbone by L1 structural pruning (the paper's "
-        "choice); random: PyTorch's default init.",
+        "choice); pruned_fisher: the same cut, units ranked by Fisher importance on calibration batches of the "
+        "training data (Kwon et al. 2022); random: PyTorch's default init.",
     )
+    fisher_batches: int = opt(8, "pruned_fisher: training batches the Fisher importance is summed over.")
     gate_temperature: float = opt(0.1, "Gate temperature T in g = sigmoid(alpha / T).")
     gate_init: float = opt(0.0, "Initial alpha of every gate (0 -> g = 0.5: half side state, half ladder input).")
     dropout: float = opt(0.0, "Dropout inside the side network (attention probabilities and residual branches).")
@@ -97,6 +100,7 @@ class LSTConfig:
             raise SidetuneError(f"method.gate_temperature must be > 0, got {self.gate_temperature}")
         if not 0 <= self.dropout < 1:
             raise SidetuneError(f"method.dropout must be in [0, 1), got {self.dropout}")
+        check_positive("method.fisher_batches", self.fisher_batches)
         tapped_layers(self.side_layers, None)  # syntax check now; the range is checked against the model
 
 
@@ -112,7 +116,6 @@ class TaskHead(nn.Module):
         super().__init__()
         self.__dict__["backbone"] = backbone
         self.task, self.pooling = task, pooling
-        self.classifier = next((n for n in HEAD_NAMES if hasattr(backbone, n)), None)
         c = backbone.config
         # T5 with tied embeddings rescales the decoder output before the LM head.
         self.scale = c.d_model**-0.5 if task.seq2seq and getattr(c, "scale_decoder_outputs", False) else None
@@ -137,45 +140,14 @@ class TaskHead(nn.Module):
         return (Seq2SeqLMOutput if self.task.seq2seq else CausalLMOutput)(loss=loss, logits=logits)
 
     def _classify(self, hidden, labels, attention_mask):
-        how = self.pooling
-        if how == "first":
-            pooled = hidden[:, 0]
-        elif how == "mean":
-            m = attention_mask[..., None].to(hidden.dtype) if attention_mask is not None else None
-            pooled = hidden.mean(1) if m is None else (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-        else:  # the rightmost real token (works with left and right padding)
-            if attention_mask is None:
-                pooled = hidden[:, -1]
-            else:
-                pos = torch.arange(hidden.shape[1], device=hidden.device)
-                last = (pos * attention_mask.to(pos.dtype)).argmax(-1)
-                pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        head = getattr(self.backbone, self.classifier)
-        pooled = pooled.to(next(head.parameters()).dtype)
-        if isinstance(head, nn.Linear):
-            logits = head(pooled)
-        else:  # RoBERTa's, ELECTRA's heads read token 0 of a sequence: give them the pooled vector as one
-            logits = head(pooled[:, None])
-            logits = logits[:, 0] if logits.dim() == 3 else logits
-        loss = None
-        if labels is not None:
-            n = logits.shape[-1]
-            kind = self.backbone.config.problem_type or (
-                "regression" if n == 1 else
-                "single_label_classification" if not labels.is_floating_point() else "multi_label_classification")
-            if kind == "regression":
-                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
-            elif kind == "single_label_classification":
-                loss = F.cross_entropy(logits.float(), labels)
-            else:
-                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return classify(self.backbone, pool(hidden, attention_mask, self.pooling), labels)
 
 
 class LSTModel(nn.Module):
     """The module LST trains: the frozen backbone (run without grad), the side network(s), `up` and the task head."""
 
-    def __init__(self, backbone: nn.Module, cfg: LSTConfig, task: Task) -> None:
+    def __init__(self, backbone: nn.Module, cfg: LSTConfig, task: Task,
+                 calibration: list[dict[str, torch.Tensor]] = ()) -> None:
         super().__init__()
         self.backbone, self.cfg, self.task = backbone, cfg, task
         self.stacks: list[Stack] = stacks_of(backbone)
@@ -196,8 +168,8 @@ class LSTModel(nn.Module):
         pooling = cfg.pooling if cfg.pooling != "auto" else ("last" if self.stacks[-1].shape.causal else "first")
         self.head = TaskHead(backbone, task, pooling)
         keep, self.init_used = None, "random"
-        if cfg.init == "pruned" and device.type != "meta":  # on meta (memory accounting) only shapes matter
-            keep = self._init_pruned(sides, tapped, shapes)
+        if cfg.init != "random" and device.type != "meta":  # on meta (memory accounting) only shapes matter
+            keep = self._init_pruned(sides, tapped, shapes, calibration if cfg.init == "pruned_fisher" else None)
         with torch.no_grad():
             if not task.classifies or cfg.classifier_input == "sum":
                 self.up.weight.zero_()  # the side output starts at exactly 0: step 0 is the frozen model
@@ -213,15 +185,18 @@ class LSTModel(nn.Module):
                 for block in side.blocks:
                     block.compile()
 
-    def _init_pruned(self, sides: list[SideStack], tapped: list[list[int]], shapes) -> torch.Tensor | None:
-        """Pruned init; a block layout it cannot map starts the side network from random init, with one line."""
+    def _init_pruned(self, sides: list[SideStack], tapped: list[list[int]], shapes,
+                     calibration: list[dict] | None = None) -> torch.Tensor | None:
+        """Pruned init, ranked by weight magnitude or, given calibration batches, by Fisher importance; a block
+        layout it cannot map starts the side network from random init, with one line."""
         unmapped = next((s.unmapped for s in self.stacks if s.unmapped), None)
         if unmapped is None:
             try:
-                keep = keep_hidden(self.stacks, tapped, shapes[-1].d).to(self.up.weight.device)
-                for side, stack, shape in zip(sides, self.stacks, shapes):
-                    init_pruned(side, stack, shape, keep)
-                self.init_used = "pruned"
+                scores = self._fisher(tapped, calibration) if calibration is not None else None
+                keep = keep_hidden(self.stacks, tapped, shapes[-1].d, scores).to(self.up.weight.device)
+                for k, (side, stack, shape) in enumerate(zip(sides, self.stacks, shapes)):
+                    init_pruned(side, stack, shape, keep, scores.blocks[k] if scores is not None else None)
+                self.init_used = "pruned" if scores is None else "pruned_fisher"
                 return keep
             except (Unmapped, KeyError, RuntimeError) as e:  # a layout the reader misjudged: state dict mismatch
                 unmapped = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -232,6 +207,23 @@ class LSTModel(nn.Module):
         print(f"sidetune: LST cannot prune {self.backbone.config.model_type} blocks ({unmapped}); "
               f"the side network starts from random init (method.init=random)")
         return None
+
+    def _fisher(self, tapped: list[list[int]], calibration: list[dict]):
+        """Fisher scores of the backbone's units (`_lst_prune.fisher_scores`) for the task's loss on the frozen
+        model's final hidden state, read as LST's head reads it at step 0 (T5: the model's own seq2seq loss). The
+        backbone runs in eval mode, as it does under LST: dropout would only add noise to the scores."""
+        def loss_of(batch):
+            if self.side_encoder is not None:
+                return self.backbone(**batch).loss
+            hidden = self.backbone.base_model(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state
+            return self.head(hidden, batch.get("labels"), batch.get("attention_mask")).loss
+
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            return fisher_scores(self.stacks, tapped, loss_of, calibration)
+        finally:
+            self.backbone.train(was_training)
 
     @property
     def config(self):
@@ -386,8 +378,13 @@ class LST(Method):
             raise SidetuneError("LST on an encoder-decoder model supports data.task=seq2seq only")
         freeze(model)
         # Only the classifier LST feeds trains; any other new module (e.g. an untrained BERT pooler) stays frozen.
-        used = next((n for n in HEAD_NAMES if hasattr(model, n)), None) if task.classifies else None
+        used = classifier_name(model) if task.classifies else None
         for name in head_module_names(model):
             if name != used:
                 model.get_submodule(name).requires_grad_(False)
-        return LSTModel(model, self.cfg, task).train(model.training)
+        calibration = (list(ctx.batches(self.name, self.cfg.fisher_batches)) if self.calibration_batches()
+                       else [])
+        return LSTModel(model, self.cfg, task, calibration).train(model.training)
+
+    def calibration_batches(self) -> int:
+        return self.cfg.fisher_batches if self.cfg.init == "pruned_fisher" else 0

@@ -15,6 +15,13 @@ prefix (`materialize` drops E and the MLP). That reparameterization is what sets
 the read-only prefix KV cache, masks, positions, zero-init attention, gradient checkpointing, generation).
 
 Defaults follow the paper's table-to-text setting: P = 10, h = 512. Only the prefix (and a new task head) trains.
+
+Learning rate. The MLP makes the prefix move fast: one Adam step changes each W_2 entry by about lr, so each prefix
+entry by about lr x h x |tanh| (h = 512 terms). Li & Liang train at 5e-5 - 8e-5. On MiniLM / SST-2 lr 1e-3 doubled
+the prefix keys' scale within 20 steps, and the run ended at chance with logits that barely depended on the input;
+at 1e-4 it trains (bench/RESULTS.md, 2026-12-02). A classifier trained from scratch wants a larger step than that:
+`head_lr` gives it its own (recipes/sst2_prefix_tuning.yaml: 1e-2). `pooling` chooses what it reads
+(sidetune/methods/_readout.py); the model's own head reads BERT's frozen pooler.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import ClassVar, Literal
 from torch import nn
 
 from sidetune.fields import opt
-from sidetune.methods._prefix import attach_prefix, check_prefix_config
+from sidetune.methods._prefix import HEAD_LR_HELP, POOLING_HELP, attach_prefix, check_prefix_config, prefix_param_groups
 from sidetune.methods.base import Context, Method
 
 
@@ -46,6 +53,8 @@ class PrefixTuningConfig:
         False, "Give the real tokens positions P..P+T-1 instead of 0..T-1 (what PEFT does; needed to match it).")
     train_pooler: bool = opt(
         False, "Also train the encoder's pooler (BERT's tanh dense over [CLS] that its classification head reads).")
+    pooling: Literal["model", "mean", "first", "last"] = opt("model", POOLING_HELP)
+    head_lr: float | None = opt(None, HEAD_LR_HELP)
 
     def __post_init__(self) -> None:
         check_prefix_config(self)
@@ -70,4 +79,7 @@ class PrefixTuning(Method):
         return attach_prefix(model, self.name, num_virtual_tokens=c.num_virtual_tokens,
                              projection_dim=c.projection_dim, dropout=c.dropout,
                              zero_init_attention=c.zero_init_attention, shift_positions=c.shift_positions,
-                             train_pooler=c.train_pooler)
+                             train_pooler=c.train_pooler, pooling=c.pooling, task=ctx.task)
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict] | None:
+        return prefix_param_groups(model, lr, self.cfg.head_lr)
