@@ -85,10 +85,12 @@ COMMANDS = {"train": _train, "eval": _eval}
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # A worker of an `accelerate launch` run leaves without interpreter finalization: torch can deadlock there
-        # (its autograd and gloo worker threads against the GIL's teardown, pytorch/pytorch#190489, open), and CI saw
-        # a 2-process CPU run write final/, print "done" and never exit, even after destroy_process_group. Every file
-        # sidetune writes is closed and fsynced before this point; only the standard streams need flushing.
+        # A worker of an `accelerate launch` run leaves without destroying its process group or finalizing the
+        # interpreter: gloo's destructor can deadlock against the GIL (py-spy on a hung CI worker: the main thread
+        # joins gloo's worker thread while holding the GIL, the worker waits for the GIL to free a finished barrier's
+        # tensors; pytorch/pytorch#75097 and #190489, open). Every file sidetune writes is closed and fsynced before
+        # this point, and train() ends with a barrier, so no process leaves while another still needs it; only the
+        # standard streams need flushing.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -234,7 +234,13 @@ def train(cfg: Config) -> dict[str, float]:
                 except Exception as e:  # the weights are saved; a failed picture must not fail (or hang) the run
                     print(f"sidetune: could not write {out / CURVES} ({one_line(e, 100)}); the run is complete")
         accelerator.wait_for_everyone()
-        accelerator.end_training()
+        # accelerate's end_training() would also destroy the process group. That leaves DDP's Reducer its last
+        # owner, and freeing the Reducer when this frame ends then deadlocks in gloo's destructor (py-spy: the main
+        # thread joins gloo's worker thread holding the GIL; the worker waits for the GIL to free a barrier's
+        # tensors), so CI saw 2-process runs print "done" and hang. The trackers are finished; the group lives
+        # until `sidetune train`'s workers leave with os._exit (cli.main).
+        for tracker in accelerator.trackers:
+            tracker.finish()
         accelerator.print(f"sidetune: done; final weights in {out / 'final'}{curves}")
         if eval_metrics:
             accelerator.print(json.dumps({"step": step, **eval_metrics}))
@@ -242,11 +248,8 @@ def train(cfg: Config) -> dict[str, float]:
     finally:
         if lock is not None:
             lock.close()  # releases the flock
-        if accelerator.num_processes > 1:
-            # Left to interpreter exit, torch can deadlock there: ProcessGroupGloo's destructor joins its worker thread
-            # holding the GIL while that thread waits for the GIL to free a finished collective's tensors (a 2-process
-            # CPU run wrote final/ and never exited). Shutting the group down while Python is alive avoids it.
-            accelerator.state.destroy_process_group()
+        # Nor is the process group destroyed here (see the trackers above): `sidetune train`'s workers leave with
+        # os._exit (cli.main), which never runs gloo's destructor.
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,7 @@
 """Multi-process runs under `accelerate launch`: two CPU processes (gloo) against one process with the same global
 batch. Over more than two epochs (a per-rank epoch boundary used to hang the loop) the loss curves agree; a
 two-process run stopped in the middle (SIGTERM to one rank: both save, both stop) and resumed with
-train.resume=latest ends with the one-process run's losses and weights (float tolerance) and, for LoRA, with an
-uninterrupted two-process run's to the bit."""
+train.resume=latest ends with the one-process run's losses and weights (float tolerance)."""
 
 from __future__ import annotations
 
@@ -56,14 +55,6 @@ def _env(**extra: str) -> dict[str, str]:
             "HF_DATASETS_OFFLINE": "1", **extra}
 
 
-def _train(tmp_path: Path, name: str, processes: int, batch: int, *extra: str):
-    out = tmp_path / name
-    proc = subprocess.run(_command(tmp_path, out, processes, batch, *extra), env=_env(), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
-
-
 def _curve(run: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run) if "loss" in r]
 
@@ -93,13 +84,14 @@ def _train_here(tmp_path: Path, name: str, *extra: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("method, exact", [("lora", True), ("lst", False)])
-def test_two_processes_match_one_process_and_resume(tmp_path, method, exact):
+@pytest.mark.parametrize("method", ["lora", "lst"])
+def test_two_processes_match_one_process_and_resume(tmp_path, method):
     """A two-process run, stopped in the middle and resumed, against a one-process run of the same global batch.
     SIGTERM goes to rank 1 alone once the step-4 checkpoint is complete (saves are slowed so that the signal lands
     before the end): both ranks stop at the same step, each writes its RNG state, rank 0 the rest. The resumed run
-    logs each step once, and its curve and weights agree with the one-process run within float tolerance (the
-    reductions differ). For LoRA also an uninterrupted two-process run: the resumed one equals it to the bit."""
+    logs each step once, and its curve and weights agree with the uninterrupted one-process run within float
+    tolerance (the reductions differ; a lost optimizer state, a shifted schedule or a repeated batch moves the loss
+    far more than 1e-4). Bit-exact resume is tests/test_reliability.py's, on one process."""
     extra = [f"method.name={method}"]
     one = _train_here(tmp_path, f"one-{method}", *extra)
     single = _curve(one)
@@ -108,7 +100,7 @@ def test_two_processes_match_one_process_and_resume(tmp_path, method, exact):
 
     out = tmp_path / f"stopped-{method}"
     cmd = _command(tmp_path, out, 2, 4, *extra, "train.save_every=2")
-    first = subprocess.Popen(cmd, env=_env(SIDETUNE_TEST_SAVE_DELAY="0.3"), stdout=subprocess.PIPE,
+    first = subprocess.Popen(cmd, env=_env(SIDETUNE_TEST_SAVE_DELAY="0.1"), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     deadline, signalled = time.monotonic() + 300, False
     while first.poll() is None and time.monotonic() < deadline:
@@ -147,12 +139,6 @@ def test_two_processes_match_one_process_and_resume(tmp_path, method, exact):
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], rtol=1e-3, atol=1e-4, msg=key)
 
-    if exact:
-        two, _ = _train(tmp_path, f"two-{method}", 2, 4, *extra)
-        assert resumed == _curve(two)
-        uninterrupted = load_file(two / "final" / "trainable.safetensors")
-        for key in uninterrupted:
-            assert torch.equal(got[key], uninterrupted[key]), key
 
 
 # ---------------------------------------------------------------------------------------------------------------------
