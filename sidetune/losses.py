@@ -27,14 +27,17 @@ class LMHiddenStates(Protocol):
     def lm_hidden_states(self, **inputs) -> torch.Tensor: ...
 
 
-def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, softcap: float | None) -> torch.Tensor:
     logits = head(hidden).float()  # fp32 log-softmax: bf16 loses the small probabilities
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
-def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
-                           chunk_size: int) -> torch.Tensor:
-    """Mean next-token cross-entropy of `head(hidden)` against `labels` (-100 = ignore), `chunk_size` rows at a time."""
+def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int,
+                           softcap: float | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of `head(hidden)` against `labels` (-100 = ignore), `chunk_size` rows at a time.
+    `softcap`: the model's final-logit soft-capping (Gemma 2: cap * tanh(logits / cap)), applied as its forward does."""
     targets = labels[:, 1:].reshape(-1)
     keep = targets != -100
     rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
@@ -42,7 +45,8 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_size):
         end = start + chunk_size
-        total = total + checkpoint(_chunk_loss, head, rows[start:end], targets[start:end], use_reentrant=False)
+        total = total + checkpoint(_chunk_loss, head, rows[start:end], targets[start:end], softcap,
+                                   use_reentrant=False)
     if targets.numel() == 0:
         return hidden.sum() * 0.0  # a batch with no labelled token: loss 0 (not NaN) that backward still accepts
     return total / targets.numel()
@@ -67,9 +71,12 @@ class ChunkedLMLoss(nn.Module):
         else:
             hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state
         head = self.model.get_output_embeddings()
+        # Gemma 2 caps its logits in its CausalLM forward, after the head: the chunks must too.
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
         if labels is None:
-            return LMOutput(loss=None, logits=head(hidden))
-        return LMOutput(loss=chunked_causal_lm_loss(hidden, head, labels, self.chunk_size), logits=None)
+            logits = head(hidden)
+            return LMOutput(loss=None, logits=torch.tanh(logits / softcap) * softcap if softcap else logits)
+        return LMOutput(loss=chunked_causal_lm_loss(hidden, head, labels, self.chunk_size, softcap), logits=None)
 
 
 class LMOutput(dict):

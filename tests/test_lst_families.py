@@ -189,3 +189,25 @@ def test_qlst_on_a_4bit_family(family, capsys):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+def test_the_chunked_loss_applies_gemma2s_final_logit_softcapping():
+    """Gemma 2 caps its logits (cap * tanh(logits / cap)) in its CausalLM forward, after the head: the chunked loss
+    applies the same cap, so its loss and logits equal the model's own. A cap small enough to matter: 2.0."""
+    from sidetune.losses import ChunkedLMLoss
+
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(
+        T.Gemma2Config(**GQA, head_dim=16, query_pre_attn_scalar=16, sliding_window=64,
+                       final_logit_softcapping=2.0)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100)  # logits well past the cap (random init gives |logits| << 2)
+    ids = torch.randint(3, V, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        ref = model(**batch)
+        chunked = ChunkedLMLoss(model, 5)
+        assert_close(chunked(**batch).loss, ref.loss, rtol=1e-5, atol=1e-6)
+        assert_close(chunked(input_ids=ids).logits, ref.logits, rtol=1e-5, atol=1e-5)
+        model.config.final_logit_softcapping = None  # the check can fail: uncapped, the loss differs
+        assert (chunked(**batch).loss - ref.loss).abs() > 1e-3
