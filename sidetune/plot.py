@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from sidetune.errors import SidetuneError
@@ -71,8 +72,11 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    # Beside it, then renamed: a kill mid-write leaves the old picture (or none), never a truncated PNG.
+    tmp = out.with_name(f".tmp-{out.name}")
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    os.replace(tmp, out)
     return out
 
 
