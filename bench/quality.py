@@ -23,6 +23,7 @@ import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,26 +42,100 @@ def recipe(model: str, method: str) -> tuple[Path, list[str]]:
         return own, []
     extra = [f"method.name={method}"] + ([f"train.lr={MODELS[model][1]}"] if method == "full" else [])
     return ROOT / f"{MODELS[model][0]}lora.yaml", extra
-ALIASES = {"qlora": ("lora", "nf4"), "qlst": ("lst", "nf4")}
 
 
-def runs(models: list[str], methods: str) -> list[tuple[str, str, list[str]]]:
-    """(model, label, overrides) for every requested model and method."""
+# Labels that are a method plus overrides of its recipe: the 4-bit variants and LoRA's other inits / LoRA+.
+VARIANTS = {
+    "qlora": ("lora", ["model.quantize=nf4"]),
+    "qlst": ("lst", ["model.quantize=nf4"]),
+    "lora_ga": ("lora", ["method.init=lora_ga"]),
+    "lora_a_zero": ("lora", ["method.init=a_zero"]),
+    "loraplus": ("lora", ["method.loraplus_lr_ratio=16"]),
+}
+# A recipe that names another model than the bench's (PET needs an LM head: the offline MiniLM has none, so
+# sst2_pet.yaml runs SmolLM2) runs at its own budget, few-shot as written and zero-shot (no step), and its rows
+# say which model they ran.
+ZERO_SHOT = ["train.max_steps=0"]
+
+
+def recipe_model(path: Path) -> str:
+    import yaml
+
+    return (yaml.safe_load(path.read_text()).get("model") or {}).get("name", "")
+
+
+def runs(models: list[str], methods: str) -> list[dict]:
+    """One dict per run: model, label, overrides (recipe first), own_budget (keep the recipe's steps and data)."""
     from sidetune.methods import METHODS
 
-    available = {**{m: (m, None) for m in METHODS}, **{a: v for a, v in ALIASES.items() if v[0] in METHODS}}
+    available = {**{m: (m, []) for m in METHODS}, **{a: v for a, v in VARIANTS.items() if v[0] in METHODS}}
     labels = list(available) if methods == "all" else [m.strip() for m in methods.split(",")]
     out = []
     for model in models:
         for label in labels:
             if label not in available:
                 raise SystemExit(f"bench/quality.py: unknown method {label!r}; choose from {', '.join(available)}")
-            method, quantize = available[label]
+            method, extra = available[label]
             path, overrides = recipe(model, method)
-            if quantize:
-                overrides.append(f"model.quantize={quantize}")
-            out.append((model, label, [str(path), *overrides]))
+            ran_on = recipe_model(path)
+            if ran_on and ran_on != model:
+                out.append({"model": ran_on, "label": f"{label} (few-shot, recipe budget)",
+                            "overrides": [str(path), *overrides, *extra], "own_budget": True})
+                out.append({"model": ran_on, "label": f"{label} (zero-shot)",
+                            "overrides": [str(path), *overrides, *extra, *ZERO_SHOT], "own_budget": True})
+            else:
+                out.append({"model": model, "label": label, "overrides": [str(path), *overrides, *extra],
+                            "own_budget": False})
     return out
+
+
+def run_one(run: dict, args, out: Path, env: dict, device: str) -> dict:
+    """`sidetune train` for one row in its own process; the row of results it gives."""
+    run_dir = out / f"{run['model']}-{run['label'].split(' ')[0]}{'-0shot' if ZERO_SHOT[0] in run['overrides'] else ''}"
+    budget = [] if run["own_budget"] else [f"train.max_steps={args.steps}",
+                                           f"data.max_eval_samples={args.eval_samples or 'null'}"]
+    cmd = [sys.executable, "-m", "sidetune", "train", *run["overrides"], *budget, f"train.output_dir={run_dir}",
+           "train.eval_every=0", "train.progress=false"]
+    shown = " ".join(str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c for c in cmd[3:])
+    print(f"bench: {run['model']} {run['label']}: {shown}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    row = {"model": run["model"], "method": run["label"], "wall_s": round(wall, 1), "overrides": run["overrides"]}
+    if proc.returncode != 0:
+        row["error"] = (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]
+    else:
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        final = [x for x in lines if "eval_accuracy" in x][-1]
+        train_rows = [x for x in lines if "loss" in x]
+        peak = max((x.get("peak_allocated_gib") or x.get("peak_rss_gib") or 0 for x in train_rows), default=0)
+        row.update(steps=final["step"], eval_accuracy=final["eval_accuracy"], eval_loss=final.get("eval_loss"),
+                   eval_rows=final.get("eval_examples"), final_train_loss=train_rows[-1]["loss"] if train_rows else None,
+                   peak_gib=peak, peak_source="peak_allocated_gib" if device == "cuda" else "peak_rss_gib")
+    print(f"bench:   {json.dumps(row)}", flush=True)
+    return row
+
+
+# (a, b, what the issue's notes claim): the differences the table is read for, with the standard error of a
+# difference of two accuracies on the same dev set, sqrt(2 p (1 - p) / n).
+COMPARE = [("lora_ga", "lora", "LoRA-GA >= standard init"), ("lora", "lora_a_zero", "standard init >= a_zero"),
+           ("ptuning_v2", "full", "P-tuning v2 >= full - 0.03"), ("lst", "lora", "LST >= LoRA - 0.03"),
+           ("qlst", "qlora", "Q-LST >= QLoRA - 0.03"), ("loraplus", "lora", "LoRA+ vs LoRA")]
+
+
+def comparisons(results: list[dict]) -> list[str]:
+    acc = {(r["model"], r["method"]): r for r in results if "eval_accuracy" in r}
+    lines = []
+    for a, b, claim in COMPARE:
+        for model in dict.fromkeys(r["model"] for r in results):
+            ra, rb = acc.get((model, a)), acc.get((model, b))
+            if ra is None or rb is None:
+                continue
+            p, n = (ra["eval_accuracy"] + rb["eval_accuracy"]) / 2, ra.get("eval_rows") or 0
+            se = f", standard error of the difference {(2 * p * (1 - p) / n) ** 0.5:.3f}" if n else ""
+            lines.append(f"- {model}: {a} {ra['eval_accuracy']:.3f} - {b} {rb['eval_accuracy']:.3f} = "
+                         f"{ra['eval_accuracy'] - rb['eval_accuracy']:+.3f} ({claim}{se})")
+    return lines
 
 
 def main() -> int:
@@ -69,6 +144,8 @@ def main() -> int:
     p.add_argument("--methods", default="all")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-samples", type=int, default=None, help="cut the dev set (default: all 872)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once; on CPU each gets cores / jobs threads (2 one-thread runs beat 1 two-thread run)")
     p.add_argument("--out", default=None)
     p.add_argument("--markdown", default=None, help="append the results table to this file (e.g. bench/RESULTS.md)")
     args = p.parse_args()
@@ -78,45 +155,36 @@ def main() -> int:
     out = Path(args.out or ROOT / "bench" / "out" / f"quality-{device}")
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    results = []
-    for model, label, overrides in runs(args.models.split(","), args.methods):
-        run_dir = out / f"{model}-{label}"
-        cmd = [sys.executable, "-m", "sidetune", "train", *overrides,
-               f"train.max_steps={args.steps}", f"train.output_dir={run_dir}", "train.eval_every=0",
-               "train.progress=false", f"data.max_eval_samples={args.eval_samples or 'null'}"]
-        print(f"bench: {model} {label}: {' '.join(str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c for c in cmd[3:])}", flush=True)
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - start
-        row = {"model": model, "method": label, "steps": args.steps, "wall_s": round(wall, 1),
-               "overrides": overrides}
-        if proc.returncode != 0:
-            row["error"] = (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]
-        else:
-            lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            final = [x for x in lines if "eval_accuracy" in x][-1]
-            train_rows = [x for x in lines if "loss" in x]
-            peak = max((x.get("peak_allocated_gib") or x.get("peak_rss_gib") or 0) for x in train_rows)
-            row.update(eval_accuracy=final["eval_accuracy"], eval_loss=final.get("eval_loss"),
-                       final_train_loss=train_rows[-1]["loss"], peak_gib=peak,
-                       peak_source="peak_allocated_gib" if device == "cuda" else "peak_rss_gib")
-        print(f"bench:   {json.dumps(row)}", flush=True)
-        results.append(row)
+    if device == "cpu" and args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))  # no oversubscription
+    todo = runs(args.models.split(","), args.methods)
+    began = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(lambda run: run_one(run, args, out, env, device), todo))
+    total = time.perf_counter() - began
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     lines = [f"# Quality bench, {stamp}", "",
              f"Command: `python bench/quality.py {' '.join(sys.argv[1:])}`; device: {device} ({name}, "
-             f"{os.cpu_count()} CPU cores); torch {torch.__version__}. SST-2 dev accuracy after {args.steps} steps.",
-             "", "| model | method | recipe + overrides | dev accuracy | eval loss | final train loss | peak GiB | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{os.cpu_count()} CPU cores, {args.jobs} run(s) at once, OMP_NUM_THREADS="
+             f"{env.get('OMP_NUM_THREADS', 'unset')}); torch {torch.__version__}; {total / 60:.0f} min in all. "
+             f"SST-2 dev accuracy after {args.steps} steps (rows marked \"recipe budget\" keep their recipe's steps "
+             f"and data), batch and data as each recipe says; one seed (the recipes' 42).",
+             "", "| model | method | recipe + overrides | steps | dev accuracy | eval loss | final train loss | peak GiB "
+             "| wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         how = " ".join(Path(o).name if o.endswith(".yaml") else o for o in r["overrides"])
         if r.get("error"):
-            lines.append(f"| {r['model']} | {r['method']} | {how} | error: {r['error']} | | | | {r['wall_s']} |")
+            lines.append(f"| {r['model']} | {r['method']} | {how} | | error: {r['error']} | | | | {r['wall_s']} |")
         else:
-            lines.append(f"| {r['model']} | {r['method']} | {how} | {r['eval_accuracy']:.3f} | {r['eval_loss']:.4f} | "
-                         f"{r['final_train_loss']:.4f} | {r['peak_gib']:.2f} ({r['peak_source']}) | {r['wall_s']} |")
+            train_loss = "" if r["final_train_loss"] is None else f"{r['final_train_loss']:.4f}"
+            lines.append(f"| {r['model']} | {r['method']} | {how} | {r['steps']} | {r['eval_accuracy']:.3f} | "
+                         f"{r['eval_loss']:.4f} | {train_loss} | {r['peak_gib']:.2f} ({r['peak_source']}) | "
+                         f"{r['wall_s']} |")
+    compared = comparisons(results)
+    if compared:
+        lines += ["", "Differences the table is read for:", "", *compared]
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -413,7 +413,8 @@ def evaluate(module: nn.Module, loaders: dict[str, DataLoader | GenerationEval],
              accelerator: Accelerator | None = None) -> dict[str, float]:
     """eval_loss for every task; eval_accuracy for classification, and for causal LM with label choices;
     eval_perplexity for LM tasks; eval_exact_match and eval_token_f1 with data.eval_generate. Losses are averaged
-    per example (classification) or per target token (LM)."""
+    per example (classification) or per target token (LM). eval_examples: how many examples eval_accuracy scored
+    (for a standard error)."""
     module.eval()
     gather = accelerator.gather_for_metrics if accelerator is not None else (lambda x: x)
     loss_sum, count, correct, seen = 0.0, 0, 0, 0
@@ -434,9 +435,9 @@ def evaluate(module: nn.Module, loaders: dict[str, DataLoader | GenerationEval],
         if task.generates:
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     if seen:
-        metrics["eval_accuracy"] = correct / seen
+        metrics["eval_accuracy"], metrics["eval_examples"] = correct / seen, seen
     if "choices" in loaders:
-        metrics["eval_accuracy"] = _choice_accuracy(module, loaders["choices"], gather)
+        metrics["eval_accuracy"], metrics["eval_examples"] = _choice_accuracy(module, loaders["choices"], gather)
     if "generate" in loaders:
         if accelerator is None:
             metrics.update(loaders["generate"].score(next(module.parameters()).device))
@@ -448,8 +449,9 @@ def evaluate(module: nn.Module, loaders: dict[str, DataLoader | GenerationEval],
     return metrics
 
 
-def _choice_accuracy(module: nn.Module, loader: DataLoader, gather) -> float:
-    """Accuracy of picking, per example, the label completion with the highest log-likelihood."""
+def _choice_accuracy(module: nn.Module, loader: DataLoader, gather) -> tuple[float, int]:
+    """Accuracy of picking, per example, the label completion with the highest log-likelihood, and how many
+    examples it scored."""
     scores: dict[int, dict[int, float]] = {}
     golds: dict[int, int] = {}
     for batch in loader:
@@ -461,7 +463,7 @@ def _choice_accuracy(module: nn.Module, loader: DataLoader, gather) -> float:
             scores.setdefault(e, {})[c] = v
             golds[e] = g
     correct = sum(max(s, key=s.get) == golds[e] for e, s in scores.items())
-    return correct / max(len(scores), 1)
+    return correct / max(len(scores), 1), len(scores)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
