@@ -139,5 +139,5 @@ def test_max_steps_0_evaluates_the_untrained_model_and_saves_final(tmp_path, sst
                 f"train.output_dir={out}", "train.progress=false")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = read_metrics(out)
-    assert [row["step"] for row in rows] == [0] and "eval_accuracy" in rows[0]
+    assert [row["step"] for row in rows] == [0] and "eval_accuracy" in rows[0] and rows[0]["eval_examples"] == 16
     assert (out / "final" / "trainable.safetensors").is_file()

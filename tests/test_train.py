@@ -57,6 +57,7 @@ def test_metrics_checkpoint_and_reload(tmp_path, sst2_small):
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in eval_rows] == [3, 6]
     assert all("eval_accuracy" in r and 0 <= r["eval_accuracy"] <= 1 for r in eval_rows)
+    assert all(r["eval_examples"] == 128 for r in eval_rows)  # every dev row scored, counted once
     assert all(r["peak_rss_gib"] > 0 for r in train_rows)
     assert (out / "config.yaml").is_file()
 
@@ -84,3 +85,31 @@ def test_loss_goes_down_with_accumulation(tmp_path, sst2_small):
     losses = [r["loss"] for r in _rows(out) if "loss" in r]
     assert len(losses) == 12
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+
+
+def test_causal_lm_label_accuracy_picks_the_likelier_completion(tmp_path, sst2_small):
+    """A causal LM with label names is scored by picking, per dev row, the label completion (+ EOS) with the higher
+    log-likelihood after its prompt: the trainer's eval_accuracy equals that computed here by hand."""
+    out = tmp_path / "lm"
+    metrics = train(load_config(None, [
+        "model.name=tiny-llama", "method.name=lora", "data.task=causal_lm", f"data.train={sst2_small['train']}",
+        f"data.eval={sst2_small['dev']}", "data.text_field=sentence", "data.max_eval_samples=24",
+        "data.prompt_template=Review: {sentence}\nSentiment:", "data.completion_template= {label_name}",
+        "data.label_names=[negative,positive]", "data.max_length=128", "train.batch_size=4", "train.max_steps=1",
+        "train.lr=1e-2", "train.progress=false", f"train.output_dir={out}"]))
+    model, tok = sidetune.load(out)
+    rows = [line.split("\t") for line in open(sst2_small["dev"]).read().splitlines()[1:25]]
+    correct = 0
+    with torch.no_grad():
+        for sentence, gold in rows:
+            prompt = tok(f"Review: {sentence}\nSentiment:")["input_ids"]
+            scores = []
+            for name in ("negative", "positive"):
+                completion = tok(f" {name}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                ids = torch.tensor([prompt + completion])
+                logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+                targets = ids[0, len(prompt):]
+                scores.append(logp[len(prompt) - 1:].gather(1, targets[:, None]).sum().item())
+            correct += int(max(range(2), key=scores.__getitem__) == int(gold))
+    assert metrics["eval_examples"] == 24
+    assert metrics["eval_accuracy"] == correct / 24, (metrics["eval_accuracy"], correct)
