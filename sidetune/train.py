@@ -398,7 +398,11 @@ def _eval_loaders(s: Setup, batch_size: int, collate,
     loaders: dict[str, DataLoader | GenerationEval] = {}
     for key, ds in (("eval", s.data.eval), ("choices", s.data.eval_choices)):
         if ds is not None:
-            loaders[key] = accelerator.prepare(DataLoader(ds, batch_size=batch_size, collate_fn=collate))
+            # A generator of its own: every pass over a DataLoader draws a seed from its generator, which by default
+            # is torch's global one, so an eval would shift the dropout masks of every later training step, and the
+            # trained weights would depend on train.eval_every.
+            loader = DataLoader(ds, batch_size=batch_size, collate_fn=collate, generator=torch.Generator())
+            loaders[key] = accelerator.prepare(loader)
     if s.cfg.data.eval_generate and s.data.eval is not None:
         # s.model, not the prepared module: decoding calls the model's own generate, on each process alone (no DDP
         # collective in it); it shares its parameters with what trains.

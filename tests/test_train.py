@@ -113,3 +113,16 @@ def test_causal_lm_label_accuracy_picks_the_likelier_completion(tmp_path, sst2_s
             correct += int(max(range(2), key=scores.__getitem__) == int(gold))
     assert metrics["eval_examples"] == 24
     assert metrics["eval_accuracy"] == correct / 24, (metrics["eval_accuracy"], correct)
+
+
+def test_evaluating_does_not_change_what_trains(tmp_path, sst2_small):
+    """An eval pass draws nothing from the training RNG: with dropout on, a run that evaluates every 2 steps logs the
+    same losses and saves the same weights as one that never evaluates."""
+    runs = {}
+    for every in (0, 2):
+        out = tmp_path / f"every{every}"
+        train(_cfg(out, sst2_small, "train.max_steps=6", f"train.eval_every={every}"))
+        runs[every] = ([r["loss"] for r in _rows(out) if "loss" in r], load_file(out / "final" / "trainable.safetensors"))
+    assert runs[0][0] == runs[2][0]
+    for key, value in runs[0][1].items():
+        assert torch.equal(value, runs[2][1][key]), key
