@@ -108,7 +108,7 @@ def run_one(run: dict, args, out: Path, env: dict, device: str) -> dict:
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         final = [x for x in lines if "eval_accuracy" in x][-1]
         train_rows = [x for x in lines if "loss" in x]
-        peak = max((x.get("peak_allocated_gib") or x.get("peak_rss_gib") or 0 for x in train_rows), default=0)
+        peak = max((x.get("peak_allocated_gib") or x.get("peak_rss_gib") or 0 for x in train_rows), default=None)
         row.update(steps=final["step"], eval_accuracy=final["eval_accuracy"], eval_loss=final.get("eval_loss"),
                    eval_rows=final.get("eval_examples"), final_train_loss=train_rows[-1]["loss"] if train_rows else None,
                    peak_gib=peak, peak_source="peak_allocated_gib" if device == "cuda" else "peak_rss_gib")
@@ -179,8 +179,9 @@ def main() -> int:
             lines.append(f"| {r['model']} | {r['method']} | {how} | | error: {r['error']} | | | | {r['wall_s']} |")
         else:
             train_loss = "" if r["final_train_loss"] is None else f"{r['final_train_loss']:.4f}"
+            peak = "no train step" if r["peak_gib"] is None else f"{r['peak_gib']:.2f} ({r['peak_source']})"
             lines.append(f"| {r['model']} | {r['method']} | {how} | {r['steps']} | {r['eval_accuracy']:.3f} | "
-                         f"{r['eval_loss']:.4f} | {train_loss} | {r['peak_gib']:.2f} ({r['peak_source']}) | "
+                         f"{r['eval_loss']:.4f} | {train_loss} | {peak} | "
                          f"{r['wall_s']} |")
     compared = comparisons(results)
     if compared:
