@@ -363,7 +363,7 @@ def test_recipes_are_valid_configs():
 def test_lst_smollm2_lowers_eval_loss(tmp_path, all_cores):
     """Real SmolLM2-135M weights: pruned side network, chunked loss; the held-out loss goes down in a few steps."""
     train(load_config(RECIPES / "smollm2_lst.yaml", [
-        "train.max_steps=12", "train.batch_size=8", "train.eval_every=6", "data.max_eval_samples=24",
+        "train.max_steps=6", "train.batch_size=8", "train.eval_every=3", "data.max_eval_samples=16",
         "data.max_length=48", "train.progress=false", f"train.output_dir={tmp_path}"]))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
