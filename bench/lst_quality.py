@@ -21,12 +21,13 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from quality import train_run  # noqa: E402  (the one way a bench runs `sidetune train`)
+
 OLD = ["method.gradient_checkpointing=false", "method.ladder_grad_input=full", "train.optimizer=adamw"]
 NEW = ["method.gradient_checkpointing=true", "method.ladder_grad_input=int8", "train.optimizer=adamw_8bit"]
 NF4 = ["model.quantize=nf4"]
@@ -55,18 +56,12 @@ def main() -> int:
     rows = []
     for label in args.runs.split(","):
         recipe, overrides = RUNS[label]
-        run_dir = out / label
-        cmd = [sys.executable, "-m", "sidetune", "train", str(ROOT / recipe), *overrides,
-               f"train.max_steps={args.steps}", f"train.batch_size={args.batch}", f"train.output_dir={run_dir}",
-               "train.eval_every=0", "train.progress=false", f"data.max_eval_samples={args.eval_samples}"]
-        print(f"bench: {label}: {' '.join(cmd[3:])}", flush=True)
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        row = {"run": label, "steps": args.steps, "wall_s": round(time.perf_counter() - start, 1)}
-        if proc.returncode != 0:
-            row["error"] = (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]
-        else:
-            lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        result = train_run([str(ROOT / recipe), *overrides, f"train.max_steps={args.steps}",
+                            f"train.batch_size={args.batch}", f"data.max_eval_samples={args.eval_samples}"],
+                           out / label, env)
+        lines = result.pop("rows", None)
+        row = {"run": label, "steps": args.steps, **result}
+        if lines is not None:
             final = [x for x in lines if "eval_accuracy" in x][-1]
             train = [x for x in lines if "loss" in x]
             row.update(accuracy=final["eval_accuracy"], eval_loss=final.get("eval_loss"), train_loss=train[-1]["loss"])

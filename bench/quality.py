@@ -65,7 +65,8 @@ def recipe_model(path: Path) -> str:
 
 
 def runs(models: list[str], methods: str) -> list[dict]:
-    """One dict per run: model, label, overrides (recipe first), own_budget (keep the recipe's steps and data)."""
+    """One dict per run: model, label (the table's), name (its run directory's), overrides (recipe first),
+    own_budget (keep the recipe's steps and data)."""
     from sidetune.methods import METHODS
 
     available = {**{m: (m, []) for m in METHODS}, **{a: v for a, v in VARIANTS.items() if v[0] in METHODS}}
@@ -79,40 +80,49 @@ def runs(models: list[str], methods: str) -> list[dict]:
             path, overrides = recipe(model, method)
             ran_on = recipe_model(path)
             if ran_on and ran_on != model:
-                out.append({"model": ran_on, "label": f"{label} (few-shot, recipe budget)",
+                out.append({"model": ran_on, "label": f"{label} (few-shot, recipe budget)", "name": label,
                             "overrides": [str(path), *overrides, *extra], "own_budget": True})
-                out.append({"model": ran_on, "label": f"{label} (zero-shot)",
+                out.append({"model": ran_on, "label": f"{label} (zero-shot)", "name": f"{label}-0shot",
                             "overrides": [str(path), *overrides, *extra, *ZERO_SHOT], "own_budget": True})
             else:
-                out.append({"model": model, "label": label, "overrides": [str(path), *overrides, *extra],
-                            "own_budget": False})
+                out.append({"model": model, "label": label, "name": label,
+                            "overrides": [str(path), *overrides, *extra], "own_budget": False})
     return out
 
 
-def run_one(run: dict, args, out: Path, env: dict, device: str) -> dict:
-    """`sidetune train` for one row in its own process; the row of results it gives."""
-    run_dir = out / f"{run['model']}-{run['label'].split(' ')[0]}{'-0shot' if ZERO_SHOT[0] in run['overrides'] else ''}"
-    budget = [] if run["own_budget"] else [f"train.max_steps={args.steps}",
-                                           f"data.max_eval_samples={args.eval_samples or 'null'}"]
-    cmd = [sys.executable, "-m", "sidetune", "train", *run["overrides"], *budget, f"train.output_dir={run_dir}",
-           "train.eval_every=0", "train.progress=false"]
-    shown = " ".join(str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c for c in cmd[3:])
-    print(f"bench: {run['model']} {run['label']}: {shown}", flush=True)
+def train_run(overrides: list[str], run_dir: Path, env: dict) -> dict:
+    """`sidetune train OVERRIDES` into `run_dir`, in its own process, evaluated once at the end: wall_s, and error
+    (its last stderr line) or rows (metrics.jsonl). A rerun of the bench replaces the run it made there before
+    (train.overwrite: sidetune removes only files it wrote), so the same command measures again."""
+    cmd = [sys.executable, "-m", "sidetune", "train", *overrides, f"train.output_dir={run_dir}",
+           "train.overwrite=true", "train.eval_every=0", "train.progress=false"]
+    print(f"bench: {' '.join(str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c for c in cmd[3:])}",
+          flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    row = {"model": run["model"], "method": run["label"], "wall_s": round(wall, 1), "overrides": run["overrides"]}
+    row: dict = {"wall_s": round(time.perf_counter() - start, 1)}
     if proc.returncode != 0:
         row["error"] = (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]
     else:
-        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        row["rows"] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return row
+
+
+def run_one(run: dict, args, out: Path, env: dict, device: str) -> dict:
+    """One row of the table: its run, and what it measured."""
+    budget = [] if run["own_budget"] else [f"train.max_steps={args.steps}",
+                                           f"data.max_eval_samples={args.eval_samples or 'null'}"]
+    result = train_run([*run["overrides"], *budget], out / f"{run['model']}-{run['name']}", env)
+    lines = result.pop("rows", None)
+    row = {"model": run["model"], "method": run["label"], **result, "overrides": run["overrides"]}
+    if lines is not None:
         final = [x for x in lines if "eval_accuracy" in x][-1]
         train_rows = [x for x in lines if "loss" in x]
         peak = max((x.get("peak_allocated_gib") or x.get("peak_rss_gib") or 0 for x in train_rows), default=None)
         row.update(steps=final["step"], eval_accuracy=final["eval_accuracy"], eval_loss=final.get("eval_loss"),
                    eval_rows=final.get("eval_examples"), final_train_loss=train_rows[-1]["loss"] if train_rows else None,
                    peak_gib=peak, peak_source="peak_allocated_gib" if device == "cuda" else "peak_rss_gib")
-    print(f"bench:   {json.dumps(row)}", flush=True)
+    print(f"bench:   {run['model']} {run['label']}: {json.dumps(row)}", flush=True)
     return row
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -98,7 +99,7 @@ def test_causal_lm_label_accuracy_picks_the_likelier_completion(tmp_path, sst2_s
         "data.label_names=[negative,positive]", "data.max_length=128", "train.batch_size=4", "train.max_steps=1",
         "train.lr=1e-2", "train.progress=false", f"train.output_dir={out}"]))
     model, tok = sidetune.load(out)
-    rows = [line.split("\t") for line in open(sst2_small["dev"]).read().splitlines()[1:25]]
+    rows = [line.split("\t") for line in Path(sst2_small["dev"]).read_text().splitlines()[1:25]]
     correct = 0
     with torch.no_grad():
         for sentence, gold in rows:
