@@ -58,11 +58,13 @@ def profile(out: Path, name: str) -> list[str]:
     if not path.is_file():
         return []
     rows = json.loads(path.read_text())
-    first = rows[0]
-    lines = [f"## {name}: {first['model']}, {first['batch']} x {first['seq']}, {first['device']}", "",
+    first = next((r for r in rows if "model" in r), {})  # a failed worker's row holds only its label and error
+    lines = [f"## {name}: {first.get('model', '?')}, {first.get('batch', '?')} x {first.get('seq', '?')}, "
+             f"{first.get('device', '?')}", "",
              "| row | trainable | measured peak GiB | reserved GiB | predicted peak GiB | error | step ms | x floor |",
              "|---|---|---|---|---|---|---|---|"]
-    floors = {r["quantize"]: r["measured_peak_bytes"] for r in rows if r["method"] is None and r["measured_peak_bytes"]}
+    floors = {r["quantize"]: r["measured_peak_bytes"] for r in rows
+              if not r.get("error") and r["method"] is None and r["measured_peak_bytes"]}
     for r in rows:
         if r.get("error"):
             lines.append(f"| {r['label']} | failed: {str(r['error'])[:120]} | | | | | | |")

@@ -360,10 +360,14 @@ class LiveTracker(TorchDispatchMode):
             from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
             q, k, v = args[:3]
-            flops = sdpa_flop_count(q.shape, k.shape, v.shape)
+            # Grouped-query attention (enable_gqa, which CUDA's flash / efficient kernels take as is) hands k and v
+            # with fewer heads than q; each query head still attends over the full sequence, so count k and v at
+            # q's head count (torch's formulas assert equal heads: seen on an H200 with torch 2.11).
+            k_shape, v_shape = ((*t.shape[:-3], q.shape[-3], *t.shape[-2:]) for t in (k, v))
+            flops = sdpa_flop_count(q.shape, k_shape, v_shape)
             grad_out = (*q.shape[:-1], v.shape[-1])
             # Flash / memory-efficient backward recomputes the scores and returns dq, dk, dv together.
-            bwd = sdpa_backward_flop_count(grad_out, q.shape, k.shape, v.shape)
+            bwd = sdpa_backward_flop_count(grad_out, q.shape, k_shape, v_shape)
             operands, per_operand = [q], [bwd if any(t.requires_grad for t in (q, k, v)) else 0]
         if operands is None:
             return

@@ -45,7 +45,7 @@ def _randomize_trainable(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in trainable_parameters(model).values():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            p.add_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * 0.1)  # drawn on CPU: any device
 
 
 @pytest.mark.parametrize("preset,task,quantize", CASES)

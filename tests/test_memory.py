@@ -57,3 +57,38 @@ def test_weights_are_not_activations_and_storages_count_once():
 def test_full_finetuning_counts_backbone_as_backbone():
     roles = _trace(Full(FullConfig())).by_role()
     assert roles["backbone"] > 0 and roles["method"] == 0
+
+
+def test_flop_split_counts_grouped_query_attention(monkeypatch):
+    """CUDA's flash / efficient SDPA kernels take grouped-query k and v as they are (enable_gqa): fewer heads than q.
+    The FLOP count must not assert (it did on an H200 with torch 2.11, whose formulas require equal heads; torch
+    2.13's accept GQA, so the older, strict formulas are put in place here) and must equal the count of the same
+    attention with k and v repeated to q's heads."""
+    import torch.utils.flop_counter as fc
+
+    from sidetune.memory import LiveTracker, SavedTensorTracker
+
+    def strict(formula):
+        def count(*shapes):
+            assert len({s[1] for s in shapes[-3:]}) == 1, "query/key/value shapes are incompatible"
+            return formula(*shapes)
+        return count
+
+    monkeypatch.setattr(fc, "sdpa_flop_count", strict(fc.sdpa_flop_count))
+    monkeypatch.setattr(fc, "sdpa_backward_flop_count", strict(fc.sdpa_backward_flop_count))
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v, gqa):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+    attn = Attn()
+    q = torch.randn(2, 8, 16, 32, requires_grad=True)
+    k, v = torch.randn(2, 2, 16, 32), torch.randn(2, 2, 16, 32)
+    counts = []
+    for args in ((q, k, v, True), (q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), False)):
+        tracker = LiveTracker()
+        with SavedTensorTracker(attn, {id(attn): "backbone"}) as saved, tracker:
+            tracker.phase, tracker.flops_from = "forward", saved
+            attn(*args)
+        counts.append((tracker.fwd_flops, dict(tracker.bwd_flops)))
+    assert counts[0] == counts[1] and counts[0][0] > 0
