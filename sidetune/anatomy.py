@@ -122,7 +122,7 @@ def read_block(layer: nn.Module, d: int | None = None) -> tuple[dict[str, nn.Mod
     problems: list[str] = []
     if d is None:
         d = next((m.weight.numel() for n, m in layer.named_modules() if is_norm(m) and m.weight is not None
-                  and _attention_container(n.split(".") + [""]) is None), None)
+                  and _attention_container([*n.split("."), ""]) is None), None)
         if d is None:
             return {}, ["it has no norm outside its attention"]
     out: dict[str, nn.Module] = {}
