@@ -141,10 +141,11 @@ def read_block(layer: nn.Module, d: int | None = None) -> tuple[dict[str, nn.Mod
             continue
         path = name.split(".")
         container = _attention_container(path)
-        if container is not None and container not in containers:
-            containers.append(container)
+        if container is not None and container not in containers and isinstance(mod, LINEAR_TYPES):
+            containers.append(container)  # attention modules in the order their projections appear
         # Cross-attention: a container named so (T5's EncDecAttention, BART's encoder_attn), or a second one.
-        prefix = "x" if container is not None and (_CROSS.search(container) or containers.index(container) > 0) else ""
+        cross = container in containers and (_CROSS.search(container) or containers.index(container) > 0)
+        prefix = "x" if cross else ""
         if is_norm(mod):
             if mod.weight is None:
                 problems.append(f"its norm {name} has no weight")
@@ -262,11 +263,12 @@ class Stack:
     path: str = ""  # module name of `layers`
     blocks: list[dict[str, str]] = field(default_factory=list)  # per block: role -> full module name
     rel_bias: nn.Module | None = None  # T5's relative position bias (an embedding shared by the stack's blocks)
+    cache_heads: int = 0  # key/value heads a KV cache holds (Falcon's new layout caches them broadcast to all heads)
 
     @property
     def kv_layout(self) -> tuple[int, int, int]:
         """(blocks, key/value heads, head dim): the shape of a KV cache for this stack."""
-        return len(self.layers), self.shape.kv_heads, self.shape.head_dim
+        return len(self.layers), self.cache_heads or self.shape.kv_heads, self.shape.head_dim
 
 
 def _act(config) -> str:
@@ -365,7 +367,9 @@ def _read_stack(body: nn.Module, layers: nn.ModuleList, path: str, c, causal: bo
         blocks.append({r: f"{path}.{i}.{names[id(m)]}" for r, m in found.items()})
     rel_bias = next((m for n, m in layers[0].named_modules() if isinstance(m, nn.Embedding)
                      and "relative_attention_bias" in n), None) if rel else None
-    return Stack(layers, final_norm, shape, inv_freq, scaling, unmapped, out_dim, path, blocks, rel_bias)
+    # Falcon's new decoder architecture broadcasts its grouped keys and values to every head before caching them.
+    cache_heads = heads if getattr(c, "new_decoder_architecture", False) else 0
+    return Stack(layers, final_norm, shape, inv_freq, scaling, unmapped, out_dim, path, blocks, rel_bias, cache_heads)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
