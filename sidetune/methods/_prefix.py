@@ -349,8 +349,8 @@ def _check_prefix_reaches_attention(model: PrefixModel, method: str) -> None:
             model(input_ids=ids, attention_mask=mask)  # the path training takes (a head may drop the cache)
     except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as e:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise SidetuneError(f"{method} cannot feed a prefix to {type(model.model).__name__}: it does not carry a key/value "
-                            f"cache to its attention ({first}); use method.name=lora, adapter, ia3 or "
+        raise SidetuneError(f"{method} cannot feed a prefix to {type(model.model).__name__}: it does not carry a "
+                            f"key/value cache to its attention ({first}); use method.name=lora, adapter, ia3 or "
                             f"ptuning_v1") from None
     finally:
         model.train(training)
