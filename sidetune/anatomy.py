@@ -385,6 +385,7 @@ class Anatomy:
     model_class: str
     stacks: list[Stack]
     position: str  # rope | alibi | relative | learned | none
+    position_offset: int  # the first real token's position id (RoBERTa-style learned positions: padding index + 1)
     attn_softcap: float | None  # Gemma2: scores = cap * tanh(scores / cap)
     final_softcap: float | None  # Gemma2: logits = cap * tanh(logits / cap)
     embeddings: str | None  # the input embedding's module name
@@ -474,6 +475,15 @@ def _position(model: nn.Module, config, stacks: list[Stack]) -> str:
     return "none"
 
 
+def _position_offset(model: nn.Module) -> int:
+    """Learned positions whose embedding has a padding index (RoBERTa, XLM-R, CamemBERT ...) number a sequence from
+    padding index + 1 (fairseq's convention); everything else from 0."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding) and "position" in name and mod.padding_idx is not None:
+            return int(mod.padding_idx) + 1
+    return 0
+
+
 def _name_of(model: nn.Module, module: nn.Module | None) -> str | None:
     return None if module is None else next((n for n, m in model.named_modules() if m is module), None)
 
@@ -489,6 +499,7 @@ def read(model: nn.Module) -> Anatomy:
     inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     outputs = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return Anatomy(kind, config.model_type, type(model).__name__, stacks, _position(model, config, stacks),
+                   _position_offset(model),
                    getattr(config, "attn_logit_softcapping", None), getattr(config, "final_logit_softcapping", None),
                    _name_of(model, inputs), _name_of(model, outputs), list(getattr(model, "sidetune_head", ())),
                    problem)

@@ -201,6 +201,8 @@ def use_separate_prefix_attention(model: nn.Module, method: str) -> None:
 class PrefixModel(nn.Module):
     """The frozen model plus its prefix. forward(**batch) builds the prefix cache, extends the mask, sets positions."""
 
+    position_offset: int = 0  # the model's first position id (RoBERTa: 2), read by attach_prefix from its anatomy
+
     def __init__(self, model: nn.Module, prefix: PrefixEncoder, num_virtual_tokens: int, shift_positions: bool,
                  method: str, pooling: str | None = None) -> None:
         super().__init__()
@@ -220,7 +222,7 @@ class PrefixModel(nn.Module):
             attention_mask = torch.ones(b, t, dtype=torch.long, device=ref.device)
         attention_mask = torch.cat([attention_mask.new_ones(b, p), attention_mask], dim=1)
         if position_ids is None:
-            position_ids = torch.arange(t, device=ref.device).unsqueeze(0).expand(b, -1)
+            position_ids = torch.arange(t, device=ref.device).unsqueeze(0).expand(b, -1) + self.position_offset
         if self.shift_positions:
             position_ids = position_ids + p
         return dict(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
@@ -333,10 +335,13 @@ def kv_shape(model: nn.Module) -> tuple[int, int, int]:
     return read(model).kv_layout()
 
 
-def _check_prefix_reaches_attention(model: PrefixModel, method: str) -> None:
+def _check_prefix_reaches_attention(model: PrefixModel, method: str, zero_init_attention: bool) -> None:
     """One forward of 2 x 2 tokens: a model whose attention takes no key/value cache (DistilBERT, DeBERTa, MPNet,
     ...), or whose task head does not pass it on (Megatron-BERT's classifier), fails it on the mask that now covers
-    the prefix too; that is one line, not a traceback mid-training. Skipped on the meta device (memory accounting)."""
+    the prefix too; that is one line, not a traceback mid-training. With zero-init attention the output must also
+    be the frozen model's: a model that computes attention in its own code (BLOOM, Falcon, MPT, GPT-Neo) never calls
+    the prefix's separate softmax, so the option would silently do nothing. Skipped on the meta device (memory
+    accounting)."""
     param = next(model.model.parameters())
     if param.device.type == "meta":
         return
@@ -346,7 +351,8 @@ def _check_prefix_reaches_attention(model: PrefixModel, method: str) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask)  # the path training takes (a head may drop the cache)
+            ours = model(input_ids=ids, attention_mask=mask).logits  # the path training takes (a head may drop the cache)
+            frozen = model.model(input_ids=ids, attention_mask=mask).logits if zero_init_attention else None
     except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as e:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise SidetuneError(f"{method} cannot feed a prefix to {type(model.model).__name__}: it does not carry a "
@@ -354,6 +360,14 @@ def _check_prefix_reaches_attention(model: PrefixModel, method: str) -> None:
                             f"ptuning_v1") from None
     finally:
         model.train(training)
+    if frozen is not None:
+        real = mask.bool() if ours.dim() == 3 else slice(None)  # a padding position's logits are never read
+        gap = (ours[real].float() - frozen[real].float()).abs().max().item()
+        if gap > 1e-3 * (1 + frozen[real].float().abs().max().item()):
+            raise SidetuneError(f"{method} with zero_init_attention does not start at the frozen "
+                                f"{type(model.model).__name__} (max |logit difference| {gap:.3g}): its attention "
+                                f"does not run through transformers' attention functions, where the prefix's separate "
+                                f"softmax lives; set method.zero_init_attention=false")
 
 
 def attach_prefix(model: nn.Module, method: str, *, num_virtual_tokens: int, projection_dim: int | None,
@@ -383,10 +397,12 @@ def attach_prefix(model: nn.Module, method: str, *, num_virtual_tokens: int, pro
                                 f"do); set method.train_pooler=false")
         pooler.float().requires_grad_(True)  # trainable parts in fp32
     device = next(model.parameters()).device
-    prefix = PrefixEncoder(num_virtual_tokens, *kv_shape(model), projection_dim, dropout,
-                           zero_init_attention, device)
+    anatomy = read(model)
+    prefix = PrefixEncoder(num_virtual_tokens, *anatomy.kv_layout(), projection_dim, dropout, zero_init_attention,
+                           device)
     if zero_init_attention:
         use_separate_prefix_attention(model, method)
     out = PrefixModel(model, prefix, num_virtual_tokens, shift_positions, method, readout)
-    _check_prefix_reaches_attention(out, method)
+    out.position_offset = anatomy.position_offset
+    _check_prefix_reaches_attention(out, method, zero_init_attention)
     return out

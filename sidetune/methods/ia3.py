@@ -62,7 +62,7 @@ class IA3Config:
         None, "Layers whose input is rescaled (the FFN's down projection), same syntax. null: every MLP's down "
         "projection, read from the model.")
     fused_qkv: Literal["kv", "qkv"] = opt(
-        "kv", "A fused q/k/v projection (GPT-2's c_attn, GPT-NeoX's query_key_value): scale its key and value rows "
+        "kv", "A fused q/k/v projection (GPT-2, GPT-NeoX, Falcon, Phi3): scale its key and value rows "
         "(kv, the paper) or all of its output (qkv, as PEFT does).")
 
     def __post_init__(self) -> None:
