@@ -351,8 +351,11 @@ def _check_prefix_reaches_attention(model: PrefixModel, method: str, zero_init_a
     model.eval()
     try:
         with torch.no_grad():
-            ours = model(input_ids=ids, attention_mask=mask).logits  # the path training takes (a head may drop the cache)
-            frozen = model.model(input_ids=ids, attention_mask=mask).logits if zero_init_attention else None
+            model(input_ids=ids, attention_mask=mask)  # the path training takes (a head may drop the cache)
+            ours = frozen = None
+            if zero_init_attention:  # the body's last hidden states (a pooling readout differs from the model's head)
+                ours = model.lm_hidden_states(input_ids=ids, attention_mask=mask)
+                frozen = model.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
     except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as e:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise SidetuneError(f"{method} cannot feed a prefix to {type(model.model).__name__}: it does not carry a "
@@ -361,11 +364,11 @@ def _check_prefix_reaches_attention(model: PrefixModel, method: str, zero_init_a
     finally:
         model.train(training)
     if frozen is not None:
-        real = mask.bool() if ours.dim() == 3 else slice(None)  # a padding position's logits are never read
+        real = mask.bool()  # a padding position's output is never read
         gap = (ours[real].float() - frozen[real].float()).abs().max().item()
         if gap > 1e-3 * (1 + frozen[real].float().abs().max().item()):
             raise SidetuneError(f"{method} with zero_init_attention does not start at the frozen "
-                                f"{type(model.model).__name__} (max |logit difference| {gap:.3g}): its attention "
+                                f"{type(model.model).__name__} (max |hidden state difference| {gap:.3g}): its attention "
                                 f"does not run through transformers' attention functions, where the prefix's separate "
                                 f"softmax lives; set method.zero_init_attention=false")
 
