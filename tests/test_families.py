@@ -251,6 +251,36 @@ def test_fused_qkv_lora_changes_only_query_and_value_rows(family):
         assert_close(merged(**batch).logits, before, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "falcon"])
+def test_fused_qkv_lora_exports_as_the_peft_lora_of_the_whole_layer(family):
+    """What `export --peft` writes for a row-masked LoRA (its parameters under PEFT's names, the target_modules of
+    `peft_config`) is a whole-layer PEFT LoRA whose key rows of B are 0: it computes the same function."""
+    peft = pytest.importorskip("peft")
+    base = _base(family, "causal_lm")
+    batch = _batch("causal_lm")
+    method = LoRA(LoRAConfig())
+    ours = method.apply(copy.deepcopy(base), _ctx("causal_lm")).train()
+    opt = torch.optim.Adam([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        ours(**batch).loss.backward()
+        opt.step()
+    config = method.peft_config(ours)
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=config["r"], lora_alpha=config["lora_alpha"], target_modules=config["target_modules"],
+        fan_in_fan_out=config["fan_in_fan_out"], task_type="CAUSAL_LM"))
+    state = {f"base_model.model.{n}": p for n, p in ours.named_parameters() if p.requires_grad}
+    missing = set(state) - {k.replace(".default", "") for k in ref.state_dict()}
+    assert not missing, missing
+    result = peft.set_peft_model_state_dict(ref, state)
+    assert not [k for k in result.unexpected_keys if "lora_" in k], result.unexpected_keys
+    with torch.no_grad():
+        expected = ref.eval()(**batch).logits
+        actual = ours.eval()(**batch).logits
+        assert (actual - base(**batch).logits).abs().max() > 1e-4  # trained: not trivially the base
+    assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_kv_layouts_come_from_the_projections():
     """(blocks, key/value heads the cache holds, head dim): Falcon's multi-query caches one key/value head (its
     config says 4 attention heads), its new architecture caches its 2 groups broadcast to all 4 heads."""
