@@ -155,6 +155,8 @@ def test_every_method_trains_every_family_with_defaults(method, family):
         assert "\n" not in str(e.value)
         return
     model = m.apply(copy.deepcopy(base), _ctx(task)).train()
+    if method == "lst":  # every role of every family was read: the side network is cut from the backbone
+        assert model.init_used == "pruned"
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert params
     before = {n: p.detach().clone() for n, p in params.items()}

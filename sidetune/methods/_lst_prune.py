@@ -198,6 +198,8 @@ def prune_block(w: dict[str, torch.Tensor], keep: torch.Tensor, src: BlockShape,
             out[f"{norm}.weight"] = w[norm][keep]
             if f"{norm}.bias" in w:
                 out[f"{norm}.bias"] = w[f"{norm}.bias"][keep]
+            elif side.norm == "layer":  # a LayerNorm without a bias (MPT): the side norm's bias starts at 0
+                out[f"{norm}.bias"] = torch.zeros(len(keep), device=keep.device)
     up = w["up"][:, keep]
     gate = w["gate"][:, keep] if "gate" in w else None
     down = w["down"][keep]
