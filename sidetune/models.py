@@ -159,6 +159,10 @@ def _tokenizer_dir(name: str) -> Path:
     return path
 
 
+# Errors of a model class's own code, not of reading a checkpoint (a keyword it rejects, a missing attribute).
+_BUILD_ERRORS = (TypeError, AttributeError, NotImplementedError, ImportError, AssertionError)
+
+
 def _unreadable(name: str, path: Path, e: BaseException) -> NoReturn:
     """A local model directory whose config or weights cannot be read: one line naming the file."""
     raise SidetuneError(f"model.name={name!r}: {path} could not be loaded ({one_line(e, 160)}); its config.json or "
@@ -206,13 +210,18 @@ def load_model(cfg: ModelConfig, task: str | Task, num_labels: int | None = None
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
         _unreadable(cfg.name, path / "config.json", e)
+    # The task's label count and pad id go on the config itself: as from_pretrained keywords, whatever the config
+    # class does not declare is passed on to the model class, and some reject it (CodeGen: pad_token_id).
+    for key in ("num_labels", "pad_token_id"):
+        if key in task_kwargs:
+            setattr(config, key, task_kwargs.pop(key))
     dtype = resolve_dtype(cfg.dtype, device, _checkpoint_dtype(config))
     # A prediction on fake tensors cannot run bitsandbytes' quantizer: load in float, then fake-quantize.
     quant = _bnb_config(cfg, device) if not fake else None
     try:
         with _quiet_transformers():
             model, info = auto.from_pretrained(
-                path, dtype=dtype, quantization_config=quant, output_loading_info=True,
+                path, config=config, dtype=dtype, quantization_config=quant, output_loading_info=True,
                 # bitsandbytes quantizes while placing weights, so a quantized model loads straight onto its device.
                 device_map={"": device} if quant is not None else None, **task_kwargs)
     except SidetuneError:
@@ -221,6 +230,11 @@ def load_model(cfg: ModelConfig, task: str | Task, num_labels: int | None = None
         if "Unrecognized configuration class" not in str(e):
             _unreadable(cfg.name, path, e)
         _no_task_head(e, cfg.name, config.model_type, auto)
+    except _BUILD_ERRORS as e:  # the files were read: the model class itself failed
+        raise SidetuneError(f"model.name={cfg.name!r}: transformers could not build {auto.__name__[4:]} for "
+                            f"model_type {config.model_type!r} from {path} ({one_line(e, 160)}); the checkpoint "
+                            f"was read, the model class refused it (another transformers version, or another "
+                            f"data.task, may load it)") from None
     except Exception as e:
         _unreadable(cfg.name, path, e)
     model.sidetune_head = _new_modules(model, info["missing_keys"])

@@ -11,7 +11,15 @@ from conftest import RECIPES, batch_for, ctx, read_metrics, run_cli, tiny
 from torch.testing import assert_close
 
 from sidetune.errors import SidetuneError
-from sidetune.methods.adapter import Adapter, AdapterConfig, ParallelAdapter, SequentialAdapter, adapter_layers
+from sidetune.methods.adapter import (
+    Adapter,
+    AdapterConfig,
+    FFNInput,
+    ParallelAdapter,
+    ParallelOutputAdapter,
+    SequentialAdapter,
+    adapter_layers,
+)
 
 FAMILIES = [("tiny-llama", "causal_lm"), ("tiny-bert", "classification"), ("tiny-gpt2", "causal_lm"),
             ("tiny-t5", "seq2seq")]
@@ -19,14 +27,15 @@ FAMILIES = [("tiny-llama", "causal_lm"), ("tiny-bert", "classification"), ("tiny
 # The modules each variant wraps in block 0, per family (T5: encoder block 0; its decoder is checked by count).
 EXPECTED = {
     "tiny-llama": {"houlsby": ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"],
-                   "pfeiffer": ["model.layers.0.mlp.down_proj"], "parallel": ["model.layers.0.mlp"]},
+                   "pfeiffer": ["model.layers.0.mlp.down_proj"], "parallel": ["model.layers.0.mlp.down_proj"]},
     "tiny-bert": {"houlsby": ["bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.0.output.dense"],
-                  "pfeiffer": ["bert.encoder.layer.0.output.dense"], "parallel": ["bert.encoder.layer.0.output"]},
+                  "pfeiffer": ["bert.encoder.layer.0.output.dense"],
+                  "parallel": ["bert.encoder.layer.0.output.dense"]},
     "tiny-gpt2": {"houlsby": ["transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_proj"],
-                  "pfeiffer": ["transformer.h.0.mlp.c_proj"], "parallel": ["transformer.h.0.mlp"]},
+                  "pfeiffer": ["transformer.h.0.mlp.c_proj"], "parallel": ["transformer.h.0.mlp.c_proj"]},
     "tiny-t5": {"houlsby": ["encoder.block.0.layer.0.SelfAttention.o", "encoder.block.0.layer.1.DenseReluDense.wo"],
                 "pfeiffer": ["encoder.block.0.layer.1.DenseReluDense.wo"],
-                "parallel": ["encoder.block.0.layer.1.DenseReluDense"]},
+                "parallel": ["encoder.block.0.layer.1.DenseReluDense.wo"]},
 }
 LAYERS = {"tiny-llama": 4, "tiny-bert": 4, "tiny-gpt2": 4, "tiny-t5": 6}  # T5: 3 encoder + 3 decoder blocks
 
@@ -80,14 +89,26 @@ def test_bert_parallel_reads_the_ffn_input_and_lands_before_layernorm():
     model = Adapter(AdapterConfig(variant="parallel", scaling=4.0)).apply(tiny("tiny-bert", "classification"), ctx("classification"))
     _randomize(model)
     layer = model.bert.encoder.layer[0]
-    assert isinstance(layer.output, ParallelAdapter)
-    out = layer.output.base  # BertOutput: LayerNorm(dropout(dense(h)) + x), x = the FFN input
+    # the FFN's first projection records its input x; the adapter at its output projection reads it
+    assert isinstance(layer.intermediate.dense, FFNInput) and isinstance(layer.output.dense, ParallelOutputAdapter)
+    out = layer.output  # BertOutput: LayerNorm(dropout(dense(h)) + x), x = the FFN input
     x = torch.randn(2, 5, 64)
     layer.eval()
     with torch.no_grad():
         h = layer.intermediate(x)
-        expected = out.LayerNorm(out.dense(h) + x + _bottleneck(layer.output, x))
-        assert_close(layer.output(h, x), expected)
+        expected = out.LayerNorm(out.dense.base(h) + _bottleneck(out.dense, x) + x)
+        assert_close(out(h, x), expected)
+
+
+def test_parallel_with_targets_wraps_the_named_ffn_modules_as_before():
+    model = Adapter(AdapterConfig(variant="parallel", targets=["mlp"])).apply(tiny("tiny-llama", "causal_lm"),
+                                                                            ctx("causal_lm")).eval()
+    _randomize(model)
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp, ParallelAdapter)
+    x = torch.randn(1, 4, 64)
+    with torch.no_grad():
+        assert_close(mlp(x), mlp.base(x) + _bottleneck(mlp, x))
 
 
 @pytest.mark.parametrize("preset,task,block_path", [("tiny-llama", "causal_lm", "model.layers.0"),
@@ -108,8 +129,16 @@ def test_pre_ln_adapters_live_inside_the_residual_branch(preset, task, block_pat
                 o = proj.base(inner)
                 assert_close(mlp(x), o + _bottleneck(proj, o))
             else:  # parallel: FFN(x) + s A(x), x being the FFN input (after the pre-FFN norm)
-                assert isinstance(block.mlp, ParallelAdapter)
-                assert_close(block.mlp(x), block.mlp.base(x) + _bottleneck(block.mlp, x))
+                mlp = block.mlp
+                proj = mlp.down_proj if hasattr(mlp, "down_proj") else mlp.c_proj
+                assert isinstance(proj, ParallelOutputAdapter)
+                with torch.no_grad():
+                    for m in adapter_layers(model):
+                        m.adapter.up.weight.zero_()
+                        m.adapter.up.bias.zero_()
+                    plain = mlp(x)  # the FFN alone (every adapter adds 0)
+                _randomize(model)
+                assert_close(mlp(x), plain + _bottleneck(proj, x))
 
 
 def test_only_adapters_and_head_get_gradients():

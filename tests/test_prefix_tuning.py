@@ -77,7 +77,7 @@ def test_materialize_drops_the_mlp_and_keeps_the_output(preset, task):
         before = model(**batch).logits
         model.prefix.materialize()
         assert model.prefix.transform is None
-        layers, kv_heads, head_dim = kv_shape(base.config)
+        layers, kv_heads, head_dim = kv_shape(base)
         assert model.prefix.embedding.weight.shape == (5, layers * 2 * kv_heads * head_dim)
         assert_close(model(**batch).logits, before, rtol=1e-6, atol=1e-6)
 

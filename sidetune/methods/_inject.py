@@ -6,11 +6,11 @@ import re
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-# Layer types a method may wrap. bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear; GPT-2 uses Conv1D,
-# a Linear whose weight is stored transposed (in, out).
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+from sidetune.anatomy import LINEAR_TYPES, linear_features
+
+__all__ = ["LINEAR_TYPES", "WrappedLinear", "find_targets", "float32_linear", "freeze", "head_module_names",
+           "linear_features", "module_device", "replace_module", "to_input"]
 
 
 def freeze(model: nn.Module) -> None:
@@ -29,13 +29,6 @@ def freeze(model: nn.Module) -> None:
 
 def head_module_names(model: nn.Module) -> list[str]:
     return list(getattr(model, "sidetune_head", ()))
-
-
-def linear_features(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear, a bitsandbytes linear or a GPT-2 Conv1D."""
-    if isinstance(layer, Conv1D):
-        return layer.weight.shape[0], layer.nf
-    return layer.in_features, layer.out_features
 
 
 def to_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,12 @@
-"""LST's side network: how it reads a backbone stack, and the transformer blocks of width d/r it is made of.
-
-A `Stack` describes one stack of backbone blocks (a decoder-only or encoder-only body, or T5's encoder or decoder):
-its blocks, its final norm and its `BlockShape`, read from the model's own config and modules rather than from a
-per-family table: the norm (RMS or LayerNorm, its eps, pre- or post-norm, Gemma's extra "sandwich" norms), the
-attention projections (q/k/v/o, or a fused qkv), grouped-query heads, q/k norms (Qwen3, Gemma3), the MLP (gated,
-fused gate+up, or plain; the activation named in the config), parallel attention + MLP (GPT-NeoX, Falcon, Phi) and
-RoPE from the model's rotary embedding (partial rotary: only the first dims of each head rotate). The side network
-mirrors what makes it a sound small transformer and what pruned init needs; it ignores what only matters inside the
-backbone (attention soft-capping, sliding windows, ALiBi, learned positions and embedding scaling: the ladders
-carry those signals in). Nothing here changes the backbone, so step 0 is the frozen model whatever the side looks like.
+"""LST's side network: the transformer blocks of width d/r it is made of, following the backbone stacks that
+`sidetune.anatomy` reads from the model's own config and modules (blocks, the norm kind and eps, pre- or post-norm,
+Gemma's extra "sandwich" norms, q/k/v/o or a fused qkv with its row layout, grouped-query heads, q/k norms (Qwen3,
+Gemma3), gated, fused gate+up or plain MLPs with the config's activation, parallel attention + MLP (GPT-NeoX,
+Falcon, Phi) and RoPE from the model's rotary embedding (partial rotary: only the first dims of each head rotate)).
+The side network mirrors what makes it a sound small transformer and what pruned init needs; it ignores what only
+matters inside the backbone (attention soft-capping, sliding windows, ALiBi, learned positions and embedding
+scaling: the ladders carry those signals in). Nothing here changes the backbone, so step 0 is the frozen model
+whatever the side looks like.
 
 When a block's modules cannot be mapped to these roles (names that do not say q/k/v, an unusual count of norms), the
 shape falls back to a plain pre-norm block from the config and `Stack.unmapped` says why: LST then starts the side
@@ -19,298 +17,40 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 from transformers.masking_utils import find_packed_sequence_indices
-from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from sidetune.anatomy import BlockShape, Stack, Unmapped, read
 from sidetune.errors import SidetuneError
-from sidetune.methods._inject import LINEAR_TYPES, linear_features, to_input
+from sidetune.methods._inject import to_input
+
+__all__ = ["BlockShape", "SideCache", "SideStack", "Stack", "Unmapped", "capture", "stacks_of", "tapped_layers"]
 
 NEG_INF = float("-inf")
 
 
-@dataclass(frozen=True)
-class BlockShape:
-    family: str  # "t5", or the model_type of a generic body (for messages)
-    d: int  # residual width
-    heads: int
-    kv_heads: int  # < heads: grouped-query attention
-    head_dim: int
-    ff: int  # MLP inner width
-    norm: str  # rms | layer
-    eps: float
-    pre_norm: bool  # False: BERT's post-norm blocks
-    gated: bool  # MLP is down(act(gate(x)) * up(x))
-    act: str
-    biases: frozenset[str]  # which projections (q k v o up gate down) carry a bias
-    scale: float | None  # attention score scale; None = 1/sqrt(head_dim)
-    causal: bool
-    cross: bool  # blocks cross-attend to an encoder (T5 decoder)
-    rope: bool
-    rel_bias: tuple[int, int] | None  # T5: (num_buckets, max_distance)
-    rope_dims: int = 0  # dims of each head that rotate (partial rotary: < head_dim); 0 without RoPE
-    qk_norm: bool = False  # RMS norm of each query/key head before RoPE (Qwen3, Gemma3)
-    sandwich: bool = False  # norms on the attention and MLP outputs too (Gemma2, Gemma3)
-    parallel: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX, Falcon, Phi)
-    # A fused qkv projection's rows: "concat" (q | k | v: GPT-2, Phi3) or "grouped" (per key/value group: the
-    # group's queries, then its key and value: GPT-NeoX, Falcon); "" when q, k, v are separate.
-    qkv_layout: str = ""
-
-    def reduced(self, r: int) -> BlockShape:
-        """The side blocks' shape: width, head dims and MLP divided by r (heads kept, so attention keeps its
-        structure; RoPE needs an even head dim)."""
-        head_dim = max(2, self.head_dim // r // 2 * 2) if self.rope else max(1, self.head_dim // r)
-        rope_dims = 0
-        if self.rope:
-            rope_dims = head_dim if self.rope_dims >= self.head_dim else min(head_dim, max(2, self.rope_dims // r // 2 * 2))
-        return replace(self, d=self.d // r, head_dim=head_dim, ff=max(1, self.ff // r), rope_dims=rope_dims)
-
-
-@dataclass
-class Stack:
-    layers: nn.ModuleList  # the backbone's blocks; ladders read their outputs
-    final_norm: nn.Module | None
-    shape: BlockShape
-    inv_freq: torch.Tensor | None = None  # RoPE frequencies of the backbone
-    rope_scaling: float = 1.0
-    unmapped: str | None = None  # why pruned init cannot read these blocks (None: it can)
-    out_dim: int | None = None  # width of the body's output when it differs from d (OPT's project_out)
-
-
-class Unmapped(Exception):
-    """A block whose modules cannot be given the roles pruned init needs (caught: LST falls back to random init)."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Reading a backbone block
-
-FUSED_QKV = {"qkv_proj", "c_attn", "query_key_value", "wqkv", "qkv", "in_proj"}
-_ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
-
-
-def is_norm(module: nn.Module) -> bool:
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-        return True
-    w = getattr(module, "weight", None)
-    return "norm" in type(module).__name__.lower() and isinstance(w, torch.Tensor) and w.dim() == 1
-
-
-def norm_kind(module: nn.Module) -> str:
-    return "layer" if isinstance(module, nn.LayerNorm) or getattr(module, "bias", None) is not None else "rms"
-
-
-def norm_eps(module: nn.Module, config) -> float:
-    for owner, key in ((module, "variance_epsilon"), (module, "eps"), (module, "epsilon"), (config, "rms_norm_eps"),
-                       (config, "layer_norm_eps"), (config, "layer_norm_epsilon"), (config, "norm_eps")):
-        value = getattr(owner, key, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return 1e-6
-
-
-def _linear_role(leaf: str, in_attention: bool) -> str:
-    low = leaf.lower()
-    head = low.split("_")[0]
-    if in_attention:
-        if low in FUSED_QKV:
-            return "qkv"
-        return {"q": "q", "query": "q", "k": "k", "key": "k", "v": "v", "value": "v"}.get(head, "o")
-    if "gate_up" in low:
-        return "gate_up"
-    if "gate" in low or low in ("w1", "wi_0"):
-        return "gate"
-    return "mlp"
-
-
-def block_modules(layer: nn.Module, d: int | None = None) -> dict[str, nn.Module]:
-    """A generic block's modules by role: q k v (or qkv) o, up gate (or gate_up) down, ln1 ln2 (post_attn post_ff:
-    Gemma2's sandwich norms), q_norm k_norm. d: the residual width (None: the width of its first block-level norm).
-    Raises Unmapped when the roles are not clear."""
-    if d is None:
-        d = next((m.weight.numel() for n, m in layer.named_modules() if is_norm(m) and m.weight is not None
-                  and not any(_ATTENTION.search(p) for p in n.split(".")[:-1])), None)
-        if d is None:
-            raise Unmapped("it has no norm outside its attention")
-    out: dict[str, nn.Module] = {}
-    norms, mlp = [], []
-    for name, mod in layer.named_modules():
-        if not name:
-            continue
-        path = name.split(".")
-        in_attention = any(_ATTENTION.search(p) for p in path[:-1])
-        if is_norm(mod):
-            if mod.weight is None:
-                raise Unmapped(f"its norm {name} has no weight")
-            head = path[-1].lower()[:1]
-            if in_attention and head in "qk" and mod.weight.numel() != d:
-                role = f"{head}_norm"
-            elif in_attention and mod.weight.numel() != d:
-                continue
-            else:
-                norms.append(mod)
-                continue
-        elif isinstance(mod, LINEAR_TYPES):
-            role = _linear_role(path[-1], in_attention)
-            if role == "mlp":
-                mlp.append(mod)
-                continue
-        else:
-            continue
-        if role in out:
-            raise Unmapped(f"two modules look like its {role!r} projection")
-        out[role] = mod
-    for mod in mlp:  # up reads the residual stream (d -> ff), down writes it (ff -> d); equal widths: in order
-        n_in, n_out = linear_features(mod)
-        role = "up" if n_in == d and (n_out != d or "up" not in out) else "down"
-        if role in out:
-            raise Unmapped(f"two modules look like its MLP {role!r} projection")
-        out[role] = mod
-    roles = {1: ("ln1",), 2: ("ln1", "ln2"), 4: ("ln1", "post_attn", "ln2", "post_ff")}.get(len(norms))
-    if roles is None:
-        raise Unmapped(f"it has {len(norms)} norms (1, 2 or 4 are understood)")
-    out |= dict(zip(roles, norms))
-    missing = [r for r in ("o", "down") if r not in out]
-    missing += [] if "qkv" in out or all(r in out for r in "qkv") else ["q/k/v"]
-    missing += [] if "up" in out or "gate_up" in out else ["up"]
-    if missing:
-        raise Unmapped(f"no {', '.join(missing)} projection found")
-    return out
-
-
-def _act(config) -> str:
-    for key in ("hidden_activation", "hidden_act", "activation_function", "dense_act_fn", "activation"):
-        value = getattr(config, key, None)
-        if isinstance(value, str) and value in ACT2FN:
-            return value
-    return "gelu"
-
-
-def _rotary(body: nn.Module, config) -> tuple[torch.Tensor | None, float]:
-    """The backbone's RoPE frequencies (the full-attention set where layer types differ) and attention scaling."""
-    if getattr(config, "alibi", False):  # Falcon with ALiBi: no rotary embedding is applied
-        return None, 1.0
-    for mod in body.modules():
-        buffers = {n: b for n, b in mod.named_buffers(recurse=False) if n.endswith("inv_freq") and "original" not in n}
-        if not buffers:
-            continue
-        key = next((n for n in ("full_attention_inv_freq", "inv_freq") if n in buffers), next(iter(buffers)))
-        prefix = key[: -len("inv_freq")]
-        scaling = getattr(mod, f"{prefix}attention_scaling", getattr(mod, "attention_scaling", 1.0))
-        return buffers[key].detach().float().clone(), float(scaling or 1.0)
-    return None, 1.0
-
-
-def is_causal_body(config) -> bool:
-    return bool(getattr(config, "is_decoder", False)) or config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-
-def _final_norm(body: nn.Module, layers: nn.ModuleList, causal: bool) -> nn.Module | None:
-    inside = {id(m) for m in layers.modules()}
-    found = None
-    for name, mod in body.named_modules():
-        if id(mod) in inside or not is_norm(mod) or "embed" in name.lower():
-            continue
-        leaf = name.rpartition(".")[2].lower()
-        if causal or "final" in leaf or leaf in ("norm", "ln_f", "norm_f"):
-            found = mod
-    return found
-
-
-_PROJECTIONS = {"q": ("q",), "k": ("k",), "v": ("v",), "qkv": ("q", "k", "v"), "o": ("o",), "up": ("up",),
-                "gate": ("gate",), "gate_up": ("gate", "up"), "down": ("down",)}
-
-
-def _generic_stack(body: nn.Module, layers: nn.ModuleList, c) -> Stack:
-    """A decoder-only or encoder-only body, read from its config and its first block's modules."""
-    d, heads = c.hidden_size, c.num_attention_heads
-    causal = is_causal_body(c)
-    final_norm = _final_norm(body, layers, causal)
-    pre_norm = bool(getattr(c, "do_layer_norm_before", True)) if causal else final_norm is not None
-    inv_freq, scaling = _rotary(body, c)
-    head_dim = getattr(c, "head_dim", None) or d // heads
-    unmapped = None
-    try:
-        mods = block_modules(layers[0], d)
-    except Unmapped as e:
-        unmapped, mods = f"{type(layers[0]).__name__}: {e}", {}
-    if "k" in mods:
-        head_dim = getattr(c, "head_dim", None) or linear_features(mods["q"])[1] // heads
-        kv_heads = linear_features(mods["k"])[1] // head_dim
-    elif "qkv" in mods:
-        kv_heads = (linear_features(mods["qkv"])[1] // head_dim - heads) // 2
-    else:
-        kv_heads = getattr(c, "num_key_value_heads", None) or heads
-    if "gate_up" in mods:
-        ff = linear_features(mods["gate_up"])[1] // 2
-    elif "up" in mods:
-        ff = linear_features(mods["up"])[1]
-    else:
-        ff = getattr(c, "intermediate_size", None) or 4 * d
-    ln1 = mods.get("ln1")
-    norm = norm_kind(ln1) if ln1 is not None else "rms"
-    eps = norm_eps(ln1, c) if ln1 is not None else norm_eps(nn.Module(), c)
-    biases = frozenset(part for role, mod in mods.items() if role in _PROJECTIONS
-                       and getattr(mod, "bias", None) is not None for part in _PROJECTIONS[role])
-    # Parallel attention + MLP: one norm feeding both (Phi, Falcon), or the config says so (GPT-NeoX, Falcon).
-    parallel = bool(mods) and ("ln2" not in mods or bool(getattr(c, "use_parallel_residual", False))
-                               or bool(getattr(c, "new_decoder_architecture", False)))
-    if parallel and "ln2" not in mods and "ln1" in mods:
-        mods["ln2"] = mods["ln1"]
-    rope = inv_freq is not None
-    shape = BlockShape(c.model_type, d, heads, max(1, kv_heads), head_dim, ff, norm, eps, pre_norm,
-                       "gate" in mods or "gate_up" in mods or not mods, _act(c), biases, None, causal, False, rope,
-                       None, rope_dims=min(head_dim, 2 * inv_freq.numel()) if rope else 0,
-                       qk_norm="q_norm" in mods and "k_norm" in mods, sandwich="post_ff" in mods, parallel=parallel)
-    fused = next((n.rpartition(".")[2].lower() for n, m in layers[0].named_modules() if m is mods.get("qkv")), "")
-    shape = replace(shape, qkv_layout="" if not fused else "grouped" if fused == "query_key_value" else "concat")
-    out_dim = None
-    project_out = getattr(getattr(body, "decoder", body), "project_out", None)  # OPT-350m: hidden -> embedding dim
-    if isinstance(project_out, nn.Linear):
-        out_dim = project_out.out_features
-    return Stack(layers, final_norm, shape, inv_freq, scaling, unmapped, out_dim)
-
-
-def _t5_stack(body: nn.Module, layers: nn.ModuleList, c, causal: bool, cross: bool) -> Stack:
-    # T5: no biases, unscaled scores (the scale is folded into the init), a relative position bias shared by all
-    # blocks of a stack.
-    layer = layers[0]
-    shape = BlockShape("t5", c.d_model, c.num_heads, c.num_heads, c.d_kv, c.d_ff, "rms",
-                       layer.layer[0].layer_norm.variance_epsilon, True, c.is_gated_act, c.dense_act_fn, frozenset(),
-                       1.0, causal, cross, False, (c.relative_attention_num_buckets, c.relative_attention_max_distance))
-    return Stack(layers, body.final_layer_norm, shape)
-
-
 def stacks_of(model: nn.Module) -> list[Stack]:
-    """The backbone stacks the side network follows: [body] for decoder/encoder-only models, [encoder, decoder] for
-    T5. A layout LST cannot follow is one SidetuneError naming the model type."""
-    config = model.config
-    kind = f"{type(model).__name__} (model_type {config.model_type!r})"
-    if config.is_encoder_decoder:
-        enc = getattr(getattr(model, "encoder", None), "block", None)
-        dec = getattr(getattr(model, "decoder", None), "block", None)
-        if enc is None or dec is None or not hasattr(enc[0], "layer"):
+    """The backbone stacks the side network follows (`sidetune.anatomy`): [body] for decoder/encoder-only models,
+    [encoder, decoder] for T5. A layout LST cannot follow is one SidetuneError naming the model type."""
+    anatomy = read(model)
+    kind = anatomy.describe
+    if anatomy.kind == "encoder-decoder":
+        if len(anatomy.stacks) != 2 or not all(s.shape.rel_bias for s in anatomy.stacks):
             raise SidetuneError(f"LST supports T5-style encoder-decoders only, not {kind}; use a decoder-only or "
                                 f"encoder-only model, or another method")
-        return [_t5_stack(model.encoder, enc, config, causal=False, cross=False),
-                _t5_stack(model.decoder, dec, config, causal=True, cross=True)]
-    body = model.base_model
-    n = getattr(config, "num_hidden_layers", None)
-    lists = [m for m in body.modules() if isinstance(m, nn.ModuleList) and len(m) == n and len(m)]
-    if not lists or not isinstance(getattr(config, "hidden_size", None), int):
+        return anatomy.stacks
+    if not anatomy.stacks:
+        n = getattr(model.config, "num_hidden_layers", None)
         raise SidetuneError(f"LST found no list of {n} blocks of width hidden_size in {kind}: it follows bodies made "
                             f"of embeddings, a list of blocks and a final norm; use another method for this model")
-    try:
-        return [_generic_stack(body, lists[0], config)]
-    except (AttributeError, TypeError, ValueError, ZeroDivisionError) as e:
-        raise SidetuneError(f"LST cannot read the blocks of {kind} ({type(e).__name__}: {e}); use another method "
-                            f"for this model") from None
+    return anatomy.stacks
 
 
 def tapped_layers(spec: str | list[int], n: int | None) -> list[int]:
@@ -394,17 +134,15 @@ class SideAttention(nn.Module):
     def forward(self, x, mask, is_causal: bool, rope=None, kv=None, dropout: float = 0.0, cache: dict | None = None):
         """cache (generation): this layer's keys and values so far; new ones are appended (self-attention) or,
         for cross-attention, computed once."""
-        b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        q = rearrange(self.q(x), "b t (h d) -> b h t d", h=self.heads)
         if self.q_norm is not None:
             q = self.q_norm(q).to(x.dtype)
         if cache is not None and kv is not None and "k" in cache:
             k, v = cache["k"], cache["v"]
         else:
             src = x if kv is None else kv
-            s = src.shape[1]
-            k = self.k(src).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = self.v(src).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+            k = rearrange(self.k(src), "b s (h d) -> b h s d", h=self.kv_heads)
+            v = rearrange(self.v(src), "b s (h d) -> b h s d", h=self.kv_heads)
             if self.k_norm is not None:
                 k = self.k_norm(k).to(x.dtype)
             if rope is not None:
@@ -415,14 +153,14 @@ class SideAttention(nn.Module):
                 cache["k"], cache["v"] = k, v
         if rope is not None:
             q = _apply_rope(q, *rope)
-        if self.kv_heads != self.heads:
-            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        if self.kv_heads != self.heads:  # grouped-query: each key/value head serves heads / kv_heads query heads
+            k = repeat(k, "b h s d -> b (h g) s d", g=self.heads // self.kv_heads)
+            v = repeat(v, "b h s d -> b (h g) s d", g=self.heads // self.kv_heads)
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal,
                                              dropout_p=dropout if self.training else 0.0, scale=self.scale)
-        return self.o(out.transpose(1, 2).reshape(b, t, -1))
+        return self.o(rearrange(out, "b h t d -> b t (h d)"))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from sidetune.methods._lst_blocks import BlockShape, SideStack, Stack, block_modules, rope_indices
+from sidetune.anatomy import BlockShape, Stack, block_modules, qkv_rows
+from sidetune.methods._lst_blocks import SideStack, rope_indices
 
 INPUT_SIDE = {"q": "ln1", "k": "ln1", "v": "ln1", "qkv": "ln1", "up": "ln2", "gate": "ln2", "xq": "lnx", "xk": None,
               "xv": None}
@@ -77,26 +78,13 @@ def norm_gain(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return gain, (plus + minus) / 2 if b is not None else b
 
 
-def _modules(layer: nn.Module, family: str) -> dict[str, nn.Module]:
-    if family != "t5":
-        return block_modules(layer)
-    sa, ff = layer.layer[0], layer.layer[-1]
-    out = {k: getattr(sa.SelfAttention, k) for k in "qkvo"} | {"ln1": sa.layer_norm, "ln2": ff.layer_norm}
-    dense = ff.DenseReluDense
-    out |= {"gate": dense.wi_0, "up": dense.wi_1} if hasattr(dense, "wi_0") else {"up": dense.wi}
-    out["down"] = dense.wo
-    if len(layer.layer) == 3:  # decoder block: cross-attention
-        out |= {f"x{k}": getattr(layer.layer[1].EncDecAttention, k) for k in "qkvo"} | {"lnx": layer.layer[1].layer_norm}
-    return out
-
-
-def block_weights(layer: nn.Module, family: str) -> dict[str, torch.Tensor]:
+def block_weights(layer: nn.Module) -> dict[str, torch.Tensor]:
     """A backbone block's weights under neutral names (q k v o up gate down xq.. ln1 ln2 lnx post_attn post_ff q_norm
     k_norm), float32, and biases under "<name>.bias"; norms as their effective gain (`norm_gain`). A fused qkv
     projection stays "qkv" (`split_qkv` cuts it, given the block's shape); a fused gate+up is split here. Raises
     `_lst_blocks.Unmapped` when the block's modules cannot be given these roles."""
     out: dict[str, torch.Tensor] = {}
-    for name, mod in _modules(layer, family).items():
+    for name, mod in block_modules(layer).items():
         if name.startswith(("ln", "post_")) or name.endswith("_norm"):
             out[name], bias = norm_gain(mod)
             if bias is not None:
@@ -117,18 +105,11 @@ def split_qkv(w: dict[str, torch.Tensor], shape: BlockShape) -> dict[str, torch.
     if "qkv" not in w:
         return w
     w = dict(w)
-    h, kv, hd = shape.heads, shape.kv_heads, shape.head_dim
+    rows = qkv_rows(shape.qkv_layout, shape.heads, shape.kv_heads, shape.head_dim)
     for suffix in ("", ".bias"):
         fused = w.pop(f"qkv{suffix}", None)
-        if fused is None:
-            continue
-        if shape.qkv_layout == "grouped":  # per group: its h/kv queries, one key, one value
-            g = fused.reshape(kv, h // kv + 2, hd, -1)
-            parts = (g[:, :-2], g[:, -2:-1], g[:, -1:])
-        else:
-            parts = fused.split([h * hd, kv * hd, kv * hd], dim=0)
-        for key, part in zip("qkv", parts):
-            w[f"{key}{suffix}"] = part.reshape(-1, *fused.shape[1:])
+        if fused is not None:
+            w |= {f"{key}{suffix}": fused[rows[key].to(fused.device)] for key in "qkv"}
     return w
 
 
@@ -155,7 +136,7 @@ def keep_hidden(stacks: list[Stack], tapped: list[list[int]], d_side: int,
     imp = 0
     for stack, layers in zip(stacks, tapped):
         for i in layers:
-            imp = imp + hidden_importance(block_weights(stack.layers[i], stack.shape.family), stack.shape.pre_norm)
+            imp = imp + hidden_importance(block_weights(stack.layers[i]), stack.shape.pre_norm)
     return torch.topk(imp, d_side).indices.sort().values
 
 
@@ -217,6 +198,8 @@ def prune_block(w: dict[str, torch.Tensor], keep: torch.Tensor, src: BlockShape,
             out[f"{norm}.weight"] = w[norm][keep]
             if f"{norm}.bias" in w:
                 out[f"{norm}.bias"] = w[f"{norm}.bias"][keep]
+            elif side.norm == "layer":  # a LayerNorm without a bias (MPT): the side norm's bias starts at 0
+                out[f"{norm}.bias"] = torch.zeros(len(keep), device=keep.device)
     up = w["up"][:, keep]
     gate = w["gate"][:, keep] if "gate" in w else None
     down = w["down"][keep]
@@ -244,7 +227,7 @@ def init_pruned(side: SideStack, stack: Stack, side_shape: BlockShape, keep: tor
     """Copy pruned backbone weights into a side stack; ladders start as the selection of the kept dims. `fisher`:
     per tapped block index, its Fisher scores (`Scores.blocks[stack]`)."""
     for block, i in zip(side.blocks, side.tapped):
-        w = block_weights(stack.layers[i], stack.shape.family)
+        w = block_weights(stack.layers[i])
         block.load_state_dict(prune_block(w, keep, stack.shape, side_shape, fisher[i] if fisher else None))
     for ladder in side.ladders:
         ladder.weight.zero_()
@@ -256,7 +239,7 @@ def init_pruned(side: SideStack, stack: Stack, side_shape: BlockShape, keep: tor
         if side.norm.bias is not None and bias is not None:
             side.norm.bias.copy_(bias[keep])
     if side.rel_bias is not None:
-        side.rel_bias.weight.copy_(stack.layers[0].layer[0].SelfAttention.relative_attention_bias.weight.float())
+        side.rel_bias.weight.copy_(stack.rel_bias.weight.float())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -312,7 +295,7 @@ def fisher_scores(stacks: list[Stack], tapped: list[list[int]], loss_of: Callabl
         handles = []
         for k, (stack, layers) in enumerate(zip(stacks, tapped)):
             for i in layers:
-                mods = _modules(stack.layers[i], stack.shape.family)
+                mods = block_modules(stack.layers[i])
                 handles += [mods[r].register_forward_hook(masks.on_output((k, i, r)))
                             for r in MASKED_OUTPUTS if r in mods]
                 handles.append(mods["down"].register_forward_pre_hook(masks.on_input((k, i, "ff"))))

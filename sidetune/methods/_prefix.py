@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -42,6 +43,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from sidetune.anatomy import read
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_dropout, check_positive
 from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
@@ -79,7 +81,8 @@ class PrefixEncoder(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if zero_values:
             with torch.no_grad():  # zero every value column: the prefix's own attention then adds exactly 0
-                value_cols = torch.arange(out_dim, device=device).view(num_layers, 2, kv_dim)[:, 1].reshape(-1)
+                cols = rearrange(torch.arange(out_dim, device=device), "(l kv c) -> l kv c", l=num_layers, kv=2)
+                value_cols = cols[:, 1].reshape(-1)
                 if self.transform is not None:
                     self.transform[-1].weight[value_cols] = 0
                     self.transform[-1].bias[value_cols] = 0
@@ -93,8 +96,8 @@ class PrefixEncoder(nn.Module):
 
     def forward(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         x = self.dropout(self.table())
-        # (P, L*2*H*D) -> (L*2, H, P, D): one batch-independent copy; the batch dimension is a broadcast view.
-        kv = x.view(x.shape[0], self.num_layers * 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        # One batch-independent copy per layer and kind (key, value); the batch dimension is a broadcast view.
+        kv = rearrange(x, "p (lk h d) -> lk h p d", lk=self.num_layers * 2, h=self.kv_heads)
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(self.num_layers)]
 
     @torch.no_grad()
@@ -167,8 +170,8 @@ def _separate_prefix_attention(base: str):
         out, _ = fn(module, query, key[:, :, p:], value[:, :, p:], mask, dropout=dropout, scaling=scaling, **kwargs)
         k, v = key[:, :, :p], value[:, :, :p]
         if query.shape[1] != k.shape[1]:  # grouped-query attention: each key/value head serves several query heads
-            k = k.repeat_interleave(query.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(query.shape[1] // v.shape[1], dim=1)
+            k = repeat(k, "b h p d -> b (h g) p d", g=query.shape[1] // k.shape[1])
+            v = repeat(v, "b h p d -> b (h g) p d", g=query.shape[1] // v.shape[1])
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         probs = torch.softmax((query @ k.transpose(-1, -2)).float() * scale, dim=-1).to(v.dtype)
         probs = F.dropout(probs, p=dropout, training=module.training)
@@ -198,6 +201,8 @@ def use_separate_prefix_attention(model: nn.Module, method: str) -> None:
 class PrefixModel(nn.Module):
     """The frozen model plus its prefix. forward(**batch) builds the prefix cache, extends the mask, sets positions."""
 
+    position_offset: int = 0  # the model's first position id (RoBERTa: 2), read by attach_prefix from its anatomy
+
     def __init__(self, model: nn.Module, prefix: PrefixEncoder, num_virtual_tokens: int, shift_positions: bool,
                  method: str, pooling: str | None = None) -> None:
         super().__init__()
@@ -217,7 +222,7 @@ class PrefixModel(nn.Module):
             attention_mask = torch.ones(b, t, dtype=torch.long, device=ref.device)
         attention_mask = torch.cat([attention_mask.new_ones(b, p), attention_mask], dim=1)
         if position_ids is None:
-            position_ids = torch.arange(t, device=ref.device).unsqueeze(0).expand(b, -1)
+            position_ids = torch.arange(t, device=ref.device).unsqueeze(0).expand(b, -1) + self.position_offset
         if self.shift_positions:
             position_ids = position_ids + p
         return dict(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
@@ -324,12 +329,50 @@ def prefix_param_groups(model: PrefixModel, lr: float, head_lr: float | None) ->
     return [{"params": prefix, "lr": lr}] + ([{"params": rest, "lr": head_lr}] if rest else [])
 
 
-def kv_shape(config) -> tuple[int, int, int]:
-    """(layers, key/value heads, head dim) of a decoder-only or encoder-only config."""
-    layers, heads, hidden = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    return layers, kv_heads, head_dim
+def kv_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(blocks, key/value heads, head dim) of a decoder-only or encoder-only model, read from its attention
+    projections (`sidetune.anatomy`): a config's head count says nothing of Falcon's multi-query layout, for one."""
+    return read(model).kv_layout()
+
+
+def _check_prefix_reaches_attention(model: PrefixModel, method: str, zero_init_attention: bool) -> None:
+    """One forward of 2 x 2 tokens: a model whose attention takes no key/value cache (DistilBERT, DeBERTa, MPNet,
+    ...), or whose task head does not pass it on (Megatron-BERT's classifier), fails it on the mask that now covers
+    the prefix too; that is one line, not a traceback mid-training. With zero-init attention the output must also
+    be the frozen model's: a model that computes attention in its own code (BLOOM, Falcon, MPT, GPT-Neo) never calls
+    the prefix's separate softmax, so the option would silently do nothing. Skipped on the meta device and on fake
+    tensors (memory predictions)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    param = next(model.model.parameters())
+    if param.device.type == "meta" or is_fake(param):  # a memory prediction: shapes only, no values to compare
+        return
+    ids = torch.full((2, 2), min(3, model.config.vocab_size - 1), dtype=torch.long, device=param.device)
+    mask = torch.tensor([[1, 1], [1, 0]], device=param.device)  # not all ones: transformers would drop the mask
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)  # the path training takes (a head may drop the cache)
+            ours = frozen = None
+            if zero_init_attention:  # the body's last hidden states (a pooling readout differs from the model's head)
+                ours = model.lm_hidden_states(input_ids=ids, attention_mask=mask)
+                frozen = model.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise SidetuneError(f"{method} cannot feed a prefix to {type(model.model).__name__}: it does not carry a "
+                            f"key/value cache to its attention ({first}); use method.name=lora, adapter, ia3 or "
+                            f"ptuning_v1") from None
+    finally:
+        model.train(training)
+    if frozen is not None:
+        real = mask.bool()  # a padding position's output is never read
+        gap = (ours[real].float() - frozen[real].float()).abs().max().item()
+        if gap > 1e-3 * (1 + frozen[real].float().abs().max().item()):
+            raise SidetuneError(f"{method} with zero_init_attention does not start at the frozen "
+                                f"{type(model.model).__name__} (max |hidden state difference| {gap:.3g}): its attention "
+                                f"does not run through transformers' attention functions, where the prefix's separate "
+                                f"softmax lives; set method.zero_init_attention=false")
 
 
 def attach_prefix(model: nn.Module, method: str, *, num_virtual_tokens: int, projection_dim: int | None,
@@ -359,8 +402,12 @@ def attach_prefix(model: nn.Module, method: str, *, num_virtual_tokens: int, pro
                                 f"do); set method.train_pooler=false")
         pooler.float().requires_grad_(True)  # trainable parts in fp32
     device = next(model.parameters()).device
-    prefix = PrefixEncoder(num_virtual_tokens, *kv_shape(model.config), projection_dim, dropout,
-                           zero_init_attention, device)
+    anatomy = read(model)
+    prefix = PrefixEncoder(num_virtual_tokens, *anatomy.kv_layout(), projection_dim, dropout, zero_init_attention,
+                           device)
     if zero_init_attention:
         use_separate_prefix_attention(model, method)
-    return PrefixModel(model, prefix, num_virtual_tokens, shift_positions, method, readout)
+    out = PrefixModel(model, prefix, num_virtual_tokens, shift_positions, method, readout)
+    out.position_offset = anatomy.position_offset
+    _check_prefix_reaches_attention(out, method, zero_init_attention)
+    return out

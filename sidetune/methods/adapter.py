@@ -12,16 +12,20 @@ An adapter is a small bottleneck MLP with its own skip connection, inserted into
 W_up starts at zero (weight and bias), so A = 0 and step 0 equals the frozen model exactly. W_up gets a gradient at
 step 0; W_down's is zero until W_up has moved, one step later (as LoRA's A with B = 0).
 
-Where the adapter sits relative to residual + LayerNorm, per family (all as in Houlsby's Figure 2: the adapter's
-output joins the sublayer output BEFORE the residual add and the LayerNorm):
-- BERT/RoBERTa (post-LN: LayerNorm(dropout(dense(x)) + residual)): we wrap `attention.output.dense` and
-  `layer.N.output.dense`, giving LayerNorm(dropout(o + A(o)) + residual). Houlsby put dropout before the adapter;
-  the two orders agree in eval mode. Parallel wraps `layer.N.output` and adds s * A(x) to the residual it is given,
-  i.e. LayerNorm(dropout(dense(h)) + x + s * A(x)), x being the FFN's input.
-- Llama/Mistral/Qwen (`self_attn.o_proj`, `mlp.down_proj`; parallel: `mlp`), GPT-2 (`attn.c_proj`, `mlp.c_proj`;
-  parallel: `mlp`) and T5 (`SelfAttention.o`, `DenseReluDense.wo`; parallel: `DenseReluDense`) are pre-LN:
-  x + sublayer(norm(x)). The adapter lives inside the residual branch, x + (o + A(o)), and the next sublayer's norm
-  follows. T5's decoder cross-attention (`EncDecAttention.o`) is left alone, as in Houlsby's placement.
+Where they sit, read from the model (`sidetune.anatomy`), not from a per-family table: "after the attention output
+projection" is each block's self-attention output role (an encoder-decoder's cross-attention output is left alone,
+as in Houlsby's placement), "after the FFN output projection" its MLP down role, and the parallel adapter reads the
+input of the MLP's first projection (up, or a fused gate+up: the FFN's input x) and adds s * A(x) to the output of
+its down projection. All of these join the sublayer's output BEFORE the residual add and any norm after it, as in
+Houlsby's Figure 2:
+- post-LN blocks (BERT/RoBERTa/DeBERTa: LayerNorm(dropout(dense(x)) + residual)) give LayerNorm(dropout(o + A(o)) +
+  residual); Houlsby put dropout before the adapter, and the two orders agree in eval mode. Parallel gives
+  LayerNorm(dropout(dense(h) + s * A(x)) + x), x being the FFN's input.
+- pre-LN blocks (Llama, GPT-2, GPT-NeoX, Falcon, T5 ...: x + sublayer(norm(x)), or parallel attention + MLP) keep
+  the adapter inside the residual branch: x + (o + A(o)), and the next sublayer's norm follows.
+`targets` overrides the placement with module names; then the parallel variant wraps whole FFN modules, FFN(x) +
+s * A(x) (a module called as (hidden_states, input_tensor), like BERT's output block, adds s * A(input_tensor) to
+the residual it is given).
 
 The wrappers keep the original layer as `self.base` (a float or bitsandbytes 4/8-bit linear, GPT-2's Conv1D, or a
 whole FFN module), so adapters work on a 4-bit base unchanged.
@@ -39,6 +43,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from sidetune.anatomy import read
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_dropout, check_positive, check_targets, opt
 from sidetune.methods._inject import (
@@ -51,11 +56,6 @@ from sidetune.methods._inject import (
     to_input,
 )
 from sidetune.methods.base import Context, Method
-
-# Module-name patterns (regexes matched against the end of the full module name, at a "." boundary), per role.
-ATTN_OUT = [r"attention\.output\.dense", r"self_attn\.o_proj", r"attn\.c_proj", r"SelfAttention\.o"]
-FFN_OUT = [r"layer\.\d+\.output\.dense", r"mlp\.down_proj", r"mlp\.c_proj", r"DenseReluDense\.wo"]
-FFN = [r"layer\.\d+\.output", r"mlp", r"DenseReluDense"]
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -76,7 +76,8 @@ class AdapterConfig:
     dropout: float = opt(0.0, "Dropout on the adapter's input.")
     targets: list[str] | None = opt(
         None,
-        "Override the per-family choice of wrapped modules: names (suffix match) or \"re:<regex>\" (full name). "
+        "Override the placement read from the model (attention output and FFN output projections; parallel: beside "
+        "the FFN) with wrapped modules: names (suffix match) or \"re:<regex>\" (full name). "
         "Sequential variants wrap them as output layers (o -> o + A(o)); parallel wraps them as FFN modules "
         "(FFN(x) + s A(x)).",
     )
@@ -119,6 +120,37 @@ class SequentialAdapter(WrappedLinear):
         return out + (self.adapter(out) * self.scaling).to(out.dtype)
 
 
+class FFNInput(WrappedLinear):
+    """The FFN's first projection, unchanged, recording its input x (the FFN's input) for the parallel adapter at
+    the FFN's output (`ParallelOutputAdapter`), which runs later in the same block."""
+
+    def __init__(self, base: nn.Module, slot: dict) -> None:
+        super().__init__()
+        self.base = base
+        self.slot = slot  # shared with the block's ParallelOutputAdapter (deepcopy keeps the sharing)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.slot["x"] = x
+        return self.base(x)
+
+
+class ParallelOutputAdapter(WrappedLinear):
+    """The FFN's down projection plus a parallel adapter reading the FFN's input x: down(h) + s * A(x)."""
+
+    def __init__(self, base: nn.Module, slot: dict, width: int, activation: str, dropout: float,
+                 scaling: float) -> None:
+        super().__init__()
+        self.base = base
+        self.slot = slot
+        self.adapter = Bottleneck(linear_features(base)[1], width, activation, dropout, module_device(base))
+        self.scaling = scaling
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.base(h)
+        x = self.slot.pop("x")  # set by this block's FFNInput a moment ago (also on a checkpointed replay)
+        return out + (self.adapter(x) * self.scaling).to(out.dtype)
+
+
 class ParallelAdapter(nn.Module):
     """A feed-forward block with an adapter beside it, reading the block's input x: FFN(x) + s * A(x)."""
 
@@ -137,10 +169,6 @@ class ParallelAdapter(nn.Module):
         # s * A(x) to that residual puts the adapter's output before the LayerNorm, beside the FFN.
         branch = (self.adapter(input_tensor) * self.scaling).to(input_tensor.dtype)
         return self.base(hidden_states, input_tensor + branch)
-
-
-def _matches(name: str, patterns: list[str]) -> bool:
-    return any(re.search(r"(^|\.)" + p + "$", name) for p in patterns)
 
 
 def _user_matches(name: str, targets: list[str]) -> bool:
@@ -170,37 +198,51 @@ class Adapter(Method):
         self.cfg = cfg
 
     def targets(self, model: nn.Module) -> list[str]:
-        """Names of the modules this config wraps in `model` (heads and output embeddings never)."""
+        """Names of the modules that get an adapter (heads and output embeddings never)."""
         c = self.cfg
+        if c.targets is None:
+            return [down for down, _ in self._placement(model)]
         heads = head_module_names(model)
         out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        names = []
-        for name, module in model.named_modules():
-            if not name or module is out_emb or any(name == h or name.startswith(h + ".") for h in heads):
-                continue
-            if c.targets is not None:
-                hit = _user_matches(name, c.targets)
-            elif c.variant == "parallel":
-                hit = _matches(name, FFN)
-            else:
-                hit = _matches(name, FFN_OUT) or (c.variant == "houlsby" and _matches(name, ATTN_OUT))
-            if hit:
-                names.append(name)
-        return names
+        return [name for name, module in model.named_modules()
+                if name and module is not out_emb and not any(name == h or name.startswith(h + ".") for h in heads)
+                and _user_matches(name, c.targets)]
+
+    def _placement(self, model: nn.Module) -> list[tuple[str, str | None]]:
+        """Default placement from the model's anatomy: (module that gets the adapter, the FFN input it reads for
+        variant parallel, else None), in model order."""
+        anatomy = read(model)
+        key = "method.targets"
+        if self.cfg.variant == "parallel":
+            found = anatomy.require({"FFN output projection": ("down",),
+                                     "FFN input projection": ("up", "gate_up", "gate")}, key)
+            return list(zip(found["FFN output projection"], found["FFN input projection"]))
+        groups = {"FFN output projection": ("down",)}
+        if self.cfg.variant == "houlsby":
+            groups["attention output projection"] = ("o",)  # self-attention only: cross-attention is "xo"
+        wanted = {n for names in anatomy.require(groups, key).values() for n in names}
+        return [(n, None) for n, _ in model.named_modules() if n in wanted]
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
-        freeze(model)
         c = self.cfg
-        names = self.targets(model)
-        if not names:
-            where = f"method.targets={c.targets}" if c.targets is not None else (
-                f"no {c.variant} adapter position is known for {type(model).__name__}")
-            raise SidetuneError(f"{where} matched no module; set method.targets to the blocks' output projections "
-                                f"(or, for variant parallel, their feed-forward modules)")
+        if c.targets is None:
+            placement = self._placement(model)
+        else:
+            placement = [(n, None) for n in self.targets(model)]
+            if not placement:
+                raise SidetuneError(f"method.targets={c.targets} matched no module; set method.targets to the "
+                                    f"blocks' output projections (or, for variant parallel, their feed-forward "
+                                    f"modules)")
+        freeze(model)
         hidden = _hidden_size(model)
-        for name in names:
+        for name, ffn_input in placement:
             module = model.get_submodule(name)
-            if c.variant == "parallel":
+            if ffn_input is not None:  # parallel, placed from the anatomy: input of the FFN -> its output
+                slot: dict = {}
+                replace_module(model, ffn_input, FFNInput(model.get_submodule(ffn_input), slot))
+                dim = linear_features(module)[1]
+                new = ParallelOutputAdapter(module, slot, self._width(dim), c.activation, c.dropout, c.scaling)
+            elif c.variant == "parallel":
                 dim = hidden
                 new = ParallelAdapter(module, dim, self._width(dim), c.activation, c.dropout, c.scaling)
             else:
@@ -221,4 +263,4 @@ class Adapter(Method):
 
 
 def adapter_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (SequentialAdapter, ParallelAdapter))]
+    return [m for m in model.modules() if isinstance(m, (SequentialAdapter, ParallelAdapter, ParallelOutputAdapter))]

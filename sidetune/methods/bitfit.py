@@ -8,9 +8,11 @@ In the paper's BERT notation a block has b_q, b_k, b_v (attention), b_m1 (attent
 intermediate layer), b_m3 (FFN output), b_LN2. `biases` picks which of them train:
 
 - "all" (the paper's main setting): every bias term of the backbone, LayerNorm betas and the pooler's included;
-- "attention": the attention projections' biases (b_q, b_k, b_v, b_m1);
-- "query_intermediate": the paper's 0.04% subset b_q + b_m2 (query and the FFN's intermediate layer; Llama:
-  q_proj + gate_proj/up_proj; GPT-2's query bias lives in the fused c_attn, whose whole q/k/v bias then trains);
+- "attention": the attention projections' biases (b_q, b_k, b_v, b_m1; cross-attention's too);
+- "query_intermediate": the paper's 0.04% subset b_q + b_m2 (the self-attention query and the FFN's intermediate
+  layer: up, and gate where the MLP is gated; a fused qkv layer holds the query bias, and its whole q/k/v bias then
+  trains);
+  both groups are read from the model's roles (`sidetune.anatomy`), not from per-family names;
 - module names (suffix match) or "re:<regex>" (full module name): those modules' own bias vectors.
 
 Models without biases. Llama/Mistral/Qwen and T5 linear layers have no bias at all (and their RMSNorms no beta).
@@ -35,6 +37,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from sidetune.anatomy import read
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_targets, opt
 from sidetune.methods._inject import (
@@ -49,14 +52,10 @@ from sidetune.methods._inject import (
 )
 from sidetune.methods.base import Context, Method
 
-# Module-name patterns per group (matched at the end of the full module name, at a "." boundary), per family:
-# BERT/RoBERTa, Llama/Mistral/Qwen, GPT-2, T5.
-GROUPS: dict[str, list[str]] = {
-    "attention": [r"attention\.self\.(query|key|value)", r"attention\.output\.dense", r"self_attn\.[qkvo]_proj",
-                  r"attn\.c_attn", r"attn\.c_proj", r"(SelfAttention|EncDecAttention)\.[qkvo]"],
-    "query_intermediate": [r"attention\.self\.query", r"intermediate\.dense", r"self_attn\.q_proj",
-                           r"mlp\.(gate|up)_proj", r"attn\.c_attn", r"mlp\.c_fc", r"SelfAttention\.q",
-                           r"DenseReluDense\.wi(_0|_1)?"],
+# The named groups, as anatomy roles (sidetune.anatomy): x-prefixed roles are cross-attention's.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "attention": ("q", "k", "v", "qkv", "o", "xq", "xk", "xv", "xo"),
+    "query_intermediate": ("q", "qkv", "up", "gate", "gate_up"),
 }
 
 
@@ -92,12 +91,12 @@ class BiasLinear(WrappedLinear):
         return out + self.bitfit_bias.to(out.dtype)
 
 
-def _selected(name: str, entries: list[str]) -> bool:
+def _selected(name: str, entries: list[str], groups: dict[str, set[str]]) -> bool:
     for e in entries:
         if e == "all":
             return True
         if e in GROUPS:
-            if any(re.search(r"(^|\.)" + p + "$", name) for p in GROUPS[e]):
+            if name in groups[e]:
                 return True
         elif e.startswith("re:"):
             if re.fullmatch(e[3:], name):
@@ -119,11 +118,18 @@ class BitFit(Method):
         c = self.cfg
         heads = head_module_names(model)
         out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        groups = {}
+        if any(e in GROUPS for e in c.biases):
+            anatomy = read(model)
+            if any(e == "query_intermediate" for e in c.biases):  # every block must have both parts
+                anatomy.require({"attention query projection": ("q", "qkv"),
+                                 "MLP up projection": ("up", "gate_up")}, "method.biases")
+            groups = {g: set(anatomy.names(*roles)) for g, roles in GROUPS.items()}
         own, missing = [], []
         for name, module in model.named_modules():
             if not name or module is out_emb or any(name == h or name.startswith(h + ".") for h in heads):
                 continue  # the head trains anyway (freeze); the output embedding is not a block's layer
-            if not _selected(name, c.biases):
+            if not _selected(name, c.biases, groups):
                 continue
             bias = module._parameters.get("bias")  # the module's own bias, not a child's
             if bias is not None and bias.is_floating_point():

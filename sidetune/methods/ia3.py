@@ -7,15 +7,14 @@ Three learned vectors per block rescale the keys, the values and the FFN's inter
 i.e. a key/value projection's OUTPUT is scaled, k = l_k * (W_k x + b_k), and the FFN's down projection's INPUT is
 scaled, W_2 (l_ff * h). The vectors start at ones, so step 0 equals the frozen model exactly.
 
-Wrapped layers per family (PEFT's IA3 defaults, with one deliberate difference):
-- Llama/Mistral/Qwen: self_attn.k_proj, self_attn.v_proj (output); mlp.down_proj (input).
-- BERT/RoBERTa: attention.self.key, attention.self.value (output); layer.N.output.dense (input). PEFT's default
-  "output.dense" also matches attention.output.dense; scaling that layer's input only repeats l_v (the attention
-  output is a per-channel mix of the values), so we leave it out, as the paper does.
-- GPT-2: attn.c_attn is one fused [q | k | v] projection. With `fused_qkv: kv` (default, the paper's) the vector
-  covers the k and v thirds of its output only; `qkv` scales all three, as PEFT does. mlp.c_proj (input).
-- T5: SelfAttention/EncDecAttention .k, .v (output); DenseReluDense.wo (input).
-`targets` / `feedforward` replace the per-family choice.
+Wrapped layers, read from the model (`sidetune.anatomy`): every attention's key and value projections (output
+scaled; an encoder-decoder's cross-attention too, as PEFT's T5 default) and every MLP's down projection (input
+scaled: the FFN's inner activation). PEFT's BERT default "output.dense" also matches attention.output.dense; scaling
+that layer's input only repeats l_v (the attention output is a per-channel mix of the values), so we leave it out, as
+the paper does. A fused qkv projection (GPT-2's c_attn, GPT-NeoX's / Falcon's / BLOOM's query_key_value, Phi3's
+qkv_proj, MPT's Wqkv): with `fused_qkv: kv` (default, the paper's) the vector covers its key and value ROWS only (for
+the layer's row layout); `qkv` scales all of them, as PEFT does. `targets` / `feedforward` replace the placement with
+module names (a fused qkv among them is still scaled on its key and value rows under `fused_qkv: kv`).
 
 Merge: a scaled output is diag(l) (W x + b) = (diag(l) W) x + l * b, so W's rows and the bias scale; a scaled input
 is W (l * h) = (W diag(l)) h, so W's columns scale and the bias stays (GPT-2's Conv1D stores W transposed). A 4-bit
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from sidetune.anatomy import read
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_targets, opt
 from sidetune.methods._inject import (
@@ -51,25 +51,19 @@ from sidetune.methods._inject import (
 )
 from sidetune.methods.base import Context, Method
 
-# Full-name regexes (find_targets' "re:" entries) of the per-family defaults.
-KEY_VALUE = [r"re:(.*\.)?self_attn\.[kv]_proj", r"re:(.*\.)?attention\.self\.(key|value)", r"re:(.*\.)?attn\.c_attn",
-             r"re:(.*\.)?(SelfAttention|EncDecAttention)\.[kv]"]
-FEEDFORWARD = [r"re:(.*\.)?mlp\.down_proj", r"re:(.*\.)?layer\.\d+\.output\.dense", r"re:(.*\.)?mlp\.c_proj",
-               r"re:(.*\.)?DenseReluDense\.wo"]
-
 
 @dataclass
 class IA3Config:
     name: Literal["ia3"] = opt("ia3", "Selects this method.")
     targets: list[str] | None = opt(
         None, "Layers whose output is rescaled (keys, values): names (suffix match) or \"re:<regex>\" (full name). "
-        "null: the family's key and value projections.")
+        "null: every attention's key and value projections, read from the model.")
     feedforward: list[str] | None = opt(
-        None, "Layers whose input is rescaled (the FFN's down projection), same syntax. null: the family's FFN "
-        "output layer.")
+        None, "Layers whose input is rescaled (the FFN's down projection), same syntax. null: every MLP's down "
+        "projection, read from the model.")
     fused_qkv: Literal["kv", "qkv"] = opt(
-        "kv", "A fused [q|k|v] projection (GPT-2's c_attn): scale its k and v thirds (kv, the paper) or all of its "
-        "output (qkv, as PEFT does).")
+        "kv", "A fused q/k/v projection (GPT-2, GPT-NeoX, Falcon, Phi3): scale its key and value rows "
+        "(kv, the paper) or all of its output (qkv, as PEFT does).")
 
     def __post_init__(self) -> None:
         check_targets("method.targets", self.targets)
@@ -79,24 +73,26 @@ class IA3Config:
 class IA3Linear(WrappedLinear):
     """A frozen linear layer whose output (or, for a feed-forward layer, input) is rescaled by a learned vector.
 
-    `offset` leaves the first outputs unscaled: a fused [q|k|v] projection scales only its k and v parts.
+    `rows` (sorted output rows) scales only those outputs: a fused q/k/v projection's key and value rows.
     """
 
-    def __init__(self, base: nn.Module, feedforward: bool, offset: int = 0) -> None:
+    def __init__(self, base: nn.Module, feedforward: bool, rows: torch.Tensor | None = None) -> None:
         super().__init__()
         self.base = base
         self.feedforward = feedforward
-        self.offset = offset
         in_features, out_features = linear_features(base)
-        size = in_features if feedforward else out_features - offset
+        device = module_device(base)
+        size = in_features if feedforward else out_features if rows is None else len(rows)
         # fp32 master weights whatever the base stores (bf16 or 4-bit).
-        self.ia3_l = nn.Parameter(torch.ones(size, device=module_device(base), dtype=torch.float32))
+        self.ia3_l = nn.Parameter(torch.ones(size, device=device, dtype=torch.float32))
+        self.out_features = out_features
+        self.register_buffer("rows", None if rows is None else rows.to(device), persistent=False)
 
     def scale(self) -> torch.Tensor:
-        """The full scaling vector over the scaled side (ones for a fused layer's unscaled part)."""
-        if not self.offset:
+        """The full scaling vector over the scaled side (ones on a fused layer's unscaled rows)."""
+        if self.rows is None:
             return self.ia3_l
-        return torch.cat([self.ia3_l.new_ones(self.offset), self.ia3_l])
+        return self.ia3_l.new_ones(self.out_features).index_copy(0, self.rows, self.ia3_l)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.feedforward:
@@ -124,11 +120,6 @@ class IA3Linear(WrappedLinear):
         return base
 
 
-def _is_fused_qkv(name: str, layer: nn.Module) -> bool:
-    in_features, out_features = linear_features(layer)
-    return name.rsplit(".", 1)[-1] == "c_attn" and out_features == 3 * in_features
-
-
 class IA3(Method):
     name: ClassVar[str] = "ia3"
     Config: ClassVar[type] = IA3Config
@@ -137,10 +128,19 @@ class IA3(Method):
         self.cfg = cfg
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
-        freeze(model)
         c = self.cfg
-        kv = find_targets(model, c.targets if c.targets is not None else KEY_VALUE)
-        ff = find_targets(model, c.feedforward if c.feedforward is not None else FEEDFORWARD)
+        anatomy = read(model)
+        key = "method.targets and method.feedforward"
+        if c.targets is not None:
+            kv = find_targets(model, c.targets)
+        else:  # every block must have both; cross-attention's keys and values join them
+            anatomy.require({"attention key projection": ("k", "qkv"), "attention value projection": ("v", "qkv")},
+                            key)
+            wanted = set(anatomy.names("k", "v", "qkv", "xk", "xv"))
+            kv = [n for n, _ in model.named_modules() if n in wanted]
+        ff = find_targets(model, c.feedforward) if c.feedforward is not None else anatomy.require(
+            {"MLP down projection": ("down",)}, key)["MLP down projection"]
+        freeze(model)
         both = sorted(set(kv) & set(ff))
         if both:
             raise SidetuneError(f"method.targets and method.feedforward both match {both[0]}; a layer's output or "
@@ -150,9 +150,8 @@ class IA3(Method):
             raise SidetuneError(f"method ia3 found no layer to rescale in {type(model).__name__}; set method.targets "
                                 f"(keys/values) and method.feedforward to some of: {', '.join(linear)}")
         for name in kv:
-            layer = model.get_submodule(name)
-            offset = linear_features(layer)[0] if c.fused_qkv == "kv" and _is_fused_qkv(name, layer) else 0
-            replace_module(model, name, IA3Linear(layer, feedforward=False, offset=offset))
+            rows = anatomy.rows(name, "kv") if c.fused_qkv == "kv" else None  # None unless a fused qkv layer
+            replace_module(model, name, IA3Linear(model.get_submodule(name), feedforward=False, rows=rows))
         for name in ff:
             replace_module(model, name, IA3Linear(model.get_submodule(name), feedforward=True))
         return model

@@ -12,6 +12,13 @@ the frozen weight, so that the first steps follow full fine-tuning's gradient (`
 
 LoRA+ (arXiv 2402.12354) trains B with a learning rate `loraplus_lr_ratio` times larger than A's.
 
+Default targets: the attention query and value projections of every block (the paper's choice and PEFT's default),
+read from the model by `sidetune.anatomy`, so every family it reads gets them. A fused qkv projection (GPT-2's
+c_attn, GPT-NeoX's and Falcon's query_key_value, Phi3's qkv_proj, MPT's Wqkv) gets its update on its query and value
+ROWS only: B keeps PEFT's full (out x r) shape, and a fixed 0/1 row mask multiplies it, so the key rows of B A are
+exactly 0, their rows of B get no gradient and stay 0, and a merge or a PEFT export (a whole-layer LoRA whose key rows
+are 0) computes the same function. `method.targets` names layers instead (then whole layers, as before).
+
 The wrapper keeps the original layer as `self.base` (an nn.Linear, a bitsandbytes Linear4bit/Linear8bitLt, or GPT-2's
 Conv1D) and never subclasses it, so a 4-bit base needs no special code: QLoRA is LoRA on a 4-bit model. Parameter
 names (`lora_A.weight`, `lora_B.weight`) and the forward arithmetic follow PEFT, so PEFT serves as a test oracle.
@@ -27,10 +34,12 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import sidetune.methods._lora_ga as _lora_ga
+from sidetune.anatomy import read
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_dropout, check_positive, check_targets, opt
 from sidetune.methods._inject import (
@@ -45,18 +54,15 @@ from sidetune.methods._inject import (
 )
 from sidetune.methods.base import Context, Method
 
-# Query and value projections under the names the common families use (Llama/Mistral/Qwen, BERT, GPT-2's fused
-# c_attn, T5): the original paper's choice and PEFT's default for these models.
-DEFAULT_TARGETS = ["q_proj", "v_proj", "query", "value", "c_attn", "q", "v"]
-
 
 @dataclass
 class LoRAConfig:
     name: Literal["lora"] = opt("lora", "Selects this method.")
-    targets: list[str] = opt(
-        factory=lambda: list(DEFAULT_TARGETS),
-        help="Layers to wrap: names (matched as a suffix of the module name), \"re:<regex>\" for a full-name "
-        "regex, or \"all-linear\" (every linear layer except the output head, as QLoRA does).",
+    targets: list[str] | None = opt(
+        None,
+        "Layers to wrap: names (matched as a suffix of the module name), \"re:<regex>\" for a full-name "
+        "regex, or \"all-linear\" (every linear layer except the output head, as QLoRA does). null: every "
+        "block's attention query and value projections, read from the model (a fused qkv layer: its q and v rows).",
     )
     r: int = opt(8, "Rank of the update.")
     alpha: float = opt(16.0, "Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora).")
@@ -94,10 +100,11 @@ class LoRAConfig:
 
 
 class LoRALinear(WrappedLinear):
-    """A frozen linear layer plus a trainable low-rank update."""
+    """A frozen linear layer plus a trainable low-rank update; `rows` (a fused qkv layer's query and value rows)
+    confines the update to those output rows."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
-                 init: str = "standard") -> None:
+                 init: str = "standard", rows: torch.Tensor | None = None) -> None:
         super().__init__()
         self.base = base
         in_features, out_features = linear_features(base)
@@ -108,6 +115,11 @@ class LoRALinear(WrappedLinear):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.merged = False
+        mask = None
+        if rows is not None:  # (out, 1) of 0/1: the adapted rows of B (not saved: the targets rebuild it)
+            mask = torch.zeros(out_features, 1, device=device, dtype=torch.float32)
+            mask[rows.to(device)] = 1.0
+        self.register_buffer("row_mask", mask, persistent=False)
         self.reset_parameters(init)
 
     def reset_parameters(self, init: str = "standard") -> None:
@@ -123,17 +135,24 @@ class LoRALinear(WrappedLinear):
                 nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
             else:
                 raise SidetuneError(f"method.init={init!r} is unknown; use standard, a_zero or gaussian")
+            if self.row_mask is not None:
+                self.lora_B.weight.mul_(self.row_mask)  # rows outside the mask start (and stay) at 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         if self.merged:
             return result
-        update = self.lora_B(self.lora_A(self.dropout(to_input(x, self.lora_A.weight)))) * self.scaling
+        h = self.lora_A(self.dropout(to_input(x, self.lora_A.weight)))
+        update = (self.lora_B(h) if self.row_mask is None else F.linear(h, self.b_weight())) * self.scaling
         return result + update.to(result.dtype)
+
+    def b_weight(self) -> torch.Tensor:
+        """B as it acts: with a row mask, its rows outside the mask are 0 (and get no gradient)."""
+        return self.lora_B.weight if self.row_mask is None else self.lora_B.weight * self.row_mask
 
     def delta_weight(self) -> torch.Tensor:
         """The update B A * scaling, in the layout of the base weight (Conv1D stores W transposed)."""
-        delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        delta = (self.b_weight() @ self.lora_A.weight) * self.scaling
         return delta.T if isinstance(self.base, Conv1D) else delta
 
     def merge(self) -> None:
@@ -173,9 +192,21 @@ class LoRA(Method):
     def calibration_batches(self) -> int:
         return self.cfg.calibration_batches if self.cfg.init == "lora_ga" else 0
 
+    def targets(self, model: nn.Module) -> dict[str, torch.Tensor | None]:
+        """The layers to wrap, each with the output rows its update is confined to (None: all of them)."""
+        if self.cfg.targets is not None:
+            return dict.fromkeys(find_targets(model, self.cfg.targets))
+        anatomy = read(model)
+        found = anatomy.require({"attention query projection": ("q", "qkv"),
+                                 "attention value projection": ("v", "qkv")}, "method.targets")
+        wanted = {*found["attention query projection"], *found["attention value projection"],
+                  *anatomy.names("xq", "xv")}  # cross-attention too (T5, as PEFT's q/v default)
+        return {n: anatomy.rows(n, "qv") for n, _ in model.named_modules() if n in wanted}
+
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
+        targets = self.targets(model)
         freeze(model)
-        names = find_targets(model, self.cfg.targets)
+        names = list(targets)
         if not names:
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
             raise SidetuneError(
@@ -189,7 +220,7 @@ class LoRA(Method):
             grads = _lora_ga.mean_gradients(model, {n: model.get_submodule(n) for n in names}, batches)
         for name in names:
             layer = LoRALinear(model.get_submodule(name), c.r, c.alpha, c.dropout, c.rslora,
-                               "standard" if name in grads else c.init)
+                               "standard" if name in grads else c.init, targets[name])
             if name in grads:
                 _lora_ga.apply_init(layer, grads.pop(name), c.r, c.ga_gamma, c.ga_direction)
             replace_module(model, name, layer)
@@ -197,6 +228,12 @@ class LoRA(Method):
             from sidetune.methods._peft import load_peft_adapter
 
             load_peft_adapter(model, c.init_from, c.r, c.alpha, c.rslora)
+            for name, layer in model.named_modules():
+                if isinstance(layer, LoRALinear) and layer.row_mask is not None and \
+                        (layer.lora_B.weight * (1 - layer.row_mask)).any():
+                    raise SidetuneError(f"method.init_from: the adapter updates every row of {name}, but this run "
+                                        f"adapts only its query and value rows; set method.targets="
+                                        f"[{name.rsplit('.', 1)[-1]}] to adapt the whole layer as the adapter does")
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:

@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SequenceClassifierOutput
-from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from sidetune.anatomy import is_causal_body
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_positive, opt
 from sidetune.methods.base import Context, Method
@@ -218,8 +218,7 @@ class PET(Method):
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         config = model.config
-        if config.is_encoder_decoder or (config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-                                         and not config.is_decoder):
+        if config.is_encoder_decoder or not is_causal_body(config):
             raise SidetuneError(f"pet supports causal LMs only, not {config.model_type} (an encoder would need its "
                                 f"MLM head, which minilm does not ship); use a decoder such as smollm2-135m")
         words = self.cfg.verbalizer or ctx.label_names
