@@ -17,8 +17,8 @@ from sidetune.methods import Context, build_method, trainable_parameters
 from sidetune.methods._inject import find_targets
 from sidetune.methods._lora_ga import mean_gradients
 from sidetune.methods.lora import LoRA, LoRAConfig, lora_layers
+from sidetune.rundir import load_run, save_trainable
 from sidetune.session import build
-from sidetune.train import load_run, save_trainable
 
 CASES = [("tiny-llama", "causal_lm"), ("tiny-llama", "classification"), ("tiny-gpt2", "causal_lm"),
          ("tiny-bert", "classification")]

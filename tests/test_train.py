@@ -11,8 +11,9 @@ from torch.testing import assert_close
 
 import sidetune
 from sidetune.config import load_config
+from sidetune.evaluate import evaluate_run
 from sidetune.methods import trainable_parameters
-from sidetune.train import evaluate_run, train
+from sidetune.train import train
 
 
 def _cfg(tmp_path, sst2_small, *extra):
