@@ -151,6 +151,58 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, small_data):
     assert not (out / "final").exists()
 
 
+def _fault_overrides(out: Path, data: dict[str, str], *extra: str) -> list[str]:
+    """Two steps, a checkpoint after each (the older one pruned), final/: every kind of file operation a run makes."""
+    return ["model.name=tiny-bert", "method.r=4", "method.dropout=0.1", f"data.train={data['train']}",
+            "data.eval=null", "data.max_train_samples=16", "data.max_length=16", "train.batch_size=4",
+            "train.max_steps=2", "train.save_every=1", "train.save_total_limit=1", "train.log_every=1",
+            "train.warmup_steps=0", "train.progress=false", f"train.output_dir={out}", *extra]
+
+
+def test_a_kill_at_every_file_operation_then_resume_is_bit_identical(tmp_path, small_data, monkeypatch):
+    """Not a random moment: the run is stopped at each file operation of its saves in turn (checkpoint.fault_point:
+    the run manifest, config.yaml, both checkpoints, the prune, final/), leaving inside sidetune's temporary
+    directory the stray file a writer killed mid-write leaves (safetensors' `.tmpXXXXXX`); then
+    train.resume=latest finishes the run bit for bit like an uninterrupted one, and no temporary directory is left."""
+    from sidetune import checkpoint
+
+    monkeypatch.setenv("SIDETUNE_TEST_FAIL_AT", str(10**9))  # counts, never fires
+    checkpoint.reset_fault_count()
+    ref = tmp_path / "ref"
+    train(load_config(RECIPE, _fault_overrides(ref, small_data)))
+    total = checkpoint.reset_fault_count()
+    assert total > 40, total
+    expected = load_file(ref / "final" / "trainable.safetensors")
+    losses = [(r["step"], r["loss"]) for r in read_metrics(ref)]
+    for n in range(1, total + 1):
+        out = tmp_path / f"kill-{n}"
+        monkeypatch.setenv("SIDETUNE_TEST_FAIL_AT", str(n))
+        checkpoint.reset_fault_count()
+        with pytest.raises(SystemExit):  # what a kill leaves: no except/finally of sidetune's cleaned up for it
+            train(load_config(RECIPE, _fault_overrides(out, small_data)))
+        monkeypatch.delenv("SIDETUNE_TEST_FAIL_AT")
+        train(load_config(RECIPE, _fault_overrides(out, small_data, "train.resume=latest")))
+        got = load_file(out / "final" / "trainable.safetensors")
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), n
+        assert [(r["step"], r["loss"]) for r in read_metrics(out)] == losses, n
+        assert not [p for p in out.rglob(".tmp*")], (n, list(out.rglob(".tmp*")))
+        checkpoint.verify(out / "final", key="final")
+
+
+def test_a_foreign_file_in_an_unmarked_temporary_directory_is_kept_and_the_save_goes_on(tmp_path, small_data):
+    """A `.tmp-step-N` sidetune did not create (no mark) holding a file sidetune did not write: renamed aside, never
+    deleted, and the save is not blocked (it once died with FileExistsError at every resume)."""
+    out = tmp_path / "run"
+    train(load_config(RECIPE, _fault_overrides(out, small_data, "train.max_steps=1")))
+    stray = out / "checkpoints" / ".tmp-step-0000002" / "notes.txt"
+    stray.parent.mkdir(parents=True)
+    stray.write_text("mine")
+    train(load_config(RECIPE, _fault_overrides(out, small_data, "train.resume=latest")))
+    kept = out / "checkpoints" / ".tmp-step-0000002.incomplete-0" / "notes.txt"
+    assert kept.read_text() == "mine"
+    assert (out / "checkpoints" / "step-0000002" / "manifest.json").is_file()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Nothing of an earlier run is destroyed
 
