@@ -670,6 +670,10 @@ def open_run(run_dir: str | Path) -> FinishedRun:
     """A finished run (its directory or its final/ directory): verified against its manifest, refused while a
     run holds its lock (training in progress)."""
     given = Path(run_dir).expanduser()
+    if (given / TRASH / _MOVED).is_file():
+        raise SidetuneError(f"{given}: a train.overwrite=true run replacing this run stopped before its first save; "
+                            f"the earlier run is in {given / TRASH}, and the next `sidetune train` into {given} puts "
+                            f"it back")
     for final in (given / "final", given):
         if (final / checkpoint.MANIFEST).is_file() or (final / checkpoint.TRAINABLE).is_file():
             break
