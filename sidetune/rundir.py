@@ -19,6 +19,7 @@ LoRA-GA's offset base) are copied in. `sidetune.load`, `eval`, `generate`, `chat
 from __future__ import annotations
 
 import copy
+import errno
 import fcntl
 import json
 import os
@@ -230,7 +231,8 @@ def _probe_writable(out: Path) -> None:
     try:
         Path(tempfile.mkdtemp(prefix=".sidetune-probe-", dir=existing)).rmdir()
     except OSError as e:
-        why = e.strerror or one_line(e, 80)
+        # ENOENT from mkdir inside an existing directory: a pseudo file system (/proc) that holds no new files.
+        why = "nothing can be created there" if e.errno == errno.ENOENT else e.strerror or one_line(e, 80)
         raise SidetuneError(f"train.output_dir={out} cannot be written ({existing}: {why}); choose a writable "
                             f"train.output_dir") from None
 
