@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sidetune.errors import SidetuneError
-
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -54,16 +52,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_target(out: str | Path, overwrite: bool) -> Path:
-    """The export directory: refused in one line when it holds anything and --overwrite was not given (both
-    exports check it here, before the run is loaded)."""
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise SidetuneError(f"export target {str(out)!r} exists and is not empty; pick a new directory or pass "
-                            f"--overwrite")
-    return out
-
-
 def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "auto", overwrite: bool = False) -> Path:
     """Merge the run's trained weights into its base model and save model + tokenizer to `out`. Returns `out`.
     A run whose init changed the base (LoRA-GA) merges into that changed base, as it trained: W - s B0 A0 + s B A."""
@@ -71,10 +59,10 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "auto", ove
 
     from sidetune.methods._inject import float32_linear, is_quantized_linear, replace_module
     from sidetune.models import _quiet_transformers
-    from sidetune.rundir import open_run
+    from sidetune.rundir import export_target, open_run
 
     run = open_run(run_dir)
-    out = check_target(out, overwrite)
+    out = export_target(out, overwrite)
     s = run.load("cpu")
     model, tokenizer = s.model, s.tokenizer
 

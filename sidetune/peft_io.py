@@ -40,14 +40,13 @@ def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     """Write the run as a PEFT adapter directory (plus its tokenizer, and its base when that is a preset)."""
     from safetensors.torch import save_file
 
-    from sidetune.export import check_target
     from sidetune.methods import trainable_parameters
     from sidetune.models import PRESETS, _quiet_transformers, load_model, resolve_path
-    from sidetune.rundir import open_run
+    from sidetune.rundir import export_target, open_run
 
     run = open_run(run_dir)
     cfg = run.cfg
-    out = check_target(out, overwrite)
+    out = export_target(out, overwrite)
     s = run.load("cpu")
     config = s.method.peft_config(s.model)
     if config is None:

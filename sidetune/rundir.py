@@ -701,3 +701,13 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     """(model, tokenizer) of a finished run, in eval mode: `open_run(run_dir).load(device)`."""
     s = open_run(run_dir).load(device)
     return s.model, s.tokenizer
+
+
+def export_target(out: str | Path, overwrite: bool) -> Path:
+    """The export directory: refused in one line when it holds anything and --overwrite was not given (both
+    exports check it here, before the run is loaded)."""
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise SidetuneError(f"export target {str(out)!r} exists and is not empty; pick a new directory or pass "
+                            f"--overwrite")
+    return out

@@ -205,7 +205,7 @@ def test_a_lora_ga_run_exports_merged_and_as_peft_without_its_data(tmp_path, sst
     ckpt = load_file(str(run / "checkpoints" / "step-0000002" / "changed_base.safetensors"))
     assert ckpt.keys() == load_file(str(run / "final" / "changed_base.safetensors")).keys() and len(ckpt) == 8
 
-    ours, tok = sidetune.load(run)
+    ours, _ = sidetune.load(run)
     ids = torch.randint(3, 1000, (2, 8))
     with torch.no_grad():
         expected = ours(input_ids=ids).logits
