@@ -74,8 +74,9 @@ def _eval(args: argparse.Namespace) -> int:
     from sidetune.evaluate import evaluate_run
     from sidetune.rundir import open_run
 
-    names = open_run(args.run_dir).cfg.data.label_names
-    metrics: dict = evaluate_run(args.run_dir, args.data)
+    run = open_run(args.run_dir)  # verified once
+    names = run.cfg.data.label_names
+    metrics: dict = evaluate_run(run, args.data)
     print(json.dumps({**metrics, **({"label_names": names} if names else {})}))
     return 0
 

@@ -9,6 +9,7 @@ import copy
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +22,18 @@ from sidetune.errors import SidetuneError
 from sidetune.session import Setup, forward_module, mixed_precision
 from sidetune.tasks import Task
 
+if TYPE_CHECKING:
+    from sidetune.rundir import FinishedRun
 
-def evaluate_run(run_dir: str | Path, data_path: str | None = None) -> dict[str, float]:
-    """Evaluate a finished run on its eval data (recorded as an absolute path when the run started), or on
-    `data_path` (the `--data` of `sidetune eval`, named so in every error about it)."""
+
+def evaluate_run(run_dir: str | Path | FinishedRun, data_path: str | None = None) -> dict[str, float]:
+    """Evaluate a finished run (its directory, or the `FinishedRun` already opened) on its eval data (recorded as
+    an absolute path when the run started), or on `data_path` (the `--data` of `sidetune eval`, named so in every
+    error about it)."""
     from sidetune.data import resolve_data
-    from sidetune.rundir import open_run
+    from sidetune.rundir import FinishedRun, open_run
 
-    run = open_run(run_dir)
+    run = run_dir if isinstance(run_dir, FinishedRun) else open_run(run_dir)
     cfg = copy.deepcopy(run.cfg)
     if data_path is not None:
         if resolve_data(data_path) is None:
@@ -47,8 +52,8 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None) -> dict[str,
         if data_path is None:
             raise
         # data.build names the file by its config key; here the user gave it as --data.
-        raise SidetuneError(re.sub(r"\bdata\.(train|eval)\b=?", "--data ", str(e)).replace("--data  ", "--data "))\
-            from None
+        named = re.sub(r"\bdata\.(train|eval)\b=?", "--data ", str(e)).replace("--data  ", "--data ")
+        raise SidetuneError(named) from None
     module = accelerator.prepare(forward_module(s.model, s.cfg))
     loaders = eval_loaders(s, s.cfg.train.eval_batch_size, s.task.collator(s.tokenizer), accelerator)
     return evaluate(module, loaders, s.task, accelerator)

@@ -348,6 +348,26 @@ def test_reading_commands_refuse_a_run_in_progress_and_eval_works_from_anywhere(
     assert not (tmp_path / "m").exists() and not (tmp_path / "p").exists()
 
 
+def test_every_reading_command_verifies_the_run_once(finished, tmp_path, capsys, monkeypatch):
+    """One reload path (rundir.open_run(...).load()): eval, export --merge / --peft and sidetune.load verify the
+    run's manifest once each."""
+    import sidetune
+    from sidetune import checkpoint
+
+    calls = []
+    real = checkpoint.verify
+    monkeypatch.setattr(checkpoint, "verify", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    for args in (["eval", finished], ["export", finished, "--merge", tmp_path / "m"],
+                 ["export", finished, "--peft", tmp_path / "p"]):
+        calls.clear()
+        rc, _, err = _main(capsys, *args)
+        assert rc == 0, (args, err)
+        assert calls == [finished / "final"], (args, calls)
+    calls.clear()
+    sidetune.load(finished)
+    assert calls == [finished / "final"]
+
+
 def test_curves_png_of_someone_else_is_refused_and_the_runs_own_is_replaced(tmp_path, small_data, capsys):
     """Every run ends by writing curves.png (listed in its run manifest): one that sidetune did not write is refused
     before any write, with or without train.overwrite; the run's own is replaced by a rerun."""
