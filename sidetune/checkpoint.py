@@ -124,7 +124,7 @@ def os_error(path: Path, e: BaseException) -> SidetuneError:
     else:  # torch.save reports a failed write as RuntimeError (e.g. "basic_ios::clear" on a full disk)
         where, why = path, one_line(e, 100)
     return SidetuneError(f"could not write {where}: {why or one_line(e, 100)}; free space or fix the permissions "
-                         f"there, then continue with train.resume=latest")
+                         f"there (a run that has started continues with train.resume=latest)")
 
 
 def _test_delay() -> None:

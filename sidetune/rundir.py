@@ -281,6 +281,8 @@ class RunDir:
                 result = fn()
             except SidetuneError as e:
                 error = e
+            except OSError as e:  # moving, renaming, deleting in the run directory: one line naming the path
+                error = checkpoint.os_error(self.path, e)
         if acc.num_processes > 1:
             votes = acc.reduce(torch.tensor(int(error is not None), device=acc.device), reduction="sum")
             if votes.item() and error is None:

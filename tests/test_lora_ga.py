@@ -220,3 +220,36 @@ def test_a_lora_ga_run_exports_merged_and_as_peft_without_its_data(tmp_path, sst
         # The original base alone is not the run's model: the conversion carries the offset.
         plain = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path).eval()
         assert (plain(input_ids=ids).logits - expected).abs().max() > 1e-3
+
+
+def test_a_lora_ga_run_resumes_bit_identical_from_its_stored_base(tmp_path, sst2_small):
+    """train.resume loads the checkpoint's changed base instead of recomputing the init (the build skips it), and
+    the resumed run ends exactly where the uninterrupted one does."""
+    from safetensors.torch import load_file
+
+    from sidetune.train import train
+
+    def run(out, *extra):
+        train(load_config(None, [
+            "model.name=tiny-llama", "data.task=causal_lm", f"data.train={sst2_small['train']}", "data.eval=null",
+            "data.max_length=16", "data.max_train_samples=16", "train.batch_size=4", "method.name=lora",
+            "method.init=lora_ga", "method.r=2", "method.targets=[q_proj,v_proj]", "method.calibration_batches=1",
+            "train.max_steps=3", "train.save_every=1", "train.lr=1e-2", "train.scheduler=constant",
+            "train.warmup_steps=0", "train.progress=false", f"train.output_dir={out}", *extra]))
+        return out
+
+    whole = run(tmp_path / "whole")
+    part = run(tmp_path / "part", "train.max_steps=1")
+    import sidetune.methods._lora_ga as ga
+
+    def no_recompute(*a, **k):
+        raise AssertionError("a resume recomputed the LoRA-GA init")
+
+    ga.mean_gradients, saved = no_recompute, ga.mean_gradients
+    try:
+        run(part, "train.resume=latest")
+    finally:
+        ga.mean_gradients = saved
+    for name in ("trainable.safetensors", "changed_base.safetensors"):
+        a, b = load_file(str(whole / "final" / name)), load_file(str(part / "final" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
