@@ -263,6 +263,9 @@ class RunDir:
         self.accelerator = accelerator
         self.lock = None
         self.trash: Path | None = None  # the earlier run (train.overwrite), until the first save of this one
+        self.fresh = False  # this run claimed the directory as a new run (not continuing one)
+        self.created = False  # ... and created the directory
+        self.saved = False  # it has a complete save of its own
         self.rows = 0  # metrics rows in the file: a checkpoint records it, so a resume keeps exactly those
         self._all(lambda: _probe_writable(self.path))
         self._all(self._recover, main_only=True)
@@ -362,6 +365,7 @@ class RunDir:
     def claim(self, continuing: bool, overwrite: bool) -> None:
         """Take the lock; refuse a directory holding another run (unless continuing it or train.overwrite=true);
         with train.overwrite, move the earlier run aside (deleted after this run's first save)."""
+        self.fresh, self.created = not continuing, not self.path.exists()
         self.lock = self._all(lambda: self._claim(continuing, overwrite), main_only=True)
 
     def _claim(self, continuing: bool, overwrite: bool):
@@ -508,19 +512,26 @@ class RunDir:
 
     def _saved(self) -> None:
         """The run has a complete save of its own: the earlier run it replaces can go."""
+        self.saved = True
         if self.trash is not None:
             _delete_trash(self.trash)
             self.trash = None
 
     def fail(self) -> None:
-        """The run stopped with an error: an earlier run it was replacing comes back if this one never saved."""
-        if self.trash is not None and self.accelerator.is_main_process:
-            try:
-                _remove_run(self.path)
+        """The run stopped with an error before its first save: what it wrote goes, so the directory is as it was
+        (an earlier run it was replacing comes back). A run that has saved keeps its files, to resume."""
+        if self.saved or not self.fresh or self.lock is None or not self.accelerator.is_main_process:
+            return
+        try:
+            _remove_run(self.path)
+            if self.trash is not None:
                 _restore_trash(self.trash)
                 self.trash = None
-            except OSError:
-                pass  # the trash stays; the next `sidetune train` into this directory restores it
+            elif self.created and [p.name for p in self.path.iterdir()] == [checkpoint.LOCK]:
+                (self.path / checkpoint.LOCK).unlink()
+                self.path.rmdir()
+        except OSError:
+            pass  # a trash stays; the next `sidetune train` into this directory restores it
 
     def close(self) -> None:
         if self.lock is not None:

@@ -282,6 +282,17 @@ def test_an_overwrite_that_fails_before_its_first_save_gives_the_earlier_run_bac
     assert [r["step"] for r in read_metrics(out)] == [1]
 
 
+def test_a_new_run_that_fails_before_its_first_save_leaves_no_directory(tmp_path, small_data, capsys):
+    """A crash before anything was saved leaves nothing that counts as a run (the directory did not exist: it is
+    gone again), so the same command can simply be run again once the cause is fixed."""
+    out = tmp_path / "new"
+    nan = ["train.lr=1e30", "train.max_grad_norm=0", "train.scheduler=constant", "train.save_every=0",
+           "train.max_steps=12"]
+    rc, _, err = _main(capsys, "train", RECIPE, *_fault_overrides(out, small_data, *nan))
+    assert rc == 2 and "non-finite" in err and "no checkpoint yet" in err, err
+    assert not out.exists()
+
+
 def test_a_full_disk_is_one_line_before_the_run_and_while_saving(tmp_path, small_data, capsys, monkeypatch):
     """Too little free space is refused before the directory is touched; a write that fails with ENOSPC (or torch's
     RuntimeError for it) while saving is one line naming the file, and the last complete checkpoint stays."""
