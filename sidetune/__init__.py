@@ -8,11 +8,11 @@ __version__ = "0.1.0"
 def load(run_dir, device="cpu"):
     """Load a finished run: returns (model, tokenizer), the model in eval mode with its trained weights, ready to
     predict (`model(**batch)`) or generate. A classifier's `model.config.id2label` holds the run's label names."""
+    from sidetune.rundir import open_run
     from sidetune.tasks import get_task
-    from sidetune.train import load_run, run_config
 
-    model, tokenizer = load_run(run_dir, device)
-    data = run_config(run_dir)[0].data
+    s = open_run(run_dir).load(device)
+    model, tokenizer, data = s.model, s.tokenizer, s.cfg.data
     names = data.label_names
     if names and get_task(data.task).classifies:  # a classifier: its label names
         model.config.id2label = dict(enumerate(names))

@@ -4,22 +4,27 @@ A checkpoint is a directory `checkpoints/step-NNNNNNN/` that appears in one rena
 `checkpoints/.tmp-step-NNNNNNN/` beside it, fsynced, listed with their sizes and sha256 in `manifest.json`, and the
 directory is then renamed into place. A kill -9 at any moment leaves either the complete checkpoint or a temporary
 directory, never a half-written `step-*`. Loading verifies the manifest (every file listed, none extra, sizes and
-hashes equal) before reading a byte of state.
+hashes equal) before reading a byte of state. Every file operation of a save passes `fault_point`, where a test can
+stop the process (tests/test_reliability.py kills a save at each of them in turn).
 
 Nothing executable is loaded: weights and RNG states are safetensors, sidetune's own state is JSON, and the optimizer
 and scheduler states (plain tensors and numbers) load with `torch.load(weights_only=True)`.
 
 Deletion is confined to what sidetune wrote: a checkpoint's or final/'s files as its manifest lists them, the run
-files the run manifest (`sidetune-run.json`) lists, and temporary directories of sidetune's own naming holding only
-sidetune's file names.
+files the run manifest (`sidetune-run.json`) lists, and sidetune's own temporary directories. A temporary directory
+is sidetune's when it carries the `OWNER` mark, written first thing after `mkdir`: then everything in it goes, also
+what another writer left there (safetensors' or torch's own `.tmpXXXXXX` of a killed write); one without the mark
+is removed only when it holds nothing but sidetune's file names, and is otherwise renamed aside, never deleted.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,14 +40,17 @@ STATE = "state.json"
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
+# The frozen tensors a method's init changed (LoRA-GA's W - s B0 A0, `Method.changed_base`): a reload reads them.
+CHANGED_BASE = "changed_base.safetensors"
 RUN_MANIFEST = "sidetune-run.json"
 LOCK = ".sidetune.lock"
+OWNER = ".sidetune-tmp"  # the mark of a temporary directory sidetune created
 FORMAT = 1
 _STEP = re.compile(r"^step-(\d+)$")
 _TMP = re.compile(r"^\.tmp-(step-\d+|final)$")
 # Every file name sidetune puts into a checkpoint or final/ directory (rng-<rank>.* per process).
 _OWN_FILE = re.compile(r"^(manifest\.json|state\.json|trainable\.safetensors|optimizer\.pt|scheduler\.pt|"
-                       r"config\.yaml|rng-\d+\.(safetensors|json))$")
+                       r"changed_base\.safetensors|config\.yaml|rng-\d+\.(safetensors|json)|\.sidetune-tmp)$")
 
 
 class Stopped(KeyboardInterrupt):
@@ -77,6 +85,48 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_ops = 0
+
+
+def fault_point(where: Path) -> None:
+    """Called before every file operation of a save. Tests set SIDETUNE_TEST_FAIL_AT=N: the Nth call (counted per
+    process) leaves a stray file in `where` when that is sidetune's temporary directory, as a writer (safetensors,
+torch) killed mid-write would, and stops
+    the process as a kill would (SystemExit, which no `except Exception` of sidetune's catches; or os._exit with
+    SIDETUNE_TEST_FAIL_HOW=exit). Unset in real runs: one environment lookup."""
+    global _ops
+    at = os.environ.get("SIDETUNE_TEST_FAIL_AT")
+    if not at:
+        return
+    _ops += 1
+    if _ops != int(at):
+        return
+    if (where / OWNER).is_file():  # while another writer may be writing into sidetune's temporary directory
+        (where / ".tmpk1ll3d").write_bytes(b"half")
+    if os.environ.get("SIDETUNE_TEST_FAIL_HOW") == "exit":
+        os._exit(137)
+    raise SystemExit(137)
+
+
+def reset_fault_count() -> int:
+    """The file operations counted since the last reset (tests)."""
+    global _ops
+    n, _ops = _ops, 0
+    return n
+
+
+def os_error(path: Path, e: BaseException) -> SidetuneError:
+    """An OS failure while writing (no space, permissions, read-only) as one line naming the path."""
+    if isinstance(e, OSError):
+        where = e.filename or path
+        why = {errno.ENOSPC: "no space left on the device", errno.EACCES: "permission denied",
+               errno.EROFS: "read-only file system", errno.EDQUOT: "disk quota exceeded"}.get(e.errno, e.strerror)
+    else:  # torch.save reports a failed write as RuntimeError (e.g. "basic_ios::clear" on a full disk)
+        where, why = path, one_line(e, 100)
+    return SidetuneError(f"could not write {where}: {why or one_line(e, 100)}; free space or fix the permissions "
+                         f"there (a run that has started continues with train.resume=latest)")
+
+
 def _test_delay() -> None:
     # Tests make a save slow so that a kill lands inside it (tests/test_reliability.py); 0 in real runs.
     delay = float(os.environ.get("SIDETUNE_TEST_SAVE_DELAY", "0") or 0)
@@ -86,49 +136,82 @@ def _test_delay() -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write a JSON file atomically (temporary file beside it, fsync, rename)."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    _fsync(tmp)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically; a kill leaves at most `.tmp-NAME` beside it, which the next write replaces."""
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
+    try:
+        fault_point(path.parent)
+        tmp.write_text(text)
+        fault_point(path.parent)
+        _fsync(tmp)
+        fault_point(path.parent)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise os_error(path, e) from None
 
 
 def begin(final: Path) -> Path:
-    """Create the temporary directory that `commit` renames to `final` (main process only)."""
+    """Create the temporary directory that `commit` renames to `final` (main process only), with sidetune's mark."""
     tmp = final.parent / f".tmp-{final.name}"
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if tmp.exists():
-        remove_tmp(tmp)  # a save killed before its rename
-    tmp.mkdir()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            remove_tmp(tmp)  # a save killed before its rename
+        if tmp.exists():  # not sidetune's (no mark, foreign names): kept, under another name
+            _move_aside(tmp)
+        fault_point(final.parent)
+        tmp.mkdir()
+        fault_point(tmp)
+        (tmp / OWNER).write_text("sidetune temporary directory: removed with everything in it by the next save\n")
+    except OSError as e:
+        raise os_error(tmp, e) from None
     return tmp
 
 
 def write_files(tmp: Path, writers: dict[str, Callable[[Path], None]]) -> None:
-    """Write each file with its writer and fsync it (any process: rank-specific names)."""
+    """Write each file with its writer and fsync it (any process: rank-specific names). An OS failure (no space,
+    permissions) becomes one line naming the file."""
     for name, write in writers.items():
-        write(tmp / name)
-        _fsync(tmp / name)
+        try:
+            fault_point(tmp)
+            write(tmp / name)
+            fault_point(tmp)
+            _fsync(tmp / name)
+        except SidetuneError:
+            raise
+        except (OSError, RuntimeError) as e:
+            raise os_error(tmp / name, e) from None
         _test_delay()
 
 
 def commit(tmp: Path, final: Path, state: dict[str, Any]) -> None:
     """Write state.json and the manifest into `tmp`, fsync, and rename it to `final` (main process only)."""
-    (tmp / STATE).write_text(json.dumps(state, indent=1))
-    _fsync(tmp / STATE)
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-    (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
-    _fsync(tmp / MANIFEST)
-    _fsync(tmp)
-    if final.exists():
-        _move_aside(final)
-    os.rename(tmp, final)
-    _fsync(final.parent)
+    try:
+        fault_point(tmp)
+        (tmp / OWNER).unlink()  # the complete directory is verified by its manifest, which lists every file
+        fault_point(tmp)
+        (tmp / STATE).write_text(json.dumps(state, indent=1))
+        fault_point(tmp)
+        _fsync(tmp / STATE)
+        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        fault_point(tmp)
+        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
+        fault_point(tmp)
+        _fsync(tmp / MANIFEST)
+        fault_point(tmp)
+        _fsync(tmp)
+        if final.exists():
+            fault_point(final)
+            _move_aside(final)
+        fault_point(tmp)
+        os.rename(tmp, final)
+        fault_point(final.parent)
+        _fsync(final.parent)
+    except OSError as e:
+        raise os_error(tmp, e) from None
 
 
 def _move_aside(path: Path) -> None:
@@ -144,8 +227,13 @@ def _move_aside(path: Path) -> None:
 
 
 def remove_tmp(tmp: Path) -> None:
-    """Remove a temporary checkpoint directory if it holds only files of sidetune's naming; else leave it."""
-    if not _TMP.match(tmp.name) or not tmp.is_dir():
+    """Remove a temporary checkpoint directory: all of it when it carries sidetune's mark (a killed write of any
+    writer may have left its own temporary file there), else only if it holds nothing but sidetune's file names;
+    otherwise leave it."""
+    if not _TMP.match(tmp.name) or not tmp.is_dir() or tmp.is_symlink():
+        return
+    if (tmp / OWNER).is_file():
+        shutil.rmtree(tmp)
         return
     entries = list(tmp.iterdir())
     if any(not (e.is_file() and _OWN_FILE.match(e.name)) for e in entries):
@@ -205,6 +293,7 @@ def list_checkpoints(root: Path) -> Listing:
 def prune(root: Path, keep: int) -> None:
     """Keep the newest `keep` complete checkpoints; delete the older ones' own files."""
     for _, path in list_checkpoints(root).complete[:-keep]:
+        fault_point(path)
         remove_written(path)
 
 

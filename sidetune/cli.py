@@ -71,10 +71,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from sidetune.train import evaluate_run, run_config
+    from sidetune.evaluate import evaluate_run
+    from sidetune.rundir import open_run
 
-    metrics: dict = evaluate_run(args.run_dir, args.data)
-    names = run_config(args.run_dir)[0].data.label_names
+    run = open_run(args.run_dir)  # verified once
+    names = run.cfg.data.label_names
+    metrics: dict = evaluate_run(run, args.data)
     print(json.dumps({**metrics, **({"label_names": names} if names else {})}))
     return 0
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sidetune.errors import SidetuneError
-
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -55,22 +53,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "auto", overwrite: bool = False) -> Path:
-    """Merge the run's trained weights into its base model and save model + tokenizer to `out`. Returns `out`."""
+    """Merge the run's trained weights into its base model and save model + tokenizer to `out`. Returns `out`.
+    A run whose init changed the base (LoRA-GA) merges into that changed base, as it trained: W - s B0 A0 + s B A."""
     import torch
 
     from sidetune.methods._inject import float32_linear, is_quantized_linear, replace_module
     from sidetune.models import _quiet_transformers
-    from sidetune.session import rebuild
-    from sidetune.train import load_trainable, run_config
+    from sidetune.rundir import export_target, open_run
 
-    cfg, weights = run_config(run_dir)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise SidetuneError(f"export target {str(out)!r} exists and is not empty; pick a new directory or pass "
-                            f"--overwrite")
-    s = rebuild(cfg, "cpu")
+    run = open_run(run_dir)
+    out = export_target(out, overwrite)
+    s = run.load("cpu")
     model, tokenizer = s.model, s.tokenizer
-    load_trainable(model, weights)
 
     save_dtype = model.get_input_embeddings().weight.dtype if dtype == "auto" else getattr(torch, dtype)
     with torch.no_grad():

@@ -47,17 +47,18 @@ class Generator:
     def __init__(self, run_dir: str | Path, device: str | None = None) -> None:
         import torch
 
+        from sidetune.rundir import open_run
         from sidetune.tasks import get_task
-        from sidetune.train import load_run, run_config
 
-        self.cfg, _ = run_config(run_dir)
-        self.task = get_task(self.cfg.data.task)
+        run = open_run(run_dir)
+        self.task = get_task(run.cfg.data.task)
         if not self.task.generates:
             raise SidetuneError(f"this run classifies (data.task={self.task.name}); it has no LM head to generate "
                                 f"with: use sidetune eval or sidetune.load(RUN) to predict labels")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # The run's chat template (data.chat_template) comes with the tokenizer: session.build gives it.
-        self.model, self.tokenizer = load_run(run_dir, self.device)
+        s = run.load(self.device)
+        self.cfg, self.model, self.tokenizer = s.cfg, s.model, s.tokenizer
 
     # ----- prompts
 

@@ -7,7 +7,9 @@ wrapped layer's own name and compute W x + (alpha / r) B A x exactly as PEFT doe
 parameter name under the `base_model.model.` prefix. A freshly initialised task head (a classifier) is trained
 whole; PEFT calls that `modules_to_save` and stores it under the same prefix.
 
-Which methods export: those whose `Method.peft_config` says how (LoRA / QLoRA); the others refuse in one line.
+Which methods export: those whose `Method.peft_config` says how (LoRA / QLoRA); the others refuse in one line. A run
+whose init changed the frozen base (LoRA-GA, `Method.changed_base`) is converted to a plain rank-2r LoRA on the
+original base, as PEFT itself converts LoRA-GA and PiSSA adapters (`_plain_lora`).
 
 The base. `base_model_name_or_path` names a directory `from_pretrained` loads: the local checkpoint of a model
 directory or of an alias (smollm2-135m: the converted copy in sidetune's cache). A preset (tiny-llama, ...) is random
@@ -40,26 +42,29 @@ def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
 
     from sidetune.methods import trainable_parameters
     from sidetune.models import PRESETS, _quiet_transformers, load_model, resolve_path
-    from sidetune.session import build
-    from sidetune.train import load_trainable, run_config
+    from sidetune.rundir import export_target, open_run
 
-    cfg, weights = run_config(run_dir)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise SidetuneError(f"export target {str(out)!r} exists and is not empty; pick a new directory or pass "
-                            f"--overwrite")
-    s = build(cfg, "cpu", with_data=False)
-    load_trainable(s.model, weights)
+    run = open_run(run_dir)
+    cfg = run.cfg
+    out = export_target(out, overwrite)
+    s = run.load("cpu")
     config = s.method.peft_config(s.model)
     if config is None:
         raise SidetuneError(f"method {cfg.method.name!r} has no PEFT format (PEFT serves LoRA-style updates); serve "
                             f"the run with sidetune.load(RUN_DIR) instead")
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.model.name in PRESETS:
-        # Random-init weights exist nowhere else: save exactly the base this run trained on (same seed).
-        base_dir = out / "base"
+    changed = s.method.changed_base(s.model)
+    base = None
+    if cfg.model.name in PRESETS or changed:
+        # The base exactly as loaded before the method: a preset's random weights exist nowhere else (same seed),
+        # and a changed base (LoRA-GA) is converted against it.
         base = load_model(cfg.model, s.method.model_task(s.task), cfg.data.num_labels, "cpu",
                           s.tokenizer.pad_token_id, seed=cfg.train.seed)
+    state = {n: p.detach().to("cpu", torch.float32).contiguous() for n, p in trainable_parameters(s.model).items()}
+    if changed:
+        state, config = _plain_lora(s.model, base, changed, state, config)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.model.name in PRESETS:
+        base_dir = out / "base"
         with _quiet_transformers():
             base.save_pretrained(base_dir)
         s.tokenizer.save_pretrained(base_dir)
@@ -68,12 +73,41 @@ def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
         base_path = resolve_path(cfg.model.name).resolve()
     config = {"peft_type": "LORA", "task_type": peft_task_type(s.task), "base_model_name_or_path": str(base_path),
               "inference_mode": True, "bias": "none", **config}
-    state = {PREFIX + n: p.detach().to("cpu", torch.float32).contiguous()
-             for n, p in trainable_parameters(s.model).items()}
-    save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file({PREFIX + n: t for n, t in state.items()}, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     if s.tokenizer is not None:
         s.tokenizer.save_pretrained(out)
     if cfg.data.label_names:
         (out / "label_names.json").write_text(json.dumps(cfg.data.label_names) + "\n")
     return out
+
+
+def _plain_lora(model, base, changed: list[str], state: dict[str, torch.Tensor],
+                config: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """A run whose init moved the frozen base (LoRA-GA: W0 = W - D, D = s B0 A0) as a plain LoRA on the original W,
+    as PEFT converts LoRA-GA and PiSSA adapters (`path_initial_model_for_weight_conversion`): rank 2r with
+    A' = [A; A0], B' = [B, -B0], the same scaling (lora_alpha doubled; times sqrt(2) under rsLoRA), so that
+    s B' A' = s B A - D and W + s B' A' = W0 + s B A. D is read from the stored base (W - W0, in float32) and
+    factored by its top-r SVD: D has rank r, so any factorisation reproduces it up to float rounding."""
+    from transformers.pytorch_utils import Conv1D
+
+    r = config["r"]
+    originals = dict(base.named_parameters())
+    for name in changed:
+        layer_name = name.removesuffix(".base.weight")
+        layer = model.get_submodule(layer_name)
+        original = originals.get(f"{layer_name}.weight")
+        if original is None:
+            raise SidetuneError(f"the base model has no {layer_name}.weight; cannot convert the run's changed base "
+                                f"to PEFT's format; export it with --merge")
+        d = original.detach().float() - model.get_parameter(name).detach().float()
+        if isinstance(layer.base, Conv1D):  # Conv1D stores W as (in, out); LoRA's B A is (out, in)
+            d = d.T
+        u, sv, vh = torch.linalg.svd(d, full_matrices=False)
+        b0, a0 = u[:, :r] * sv[:r] / layer.scaling, vh[:r]
+        a_key, b_key = f"{layer_name}.lora_A.weight", f"{layer_name}.lora_B.weight"
+        state[a_key] = torch.cat([state[a_key], a0]).contiguous()
+        state[b_key] = torch.cat([state[b_key], -b0], dim=1).contiguous()
+    rslora = config.get("use_rslora", False)
+    config = {**config, "r": 2 * r, "lora_alpha": config["lora_alpha"] * (2**0.5 if rslora else 2)}
+    return state, config

@@ -1,6 +1,6 @@
 """The one build-and-step path. `build` turns a config into everything a step needs (tokenizer, data, model, method,
 the module to train, the optimizer); `train_step` is one optimizer step. The trainer's loop, `sidetune profile`,
-`sidetune plan`, `sidetune export`, `sidetune.load` and the bench scripts all call these two, so what the profile
+`sidetune plan`, a reload of a finished run (`sidetune.rundir`) and the bench scripts all call these two, so what the profile
 measures is what the trainer runs, by construction.
 
 All input errors surface in `build`, before a run directory is touched.
@@ -9,6 +9,7 @@ All input errors surface in `build`, before a run directory is touched.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import os
 from collections.abc import Callable, Iterable
@@ -33,7 +34,7 @@ from sidetune.tasks import Task, get_task
 class Setup:
     """Everything a run needs, built and validated before any file is written."""
 
-    cfg: Config
+    cfg: Config  # a copy of the config given to `build`, with what the build resolved (labels, chat template)
     task: Task  # the data's task (what the loss and the metrics are)
     tokenizer: PreTrainedTokenizerBase | None
     data: data_lib.TaskData | None
@@ -50,34 +51,42 @@ class Setup:
 
 
 def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, with_optimizer: bool = False,
-          fake: bool = False, apply: Callable[[nn.Module], nn.Module] | None = None) -> Setup:
+          fake: bool = False, reload: bool = False, apply: Callable[[nn.Module], nn.Module] | None = None) -> Setup:
     """Build a run's model and method (and data, optimizer) on `device`.
 
-    with_data: read and tokenize data.train / data.eval (the label count resolved from them goes into `cfg`).
+    `cfg` is never changed: the build works on a copy, and what it resolves (the label names and count read from
+    the data, the chat template's text) is in the returned `Setup.cfg`, which the trainer records in the run.
+
+    with_data: read and tokenize data.train / data.eval.
     with_optimizer: also make the optimizer (`make_optimizer`).
     fake: the build runs under FakeTensorMode for a prediction (no tokenizer, no data, stand-in 4-bit weights).
+    reload: the trained weights and the frozen tensors the init changed will be loaded over whatever the method's
+        init computes (`sidetune.rundir`), so a data-dependent init (LoRA-GA, Fisher pruning) is skipped: a reload
+        needs no training data.
     apply: replaces the method's apply (bench/memory.py profiles PEFT's models on the same build).
     """
+    cfg = copy.deepcopy(cfg)
     device = torch.device(device)
     task = get_task(cfg.data.task)
     method = build_method(cfg.method)
     tokenizer = None if fake else load_tokenizer(cfg.model)
     if tokenizer is not None and cfg.data.chat_template is not None:
         # Here, not only on the data path: every build (the trainer, sidetune.load, export, generate, chat) renders
-        # with the template the run trained with. A file's text goes into cfg, so the saved config carries it.
+        # with the template the run trained with. A file's text goes into the copy, so the recorded config carries it.
         chat.use_template(tokenizer, cfg.data, cfg.model.name)
     data = data_lib.build(cfg.data, tokenizer, cfg.train.seed) if with_data and not fake else None
     if data is not None and data.num_labels is not None:
-        cfg.data.num_labels = data.num_labels  # resolved into the saved config, so a reload needs no data
+        cfg.data.num_labels = data.num_labels  # resolved into the recorded config, so a reload needs no data
     pad_id = tokenizer.pad_token_id if tokenizer is not None else None
     base = load_model(cfg.model, method.model_task(task), cfg.data.num_labels, device, pad_id, seed=cfg.train.seed,
                       fake=fake)
     if cfg.data.packing:
         _allow_packed_rows(base)
     base_modules = {id(m) for m in base.modules()}
+    calibration = [] if reload else _calibration(method, data, task, tokenizer, cfg, device)
     ctx = Context(task, lambda: load_tokenizer(cfg.model),
                   cfg.data.label_names or (data.label_names if data is not None else None),
-                  calibration=_calibration(method, data, task, tokenizer, cfg, device), _tokenizer=tokenizer)
+                  calibration=calibration, reload=reload, _tokenizer=tokenizer)
     model = apply(base) if apply is not None else method.apply(base, ctx)
     if not trainable_parameters(model):
         raise SidetuneError(f"method {cfg.method.name!r} left no trainable parameter on this model")
@@ -95,14 +104,6 @@ def _allow_packed_rows(model: nn.Module) -> None:
         raise SidetuneError(f"data.packing=true needs a model whose forward takes position_ids, and "
                             f"{type(model).__name__} does not; set data.packing=false")
     model.config.use_cache = False  # generate() keeps its own use_cache (the generation config's)
-
-
-def rebuild(cfg: Config, device: torch.device | str) -> Setup:
-    """A finished run's model, rebuilt to load its trained weights into: without data, unless the method's init
-    reads training batches that the frozen base depends on (LoRA-GA subtracts its initial update from the base
-    weights): then the same seeded calibration batches are read again and the same base is rebuilt."""
-    needs_data = build_method(cfg.method).calibration_batches() > 0
-    return build(cfg, device, with_data=needs_data)
 
 
 def _calibration(method: Method, data, task: Task, tokenizer, cfg: Config, device) -> list[dict]:

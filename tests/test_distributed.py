@@ -156,7 +156,7 @@ from torch.distributed.tensor import DTensor
 from sidetune.config import load_config
 from sidetune.methods import trainable_parameters
 from sidetune.session import build, make_optimizer
-from sidetune.train import load_optimizer_state, load_trainable, optimizer_state, trainable_state
+from sidetune.rundir import load_optimizer_state, load_trainable, optimizer_state, trainable_state
 
 method, data, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 dist.init_process_group("gloo")

@@ -18,10 +18,11 @@ from sidetune.config import ModelConfig, load_config
 from sidetune.data import ASSETS
 from sidetune.decoding import exact_match, normalize_answer, split_example, token_f1
 from sidetune.errors import SidetuneError
+from sidetune.evaluate import evaluate_run
 from sidetune.generate import Generator
 from sidetune.models import load_tokenizer
 from sidetune.tasks import TASKS
-from sidetune.train import evaluate_run, train
+from sidetune.train import train
 
 # A constant completion the tiny model learns in a few steps (it does not learn to stop: the text runs on to the
 # token limit), and eval references that it matches in part, fully after normalisation, or not at all.

@@ -16,8 +16,8 @@ from sidetune.config import load_config
 from sidetune.errors import SidetuneError
 from sidetune.export import export_merged
 from sidetune.methods.lora import LoRALinear, lora_layers, merge_and_unwrap
+from sidetune.rundir import load_run, save_trainable
 from sidetune.session import build
-from sidetune.train import load_run, save_trainable
 
 
 def _run(tmp_path, *overrides, seed=1):

@@ -119,8 +119,8 @@ def test_merged_logits_equal_unmerged(preset, task, fused):
 def test_4bit_base_merges_through_export(tmp_path):
     pytest.importorskip("bitsandbytes")
     from sidetune.cli import main
+    from sidetune.rundir import load_run, save_trainable
     from sidetune.session import build
-    from sidetune.train import load_run, save_trainable
 
     cfg = load_config(None, ["method.name=ia3", "model.name=tiny-llama", "model.quantize=nf4", "data.task=causal_lm",
                              f"train.output_dir={tmp_path}/run"])

@@ -17,8 +17,8 @@ from sidetune.methods import Context, build_method, trainable_parameters
 from sidetune.methods._inject import find_targets
 from sidetune.methods._lora_ga import mean_gradients
 from sidetune.methods.lora import LoRA, LoRAConfig, lora_layers
+from sidetune.rundir import load_run, save_trainable
 from sidetune.session import build
-from sidetune.train import load_run, save_trainable
 
 CASES = [("tiny-llama", "causal_lm"), ("tiny-llama", "classification"), ("tiny-gpt2", "causal_lm"),
          ("tiny-bert", "classification")]
@@ -151,9 +151,9 @@ def test_build_feeds_calibration_batches_from_the_training_data(sst2_small):
 
 
 def test_a_saved_run_reloads_with_the_same_offset_base(tmp_path, sst2_small):
-    """The offset s B_0 A_0 lives in the frozen base weight, which a run directory does not store: a reload reads the
-    same seeded calibration batches again and rebuilds the same base, so the reloaded model is the trained one (not
-    W + s B A)."""
+    """The offset s B_0 A_0 lives in the frozen base weight: the run stores the changed weights
+    (changed_base.safetensors) and a reload copies them back instead of recomputing the init (which would need the
+    training data, and whose SVD depends on the device), so the reloaded model is the trained one (not W + s B A)."""
     cfg = load_config(None, [
         "model.name=tiny-llama", "data.task=causal_lm", f"data.train={sst2_small['train']}", "data.max_length=16",
         "train.batch_size=4", "method.name=lora", "method.init=lora_ga", "method.calibration_batches=1"])
@@ -162,7 +162,94 @@ def test_a_saved_run_reloads_with_the_same_offset_base(tmp_path, sst2_small):
         for p in trainable_parameters(trained).values():  # stand-in for training: B A != B_0 A_0
             p.add_(0.05)
     save_trainable(trained, cfg, tmp_path / "final")
-    reloaded, _ = load_run(tmp_path)
+    assert (tmp_path / "final" / "changed_base.safetensors").is_file()
+    import sidetune.methods._lora_ga as ga
+
+    def no_recompute(*a, **k):
+        raise AssertionError("a reload recomputed the LoRA-GA init")
+
+    ga.mean_gradients, saved = no_recompute, ga.mean_gradients
+    try:
+        reloaded, _ = load_run(tmp_path)
+    finally:
+        ga.mean_gradients = saved
     ids = torch.randint(3, 1000, (2, 8))
     with torch.no_grad():
         assert_close(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_a_lora_ga_run_exports_merged_and_as_peft_without_its_data(tmp_path, sst2_small):
+    """A trained LoRA-GA run (its training file deleted afterwards: nothing re-reads it) exports with --merge (into
+    the changed base: W - s B0 A0 + s B A) and with --peft (a plain rank-2r LoRA on the original base, as PEFT
+    converts LoRA-GA), and both give sidetune's logits; checkpoints store the changed base too."""
+    import shutil
+
+    import peft
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import sidetune
+    from sidetune.export import export_merged
+    from sidetune.peft_io import export_peft
+    from sidetune.train import train
+
+    data = tmp_path / "train.tsv"
+    shutil.copy(sst2_small["train"], data)
+    run = tmp_path / "run"
+    train(load_config(None, [
+        "model.name=tiny-llama", "data.task=causal_lm", f"data.train={data}", "data.eval=null", "data.max_length=16",
+        "data.max_train_samples=16", "train.batch_size=4", "method.name=lora", "method.init=lora_ga",
+        "method.r=2", "method.targets=[q_proj,v_proj]", "method.calibration_batches=1", "train.max_steps=2",
+        "train.save_every=2", "train.lr=1e-2", "train.progress=false", f"train.output_dir={run}"]))
+    data.unlink()
+    ckpt = load_file(str(run / "checkpoints" / "step-0000002" / "changed_base.safetensors"))
+    assert ckpt.keys() == load_file(str(run / "final" / "changed_base.safetensors")).keys() and len(ckpt) == 8
+
+    ours, _ = sidetune.load(run)
+    ids = torch.randint(3, 1000, (2, 8))
+    with torch.no_grad():
+        expected = ours(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(export_merged(run, tmp_path / "merged", "float32")).eval()
+        assert_close(merged(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        out = export_peft(run, tmp_path / "adapter")
+        config = peft.PeftConfig.from_pretrained(out)
+        assert config.r == 4 and config.lora_alpha == 2 * LoRAConfig().alpha
+        base = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path)
+        theirs = peft.PeftModel.from_pretrained(base, out).eval()
+        assert_close(theirs(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+        # The original base alone is not the run's model: the conversion carries the offset.
+        plain = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path).eval()
+        assert (plain(input_ids=ids).logits - expected).abs().max() > 1e-3
+
+
+def test_a_lora_ga_run_resumes_bit_identical_from_its_stored_base(tmp_path, sst2_small):
+    """train.resume loads the checkpoint's changed base instead of recomputing the init (the build skips it), and
+    the resumed run ends exactly where the uninterrupted one does."""
+    from safetensors.torch import load_file
+
+    from sidetune.train import train
+
+    def run(out, *extra):
+        train(load_config(None, [
+            "model.name=tiny-llama", "data.task=causal_lm", f"data.train={sst2_small['train']}", "data.eval=null",
+            "data.max_length=16", "data.max_train_samples=16", "train.batch_size=4", "method.name=lora",
+            "method.init=lora_ga", "method.r=2", "method.targets=[q_proj,v_proj]", "method.calibration_batches=1",
+            "train.max_steps=3", "train.save_every=1", "train.lr=1e-2", "train.scheduler=constant",
+            "train.warmup_steps=0", "train.progress=false", f"train.output_dir={out}", *extra]))
+        return out
+
+    whole = run(tmp_path / "whole")
+    part = run(tmp_path / "part", "train.max_steps=1")
+    import sidetune.methods._lora_ga as ga
+
+    def no_recompute(*a, **k):
+        raise AssertionError("a resume recomputed the LoRA-GA init")
+
+    ga.mean_gradients, saved = no_recompute, ga.mean_gradients
+    try:
+        run(part, "train.resume=latest")
+    finally:
+        ga.mean_gradients = saved
+    for name in ("trainable.safetensors", "changed_base.safetensors"):
+        a, b = load_file(str(whole / "final" / name)), load_file(str(part / "final" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

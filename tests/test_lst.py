@@ -20,8 +20,9 @@ from sidetune.losses import ChunkedLMLoss
 from sidetune.memory import SavedTensorTracker, module_roles, snapshot_modules
 from sidetune.methods import trainable_parameters
 from sidetune.methods.lst import LST, LSTConfig, LSTModel, tapped_layers
+from sidetune.rundir import save_trainable
 from sidetune.session import build
-from sidetune.train import save_trainable, train
+from sidetune.train import train
 
 FAMILIES = [("tiny-llama", "causal_lm"), ("tiny-gpt2", "causal_lm"), ("tiny-bert", "classification"),
             ("tiny-t5", "seq2seq")]

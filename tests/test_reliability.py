@@ -151,6 +151,58 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, small_data):
     assert not (out / "final").exists()
 
 
+def _fault_overrides(out: Path, data: dict[str, str], *extra: str) -> list[str]:
+    """Two steps, a checkpoint after each (the older one pruned), final/: every kind of file operation a run makes."""
+    return ["model.name=tiny-bert", "method.r=4", "method.dropout=0.1", f"data.train={data['train']}",
+            "data.eval=null", "data.max_train_samples=16", "data.max_length=16", "train.batch_size=4",
+            "train.max_steps=2", "train.save_every=1", "train.save_total_limit=1", "train.log_every=1",
+            "train.warmup_steps=0", "train.progress=false", f"train.output_dir={out}", *extra]
+
+
+def test_a_kill_at_every_file_operation_then_resume_is_bit_identical(tmp_path, small_data, monkeypatch):
+    """Not a random moment: the run is stopped at each file operation of its saves in turn (checkpoint.fault_point:
+    the run manifest, config.yaml, both checkpoints, the prune, final/), leaving inside sidetune's temporary
+    directory the stray file a writer killed mid-write leaves (safetensors' `.tmpXXXXXX`); then
+    train.resume=latest finishes the run bit for bit like an uninterrupted one, and no temporary directory is left."""
+    from sidetune import checkpoint
+
+    monkeypatch.setenv("SIDETUNE_TEST_FAIL_AT", str(10**9))  # counts, never fires
+    checkpoint.reset_fault_count()
+    ref = tmp_path / "ref"
+    train(load_config(RECIPE, _fault_overrides(ref, small_data)))
+    total = checkpoint.reset_fault_count()
+    assert total > 40, total
+    expected = load_file(ref / "final" / "trainable.safetensors")
+    losses = [(r["step"], r["loss"]) for r in read_metrics(ref)]
+    for n in range(1, total + 1):
+        out = tmp_path / f"kill-{n}"
+        monkeypatch.setenv("SIDETUNE_TEST_FAIL_AT", str(n))
+        checkpoint.reset_fault_count()
+        with pytest.raises(SystemExit):  # what a kill leaves: no except/finally of sidetune's cleaned up for it
+            train(load_config(RECIPE, _fault_overrides(out, small_data)))
+        monkeypatch.delenv("SIDETUNE_TEST_FAIL_AT")
+        train(load_config(RECIPE, _fault_overrides(out, small_data, "train.resume=latest")))
+        got = load_file(out / "final" / "trainable.safetensors")
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), n
+        assert [(r["step"], r["loss"]) for r in read_metrics(out)] == losses, n
+        assert not [p for p in out.rglob(".tmp*")], (n, list(out.rglob(".tmp*")))
+        checkpoint.verify(out / "final", key="final")
+
+
+def test_a_foreign_file_in_an_unmarked_temporary_directory_is_kept_and_the_save_goes_on(tmp_path, small_data):
+    """A `.tmp-step-N` sidetune did not create (no mark) holding a file sidetune did not write: renamed aside, never
+    deleted, and the save is not blocked (it once died with FileExistsError at every resume)."""
+    out = tmp_path / "run"
+    train(load_config(RECIPE, _fault_overrides(out, small_data, "train.max_steps=1")))
+    stray = out / "checkpoints" / ".tmp-step-0000002" / "notes.txt"
+    stray.parent.mkdir(parents=True)
+    stray.write_text("mine")
+    train(load_config(RECIPE, _fault_overrides(out, small_data, "train.resume=latest")))
+    kept = out / "checkpoints" / ".tmp-step-0000002.incomplete-0" / "notes.txt"
+    assert kept.read_text() == "mine"
+    assert (out / "checkpoints" / "step-0000002" / "manifest.json").is_file()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Nothing of an earlier run is destroyed
 
@@ -192,6 +244,139 @@ def test_unrelated_directory_keeps_its_files(tmp_path, small_data, capsys):
     assert rc == 0, err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000004.incomplete-0"]
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2]
+
+
+def test_an_overwrite_that_fails_before_its_first_save_gives_the_earlier_run_back(tmp_path, small_data, capsys,
+                                                                                   monkeypatch):
+    """train.overwrite=true moves the earlier run aside only after every check has passed, and deletes it only after
+    the new run's first save: an error before that (a NaN loss here) puts it back at once; a kill (SystemExit at the
+    new run's first write) leaves it in .sidetune-trash, reading commands say so, and the next `sidetune train`
+    into the directory puts it back."""
+    from sidetune import checkpoint
+
+    out = tmp_path / "run"
+    train(load_config(RECIPE, _fault_overrides(out, small_data)))
+    before = _snapshot(out)
+    nan = ["train.overwrite=true", "train.lr=1e30", "train.max_grad_norm=0", "train.scheduler=constant",
+           "train.save_every=0", "train.max_steps=12"]
+    rc, _, err = _main(capsys, "train", RECIPE, *_fault_overrides(out, small_data, *nan))
+    assert rc == 2 and "non-finite" in err, err
+    assert _snapshot(out) == before
+
+    monkeypatch.setenv("SIDETUNE_TEST_FAIL_AT", "1")
+    checkpoint.reset_fault_count()
+    with pytest.raises(SystemExit):
+        train(load_config(RECIPE, _fault_overrides(out, small_data, "train.overwrite=true")))
+    monkeypatch.delenv("SIDETUNE_TEST_FAIL_AT")
+    assert (out / ".sidetune-trash" / "final" / "manifest.json").is_file()
+    rc, _, err = _main(capsys, "eval", out)
+    assert rc == 2 and ".sidetune-trash" in err and err.count("\n") == 1, err
+    rc, stdout, err = _main(capsys, "train", RECIPE, *_fault_overrides(out, small_data))
+    assert rc == 2 and "already holds a run" in err and "restored the run" in stdout, (stdout, err)
+    assert _snapshot(out) == before
+    # Once the overwriting run has saved, the earlier run is gone for good (its files only).
+    rc, _, err = _main(capsys, "train", RECIPE, *_fault_overrides(out, small_data, "train.overwrite=true",
+                                                                   "train.max_steps=1"))
+    assert rc == 0, err
+    assert not (out / ".sidetune-trash").exists()
+    assert [r["step"] for r in read_metrics(out)] == [1]
+
+
+def test_a_new_run_that_fails_before_its_first_save_leaves_no_directory(tmp_path, small_data, capsys):
+    """A crash before anything was saved leaves nothing that counts as a run (the directory did not exist: it is
+    gone again), so the same command can simply be run again once the cause is fixed."""
+    out = tmp_path / "new"
+    nan = ["train.lr=1e30", "train.max_grad_norm=0", "train.scheduler=constant", "train.save_every=0",
+           "train.max_steps=12"]
+    rc, _, err = _main(capsys, "train", RECIPE, *_fault_overrides(out, small_data, *nan))
+    assert rc == 2 and "non-finite" in err and "no checkpoint yet" in err, err
+    assert not out.exists()
+
+
+def test_a_full_disk_is_one_line_before_the_run_and_while_saving(tmp_path, small_data, capsys, monkeypatch):
+    """Too little free space is refused before the directory is touched; a write that fails with ENOSPC (or torch's
+    RuntimeError for it) while saving is one line naming the file, and the last complete checkpoint stays."""
+    import errno
+    import shutil as shutil_mod
+    from collections import namedtuple
+
+    import sidetune.rundir
+
+    usage = namedtuple("usage", "total used free")
+    real_usage = shutil_mod.disk_usage
+    monkeypatch.setattr(sidetune.rundir.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 1 << 20))
+    out = tmp_path / "run"
+    rc, _, err = _main(capsys, "train", RECIPE, *_fault_overrides(out, small_data))
+    assert rc == 2 and "MiB free" in err and str(out) in err and err.count("\n") == 1, err
+    assert not out.exists()
+    monkeypatch.setattr(sidetune.rundir.shutil, "disk_usage", real_usage)
+
+    calls = {"n": 0}
+    real = sidetune.rundir.save_file
+
+    def full(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 3's trainable.safetensors (steps 1 and 2 saved theirs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sidetune.rundir, "save_file", full)
+    rc, _, err = _main(capsys, "train", RECIPE, *_fault_overrides(out, small_data, "train.max_steps=3"))
+    assert rc == 2 and err.count("\n") == 1 and "no space left" in err and "trainable.safetensors" in err, err
+    assert (out / "checkpoints" / "step-0000002" / "manifest.json").is_file()
+    monkeypatch.setattr(sidetune.rundir, "save_file", real)
+    rc, _, err = _main(capsys, "train", RECIPE, *_fault_overrides(out, small_data, "train.max_steps=3",
+                                                                   "train.resume=latest"))
+    assert rc == 0, err
+
+
+def test_reading_commands_refuse_a_run_in_progress_and_eval_works_from_anywhere(tmp_path, small_data, capsys,
+                                                                                 monkeypatch):
+    """export, eval and generate refuse a directory whose lock a run holds (its final/ is not this run's yet);
+    `sidetune eval RUN` reads the eval file the run recorded as an absolute path, from any directory; errors about
+    --data name --data."""
+    data_dir = Path(small_data["train"]).parent
+    monkeypatch.chdir(data_dir)
+    out = tmp_path / "run"
+    train(load_config(RECIPE, [*_fault_overrides(out, small_data, "train.max_steps=1", "train.save_every=0"),
+                               "data.train=train.tsv", "data.eval=dev.tsv"]))
+    assert load_config(out / "final" / "config.yaml").data.eval == str(data_dir / "dev.tsv")
+    monkeypatch.chdir(tmp_path)
+    rc, stdout, err = _main(capsys, "eval", out)
+    assert rc == 0 and json.loads(stdout)["eval_examples"] == 32, err
+    rc, _, err = _main(capsys, "eval", out, "--data", "nope.tsv")
+    assert rc == 2 and "--data 'nope.tsv'" in err and "data.train" not in err, err
+    bad = _tsv(tmp_path, "bad.tsv", [("c", "neutral")])
+    rc, _, err = _main(capsys, "eval", out, "--data", bad)
+    assert rc == 2 and "--data" in err and "data.eval" not in err and "data.train" not in err, err
+
+    with (out / ".sidetune.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running sidetune holds it
+        for args in (["eval", out], ["export", out, "--merge", tmp_path / "m"], ["export", out, "--peft", tmp_path / "p"],
+                     ["generate", out, "--prompt", "hi"]):
+            rc, _, err = _main(capsys, *args)
+            assert rc == 2 and "in progress" in err and err.count("\n") == 1, (args, err)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "p").exists()
+
+
+def test_every_reading_command_verifies_the_run_once(finished, tmp_path, capsys, monkeypatch):
+    """One reload path (rundir.open_run(...).load()): eval, export --merge / --peft and sidetune.load verify the
+    run's manifest once each."""
+    import sidetune
+    from sidetune import checkpoint
+
+    calls = []
+    real = checkpoint.verify
+    monkeypatch.setattr(checkpoint, "verify", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    for args in (["eval", finished], ["export", finished, "--merge", tmp_path / "m"],
+                 ["export", finished, "--peft", tmp_path / "p"]):
+        calls.clear()
+        rc, _, err = _main(capsys, *args)
+        assert rc == 0, (args, err)
+        assert calls == [finished / "final"], (args, calls)
+    calls.clear()
+    sidetune.load(finished)
+    assert calls == [finished / "final"]
 
 
 def test_curves_png_of_someone_else_is_refused_and_the_runs_own_is_replaced(tmp_path, small_data, capsys):
@@ -387,6 +572,18 @@ BAD = {
     "max_steps_below_checkpoint": (lambda tmp, f: [f"train.resume={f / 'checkpoints' / 'step-0000008'}",
                                                    "train.max_steps=5"], "step 8"),
     "unknown_key": (lambda tmp, f: ["train.lr_warmup=3"], "train.lr_warmup"),
+    "resume_latest_and_overwrite": (lambda tmp, f: ["train.resume=latest", "train.overwrite=true"], "contradict"),
+    "resume_own_checkpoint_and_overwrite": (lambda tmp, f: [f"train.resume={f / 'checkpoints' / 'step-0000004'}",
+                                                            "train.overwrite=true"], "contradict"),
+    "overwrite_with_missing_data": (lambda tmp, f: ["train.overwrite=true", f"data.train={tmp / 'nope.tsv'}"],
+                                    "no such data file"),
+    "overwrite_with_bad_model": (lambda tmp, f: ["train.overwrite=true", f"model.name={_model_dir(tmp, 'missing')}"],
+                                 "model.name"),
+    "output_dir_in_proc": (lambda tmp, f: ["train.output_dir=/proc/sidetune-run"], "/proc/sidetune-run"),
+    "output_dir_in_sys": (lambda tmp, f: ["train.output_dir=/sys/sidetune-run"], "/sys/sidetune-run"),
+    "output_dir_is_a_file": (lambda tmp, f: [f"train.output_dir={_write(tmp / 'a_file', 'x')}"], "is a file"),
+    "output_dir_below_a_file": (lambda tmp, f: [f"train.output_dir={_write(tmp / 'b_file', 'x')}/run"],
+                                "not a directory"),
 }
 
 

@@ -11,8 +11,9 @@ from torch.testing import assert_close
 
 import sidetune
 from sidetune.config import load_config
+from sidetune.evaluate import evaluate_run
 from sidetune.methods import trainable_parameters
-from sidetune.train import evaluate_run, train
+from sidetune.train import train
 
 
 def _cfg(tmp_path, sst2_small, *extra):
@@ -127,3 +128,20 @@ def test_evaluating_does_not_change_what_trains(tmp_path, sst2_small):
     assert runs[0][0] == runs[2][0]
     for key, value in runs[0][1].items():
         assert torch.equal(value, runs[2][1][key]), key
+
+
+def test_build_never_changes_the_config_it_is_given(sst2_small, tmp_path):
+    """What a build resolves (the label names and count read from the data, a chat template file's text) comes back
+    in Setup.cfg, which the trainer records in the run; the caller's config stays as it was."""
+    from sidetune.session import build
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    cfg = load_config(None, ["model.name=tiny-bert", "method.name=lora", f"data.train={sst2_small['train']}",
+                             "data.eval=null", "data.max_train_samples=8", "data.max_length=16",
+                             f"data.chat_template={template}"])
+    before = cfg.to_dict()
+    s = build(cfg, "cpu")
+    assert cfg.to_dict() == before
+    assert before["data"]["num_labels"] is None and s.cfg.data.num_labels == 2
+    assert s.cfg.data.label_names is not None and s.cfg.data.chat_template == template.read_text()

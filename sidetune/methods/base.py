@@ -32,6 +32,9 @@ class Context:
     # Batches of training data already on the model's device, as the trainer's collator makes them. Present when
     # the method's `calibration_batches` is > 0 and the build has data; empty otherwise.
     calibration: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    # A reload of a finished run or checkpoint: the trainable set and `Method.changed_base` are loaded over whatever
+    # `apply` initialises, so a data-dependent init is skipped (there is no calibration data then).
+    reload: bool = False
     _tokenizer: Any = field(default=None, repr=False)
 
     @classmethod
@@ -87,6 +90,13 @@ class Method(Protocol):
     def calibration_batches(self) -> int:
         """How many training batches `apply` needs in `ctx.calibration` (LoRA-GA, Fisher pruning). Default 0."""
         return 0
+
+    def changed_base(self, model: nn.Module) -> list[str]:
+        """Names of the frozen parameters of the applied `model` whose values `apply`'s init changed from the loaded
+        base (LoRA-GA subtracts its initial B A from W). A run stores them beside the trainable set, and a reload
+        (`Context.reload`) copies them back instead of recomputing the init, which would need the training data and
+        whose SVD depends on the device. Default none."""
+        return []
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict] | None:
         """Optimizer parameter groups (LoRA+ gives B a larger lr). Default None: one group at `lr`."""

@@ -215,12 +215,12 @@ class LoRA(Method):
             )
         c = self.cfg
         grads = {}
-        if c.init == "lora_ga":
+        if c.init == "lora_ga" and not ctx.reload:  # a reload copies the stored A, B and offset base (changed_base)
             batches = list(ctx.batches(self.name, c.calibration_batches))
             grads = _lora_ga.mean_gradients(model, {n: model.get_submodule(n) for n in names}, batches)
         for name in names:
             layer = LoRALinear(model.get_submodule(name), c.r, c.alpha, c.dropout, c.rslora,
-                               "standard" if name in grads else c.init, targets[name])
+                               "standard" if c.init == "lora_ga" else c.init, targets[name])
             if name in grads:
                 _lora_ga.apply_init(layer, grads.pop(name), c.r, c.ga_gamma, c.ga_direction)
             replace_module(model, name, layer)
@@ -235,6 +235,12 @@ class LoRA(Method):
                                         f"adapts only its query and value rows; set method.targets="
                                         f"[{name.rsplit('.', 1)[-1]}] to adapt the whole layer as the adapter does")
         return model
+
+    def changed_base(self, model: nn.Module) -> list[str]:
+        """LoRA-GA's base weights, W - s B0 A0."""
+        if self.cfg.init != "lora_ga":
+            return []
+        return [f"{n}.base.weight" for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
     def merge(self, model: nn.Module) -> nn.Module:
         for layer in lora_layers(model):

@@ -169,7 +169,8 @@ class LSTModel(nn.Module):
         self.head = TaskHead(backbone, task, pooling)
         keep, self.init_used = None, "random"
         if cfg.init != "random" and device.type != "meta":  # on meta (memory accounting) only shapes matter
-            keep = self._init_pruned(sides, tapped, shapes, calibration if cfg.init == "pruned_fisher" else None)
+            keep = self._init_pruned(sides, tapped, shapes,
+                                      calibration if cfg.init == "pruned_fisher" and calibration else None)
         with torch.no_grad():
             if not task.classifies or cfg.classifier_input == "sum":
                 self.up.weight.zero_()  # the side output starts at exactly 0: step 0 is the frozen model
@@ -382,8 +383,9 @@ class LST(Method):
         for name in head_module_names(model):
             if name != used:
                 model.get_submodule(name).requires_grad_(False)
-        calibration = (list(ctx.batches(self.name, self.cfg.fisher_batches)) if self.calibration_batches()
-                       else [])
+        # A reload loads the trained side network over the init: Fisher scores (training data) are not needed.
+        calibration = (list(ctx.batches(self.name, self.cfg.fisher_batches))
+                       if self.calibration_batches() and not ctx.reload else [])
         return LSTModel(model, self.cfg, task, calibration).train(model.training)
 
     def calibration_batches(self) -> int:
