@@ -7,12 +7,13 @@ sidetune runs from a checkout (what the code beside it declares), else from the 
 the package, the version found and the range.
 
 Adaptations detect a feature, never a version number, so a backport or a patch release is read as it is:
-- transformers 5.0-5.22 call the KV cache `past_key_values` (forward argument and output field); 5.23+ call it
+- transformers 5.0-5.23 call the KV cache `past_key_values` (forward argument and output field); 5.24+ call it
   `cache` and keep `past_key_values` as a deprecated alias until 5.40. `cache_kwargs` / `returned_cache`.
 - transformers before 5.15 drop every cache inside gradient-checkpointed blocks (no `_can_checkpoint_with_cache`
   opt-out). `block_checkpointing_keeps_cache` says whether the installed one can keep a read-only prefix cache.
-- transformers 5.0-5.4 ask a cache layer for its mask sizes with the new tokens' `cache_position` tensor, 5.5+ with
-  their count; `query_count` reads either.
+- transformers 5.0-5.3 ask a cache layer for its mask sizes with the new tokens' `cache_position` tensor, 5.4+ with
+  their count; `query_count` reads either. A cache layer's maximum length is `get_max_cache_shape` before 5.13,
+  `get_max_length` after (the prefix cache layer defines both).
 """
 
 from __future__ import annotations
@@ -117,6 +118,6 @@ def block_checkpointing_keeps_cache() -> bool:
 
 
 def query_count(query: Any) -> int:
-    """The number of new tokens a cache layer's get_mask_sizes is asked about: an int (5.5+) or the new tokens'
-    cache_position tensor (5.0-5.4)."""
+    """The number of new tokens a cache layer's get_mask_sizes is asked about: an int (5.4+) or the new tokens'
+    cache_position tensor (5.0-5.3)."""
     return query if isinstance(query, int) else int(query.shape[0])

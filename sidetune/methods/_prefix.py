@@ -139,7 +139,7 @@ class PrefixCacheLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    get_max_cache_shape = get_max_length  # its name before transformers 5.15 (abstract there)
+    get_max_cache_shape = get_max_length  # its name before transformers 5.13 (abstract there)
 
 
 class GrowingPrefixCacheLayer(PrefixCacheLayer):
