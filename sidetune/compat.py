@@ -58,7 +58,9 @@ def installed_version(name: str) -> str | None:
 
 
 def version_problem(requirement: str) -> str | None:
-    """One line if the installed version of `requirement`'s package is missing or outside its range, else None."""
+    """One line if the installed version of `requirement`'s package is outside its range, else None. A package that
+    is not installed is left to its import: bitsandbytes, for one, is imported only for a quantized model or an
+    8-bit optimizer."""
     from packaging.requirements import Requirement
     from packaging.version import InvalidVersion, Version
 
@@ -66,9 +68,9 @@ def version_problem(requirement: str) -> str | None:
     if req.marker is not None and not req.marker.evaluate({"extra": ""}):
         return None
     found = installed_version(req.name)
-    wanted = f"{req.name}{req.specifier}"
     if found is None:
-        return f"{req.name} is not installed; sidetune needs {wanted}: pip install '{wanted}'"
+        return None
+    wanted = requirement.partition(";")[0].replace(" ", "")  # as pyproject.toml writes it
     try:
         ok = req.specifier.contains(Version(found), prereleases=True)
     except InvalidVersion:
