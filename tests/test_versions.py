@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny
+from conftest import ctx, tiny
 from transformers.models.llama.modeling_llama import LlamaModel
 
 import sidetune
@@ -97,3 +97,17 @@ def test_the_cache_keyword_is_the_one_the_installed_models_take():
         step = model(input_ids=ids[:, 6:], use_cache=True, **compat.cache_kwargs(cache))
     assert compat.returned_cache(step).get_seq_length() == 7
     torch.testing.assert_close(step.logits[:, -1], full, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_methods_refuse_checkpointing_where_transformers_would_drop_the_prefix(monkeypatch):
+    # transformers < 5.15 sets every cache to None inside a checkpointed block: the prefix would silently vanish.
+    from sidetune.methods import _prefix
+    from sidetune.methods.ptuning_v2 import PTuningV2, PTuningV2Config
+
+    model = PTuningV2(PTuningV2Config()).apply(tiny("tiny-llama", "causal_lm", None), ctx("causal_lm"))
+    monkeypatch.setattr(_prefix, "block_checkpointing_keeps_cache", lambda: False)
+    with pytest.raises(SidetuneError, match=r"needs transformers >= 5\.15 .*set train\.gradient_checkpointing=false"):
+        model.gradient_checkpointing_enable()
+    monkeypatch.undo()
+    if compat.block_checkpointing_keeps_cache():
+        model.gradient_checkpointing_enable()  # where transformers can keep it, it is kept (tests/test_ptuning_v2.py)
