@@ -8,6 +8,9 @@ __version__ = "0.1.0"
 def load(run_dir, device="cpu"):
     """Load a finished run: returns (model, tokenizer), the model in eval mode with its trained weights, ready to
     predict (`model(**batch)`) or generate. A classifier's `model.config.id2label` holds the run's label names."""
+    from sidetune.compat import check_versions
+
+    check_versions()  # a dependency outside pyproject.toml's ranges: one SidetuneError line before anything loads
     from sidetune.rundir import open_run
     from sidetune.tasks import get_task
 

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+from sidetune.compat import check_versions
 from sidetune.errors import SidetuneError
 
 
@@ -106,10 +107,13 @@ def _main(argv: list[str] | None) -> int:
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(var, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
-
-    datasets.disable_progress_bars()
     try:
+        # Before any dependency is imported: a release outside pyproject.toml's ranges is one line, not an error
+        # deep inside a step.
+        check_versions()
+        import datasets
+
+        datasets.disable_progress_bars()
         if args.command in SUBCOMMANDS:
             return importlib.import_module(SUBCOMMANDS[args.command][0]).run(args)
         return COMMANDS[args.command](args)

@@ -66,12 +66,13 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "auto", ove
     s = run.load("cpu")
     model, tokenizer = s.model, s.tokenizer
 
-    save_dtype = model.get_input_embeddings().weight.dtype if dtype == "auto" else getattr(torch, dtype)
     with torch.no_grad():
         for name, module in list(model.named_modules()):
             if is_quantized_linear(module):  # every layer of a 4/8-bit base, trained around or not
                 replace_module(model, name, float32_linear(module))
         model = s.method.merge(model)  # one line and no output for a method whose update is not in the weights
+    # After the merge: a method's wrapper (prefix, LST, PET) need not expose the input embeddings, and it refuses above.
+    save_dtype = model.get_input_embeddings().weight.dtype if dtype == "auto" else getattr(torch, dtype)
     _strip_quantization(model)
     model.to(save_dtype)
     model.config.dtype = save_dtype

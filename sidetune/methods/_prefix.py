@@ -44,6 +44,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from sidetune.anatomy import read
+from sidetune.compat import block_checkpointing_keeps_cache, cache_kwargs, query_count
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_dropout, check_positive
 from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
@@ -132,14 +133,16 @@ class PrefixCacheLayer(CacheLayerMixin):
         values = self.values.to(value_states.dtype).expand(b, *self.values.shape[-3:])
         return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+    def get_mask_sizes(self, query) -> tuple[int, int]:
+        return self.get_seq_length() + query_count(query), 0
 
     def get_seq_length(self) -> int:
         return self.keys.shape[-2]
 
     def get_max_length(self) -> int:
         return -1
+
+    get_max_cache_shape = get_max_length  # its name before transformers 5.13 (abstract there)
 
 
 class GrowingPrefixCacheLayer(PrefixCacheLayer):
@@ -226,7 +229,7 @@ class PrefixModel(nn.Module):
         if self.shift_positions:
             position_ids = position_ids + p
         return dict(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                    position_ids=position_ids, cache=prefix_cache(self.prefix()), use_cache=False, **kwargs)
+                    position_ids=position_ids, use_cache=False, **cache_kwargs(prefix_cache(self.prefix())), **kwargs)
 
     def forward(self, **batch):
         if self.pooling is None:  # the model's own head (BERT: its pooler over [CLS]; Llama: the last real token)
@@ -273,8 +276,8 @@ class PrefixModel(nn.Module):
             new = seq[:, seen:]
             positions = torch.arange(seen, seq.shape[1], device=seq.device)[None] + (p if self.shift_positions else 0)
             mask = torch.ones(1, p + seq.shape[1], dtype=torch.long, device=seq.device)
-            return self.model(input_ids=new, attention_mask=mask, position_ids=positions, cache=cache,
-                              use_cache=True).logits[:, -1]
+            return self.model(input_ids=new, attention_mask=mask, position_ids=positions, use_cache=True,
+                              **cache_kwargs(cache)).logits[:, -1]
 
         return step
 
@@ -284,6 +287,11 @@ class PrefixModel(nn.Module):
         kwargs = dict(gradient_checkpointing_kwargs or {})
         if kwargs.pop("use_reentrant", False):
             raise SidetuneError(f"{self.method} needs non-reentrant gradient checkpointing (use_reentrant=False)")
+        if not block_checkpointing_keeps_cache():
+            # Older transformers set the cache to None inside every checkpointed block: the prefix would vanish.
+            raise SidetuneError(f"{self.method} with gradient checkpointing needs transformers >= 5.15 (older "
+                                f"releases drop the prefix cache inside checkpointed blocks); upgrade transformers "
+                                f"or set train.gradient_checkpointing=false")
         blocks = [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)]
         if not blocks:
             raise SidetuneError(f"{self.method} cannot checkpoint {type(self.model).__name__}: its blocks are not "

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput
 
+from sidetune.compat import cache_kwargs, returned_cache
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_positive, opt
 from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
@@ -286,11 +287,11 @@ class LSTModel(nn.Module):
         at first: the body makes one), which is updated."""
         side = self.side if self.side_encoder is None or k == 1 else self.side_encoder
         # no_grad, not inference_mode: the ladder inputs must stay usable as saved tensors of down_i.
-        extra = dict(use_cache=True, cache=state["past"]) if state is not None else dict(use_cache=False)
+        extra = dict(use_cache=True, **cache_kwargs(state["past"])) if state is not None else dict(use_cache=False)
         with torch.no_grad(), capture(self.stacks[k].layers, side.tapped) as taps:
             out = body(**inputs, **extra)
         if state is not None:
-            state["past"] = out.cache
+            state["past"] = returned_cache(out)
         return out.last_hidden_state, [taps[-1]] + [taps[i] for i in side.tapped]
 
     def _merge(self, final: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
