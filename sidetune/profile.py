@@ -84,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
         raise SidetuneError("sidetune profile needs --model (or --recipe RUN_CONFIG.yaml)")
     if args.steps < 0:
         raise SidetuneError(f"--steps must be >= 0, got {args.steps}")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SidetuneError(f"--out {args.out!r} is a file; --out names a directory for profile.json, profile.md and "
+                            f"profile.png")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SidetuneError("--device cuda but torch sees no CUDA GPU; use --device cpu, or --device meta to predict")
@@ -108,8 +112,10 @@ def run(args: argparse.Namespace) -> int:
                 print(f"sidetune: profile: {', '.join(others)} do(es) not train {args.task}; "
                       f"see --task {' / '.join(sorted(set().union(*(METHODS[m].tasks for m in others))))}")
     sharding = Sharding(args.processes, args.shard)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SidetuneError(f"--out {args.out!r}: cannot create that directory ({e.strerror})") from None
     rows = []
     for i, spec in enumerate(specs, 1):
         print(f"sidetune: profile {i}/{len(specs)}: {spec.label}", flush=True)
