@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sidetune import bnb_log
 from sidetune.errors import SidetuneError
 from sidetune.tasks import get_task
 
@@ -32,6 +33,8 @@ PADDING_OFFSET_POSITIONS = frozenset({
 def check_run(cfg: Config, device: torch.device | str, precision: bool = True) -> None:
     """Every check below; `session.build` calls this before loading a tokenizer, data or weights. precision: check
     the mixed precision too (a build that trains on this device; a reload for eval or export does not)."""
+    if bnb_log.used_by(cfg.model.quantize, cfg.train.optimizer):
+        bnb_log.release()  # its import-time warnings concern this run: print them now
     if precision:
         check_precision(cfg, torch.device(device))
     config = model_config(cfg.model)

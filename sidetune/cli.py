@@ -104,6 +104,9 @@ def _main(argv: list[str] | None) -> int:
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(var, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from sidetune import bnb_log
+
+    bnb_log.hold()  # bitsandbytes' import-time warnings print only for a run that uses it (session.build)
     import datasets
 
     datasets.disable_progress_bars()

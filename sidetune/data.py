@@ -218,7 +218,7 @@ def _say_classes(rows: datasets.Dataset, field: str, names: list[str], to_id) ->
     for v in rows[field]:
         counts[to_id(v if not isinstance(v, float) else int(v))] += 1
     shown = ", ".join(f"{n} ({c:,})" for n, c in list(zip(names, counts))[:8])
-    print(f"sidetune: data.train: {len(names)} classes: {shown}" + (", ..." if len(names) > 8 else ""), flush=True)
+    print(f"sidetune: data.train: {len(names)} classes (rows in the file): {shown}" + (", ..." if len(names) > 8 else ""), flush=True)
 
 
 def _build_chat(cfg: DataConfig, tokenizer, train_rows: datasets.Dataset,
