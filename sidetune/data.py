@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,8 @@ def resolve_data(spec: str) -> Path | None:
     return None
 
 
-# Files at least this big get a line per phase (reading, tokenizing): datasets' own bars are off in the CLI.
+# Files at least this big get a line per phase (reading, tokenizing) on stderr, beside the progress bars (stdout may be
+# JSON: `sidetune eval`); datasets' own bars are off in the CLI.
 BIG_FILE = 1 << 20
 
 
@@ -103,7 +105,7 @@ def load_rows(spec: str, key: str, text_column: str | None = None) -> datasets.D
             kwargs = _tsv_options(path, key, spec)
         size = path.stat().st_size
         if size >= BIG_FILE:
-            print(f"sidetune: {key}: reading {path} ({size / 2**20:,.0f} MiB)", flush=True)
+            print(f"sidetune: {key}: reading {path} ({size / 2**20:,.0f} MiB)", file=sys.stderr, flush=True)
         level = datasets.logging.get_verbosity()
         datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a parse failure is reported once, below
         try:
@@ -121,7 +123,7 @@ def load_rows(spec: str, key: str, text_column: str | None = None) -> datasets.D
         if fmt == "text" and text_column != "text":
             rows = rows.rename_column("text", text_column)
         if size >= BIG_FILE:
-            print(f"sidetune: {key}: {len(rows):,} rows", flush=True)
+            print(f"sidetune: {key}: {len(rows):,} rows", file=sys.stderr, flush=True)
         return rows
     looks_local = Path(spec).suffix.lower() in FORMATS or spec.startswith((".", "/", "~"))
     if looks_local or os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -180,7 +182,7 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) ->
         if eval_rows is not None:
             train_ints = all(isinstance(v, int) for v in _label_values(all_train, cfg.label_field, "data.train"))
             _check_eval_labels(eval_rows, cfg.label_field, label_names, num_labels, train_ints)
-        if task.classifies:
+        if task.classifies and cfg.label_names is None:  # classes read from the data: show them (a stray one too)
             _say_classes(all_train, cfg.label_field, label_names, to_id)
         cfg.label_names = label_names  # kept with the run (saved config): reloads and evals map labels the same way
         train_rows = _relabel(train_rows, cfg.label_field, to_id)
@@ -195,7 +197,7 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) ->
 
     def tokenize(rows: datasets.Dataset, key: str) -> datasets.Dataset:
         if len(rows) >= BIG_ROWS:
-            print(f"sidetune: {key}: tokenizing {len(rows):,} rows", flush=True)
+            print(f"sidetune: {key}: tokenizing {len(rows):,} rows", file=sys.stderr, flush=True)
         return rows.map(lambda batch: encode(cfg, tokenizer, batch, label_names), batched=True,
                         remove_columns=rows.column_names, desc="tokenizing")
 
