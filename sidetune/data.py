@@ -123,7 +123,7 @@ def load_rows(spec: str, key: str, text_column: str | None = None) -> datasets.D
         if fmt == "text" and text_column != "text":
             rows = rows.rename_column("text", text_column)
         if size >= BIG_FILE:
-            print(f"sidetune: {key}: {len(rows):,} rows", file=sys.stderr, flush=True)
+            print(f"sidetune: {key}: {len(rows):,} rows; checking labels and text", file=sys.stderr, flush=True)
         return rows
     looks_local = Path(spec).suffix.lower() in FORMATS or spec.startswith((".", "/", "~"))
     if looks_local or os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
