@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sidetune.errors import SidetuneError
-from sidetune.profile import ALIASES, GiB, MiB, RowSpec, check_model, measure, parse_bytes, resolve_rows
+from sidetune.profile import ALIASES, GiB, MiB, RowSpec, check_model, check_rows, measure, parse_bytes, resolve_rows
 from sidetune.profiling.shard import Sharding, per_gpu_peak
 from sidetune.tasks import get_task
 
@@ -161,6 +161,7 @@ def plan(model: str, vram: int, batch: int, seq: int, task: str = "causal_lm", m
     """One entry per method: per-GPU peak at `batch` (per process), whether it fits, its largest batch, and the
     changes that make it fit."""
     specs = resolve_rows(methods, model, task, batch, seq, list(sets), references=False)
+    check_rows(specs)
     budget = usable(vram, target)  # what a step may fill: the budget less the CUDA headroom
     result = []
     for i, spec in enumerate(specs, 1):

@@ -73,6 +73,24 @@ def check_model(name: str) -> None:
         resolve_path(name)  # raises the one-line error for a missing directory or an alias's missing package
 
 
+def check_rows(specs: list[RowSpec], flags: bool = True) -> None:
+    """The model against the task and the sequence length (sidetune.checks), once for all rows (they share model,
+    task and seq): one line instead of the same error in every row. flags: the rows come from --task / --seq, so
+    the line names those rather than the config keys they set."""
+    from sidetune.checks import check_run
+    from sidetune.config import load_config
+
+    if not specs:
+        return
+    try:
+        check_run(load_config(None, specs[-1].overrides), "meta", precision=False)
+    except SidetuneError as e:
+        if not flags:
+            raise
+        raise SidetuneError(str(e).replace("data.max_length=", "--seq ").replace("data.max_length", "--seq")
+                            .replace("data.task=", "--task ")) from None
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -111,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
             if others:
                 print(f"sidetune: profile: {', '.join(others)} do(es) not train {args.task}; "
                       f"see --task {' / '.join(sorted(set().union(*(METHODS[m].tasks for m in others))))}")
+    check_rows(specs, flags=args.recipe is None)
     sharding = Sharding(args.processes, args.shard)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -450,6 +450,11 @@ BAD_COMMANDS = {
     "profile_out_is_a_file": (lambda tmp, f: ["profile", "--model", "tiny-llama", "--device", "meta", "--methods",
                                               "lora", "--seq", "8", "--batch", "1", "--out", str(f / "config.yaml")],
                               "is a file"),
+    "plan_encoder_causal_lm": (lambda tmp, f: ["plan", "--model", "tiny-bert", "--vram", "1GiB", "--methods", "lora"],
+                               "--task causal_lm needs a decoder"),
+    "profile_seq_beyond_positions": (lambda tmp, f: ["profile", "--model", "tiny-gpt2", "--device", "meta", "--methods",
+                                                     "lora", "--seq", "2048", "--out", str(tmp / "p")],
+                                     "--seq 2048 is longer than model.name=tiny-gpt2 can read"),
     "plan_out_is_a_directory": (lambda tmp, f: ["plan", "--model", "tiny-llama", "--vram", "1GiB", "--methods", "lora",
                                                 "--out", str(f)], "is a directory"),
 }
