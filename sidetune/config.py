@@ -438,7 +438,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
-            raise SidetuneError(f"unknown config key '{prefix}.{key}'{_suggest(key, names, prefix)}")
+            owner = f" for method {raw.get('name')!r}" if prefix == "method" else ""
+            raise SidetuneError(f"unknown config key '{prefix}.{key}'{owner}{_suggest(key, names, prefix)}")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}")
     return cls(**kwargs)
 

@@ -113,3 +113,9 @@ def test_recipe_path_that_is_a_directory(tmp_path):
     (tmp_path / "a.yaml").write_text("train:\n  lr: 1.0e-3\n")
     with pytest.raises(SidetuneError, match=r"is a directory; pass the path to a YAML run config in it \(e\.g\. "):
         load_config(tmp_path)
+
+
+def test_a_field_of_another_method_is_refused_in_either_order():
+    for overrides in (["method.r=4", "method.name=full"], ["method.name=full", "method.r=4"]):
+        with pytest.raises(SidetuneError, match=r"unknown config key 'method\.r' for method 'full'"):
+            load_config(None, overrides)
