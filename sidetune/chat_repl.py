@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sidetune.generate import Generator, add_decoding_arguments
+from sidetune.generate import Generator, add_decoding_arguments, check_decoding_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    check_decoding_arguments(args)
     torch.manual_seed(args.seed)
     g = Generator(args.run_dir, args.device)
     g.chat_ids([{"role": "user", "content": ""}])  # one line now, not after the first message, if there is no template

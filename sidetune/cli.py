@@ -107,6 +107,9 @@ def _main(argv: list[str] | None) -> int:
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(var, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from sidetune import bnb_log
+
+    bnb_log.hold()  # bitsandbytes' import-time warnings print only for a run that uses it (session.build)
     try:
         # Before any dependency is imported: a release outside pyproject.toml's ranges is one line, not an error
         # deep inside a step.

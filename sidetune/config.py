@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -211,18 +212,53 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     validate every key and type, and return the typed Config."""
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
+        p = Path(path).expanduser()
+        if p.is_dir():
+            inside = sorted(q.name for q in p.glob("*.yaml"))[:3]
+            raise SidetuneError(f"config file {str(path)!r} is a directory; pass the path to a YAML run config"
+                                + (f" in it (e.g. {p / inside[0]})" if inside else ""))
         if not p.is_file():
             raise SidetuneError(f"config file {str(path)!r} does not exist; pass the path to a YAML run config")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise SidetuneError(f"config file {str(path)!r} is not valid YAML: {one_line(e)}") from None
+        except _DuplicateKey as e:
+            raise SidetuneError(f"config file {str(path)!r}: {e}") from None
         if not isinstance(raw, dict):
             raise SidetuneError(f"config file {str(path)!r} must be a mapping with sections model/method/data/train")
-    for item in overrides:
+    # method.name first: choosing a method starts its section afresh (the YAML's fields of another method would not
+    # fit it), and a method.* override given before method.name on the command line must survive that.
+    names = [o for o in overrides if _override_key(o) == "method.name"]
+    for item in [*names, *(o for o in overrides if _override_key(o) != "method.name")]:
         apply_override(raw, item)
     return from_dict(raw)
+
+
+def _override_key(item: str) -> str:
+    return item.partition("=")[0].strip()
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML silently keeps the last value, so
+    `lr: 1e-3` above a forgotten `lr: 1e-5` would train with the second)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # the safe loader's own error ("found unhashable key") follows
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} appears twice in one section (lines {seen[key]} and {line}); "
+                                    f"YAML would keep the last silently: keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -272,8 +308,24 @@ def from_dict(raw: dict[str, Any]) -> Config:
         raise SidetuneError(f"method {name!r} cannot train on packed rows: its virtual tokens belong to one "
                             f"example and cannot serve the several that data.packing=true puts in a row; set "
                             f"data.packing=false")
+    _expand_user(cfg)
     validate(cfg)
     return cfg
+
+
+# Fields that name a file or directory (some may also be something else: a preset, a hub name, template text).
+PATH_FIELDS = ("model.name", "model.tokenizer", "data.train", "data.eval", "data.chat_template", "train.output_dir",
+               "train.resume")
+
+
+def _expand_user(cfg: Config) -> None:
+    """`~` and `~user` expanded in every path field, as a shell would (a quoted `train.output_dir=~/x` would
+    otherwise create a directory named `~`); the saved config then holds the real path."""
+    for key in PATH_FIELDS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, str) and value.startswith("~") and "\n" not in value:
+            setattr(getattr(cfg, section), name, os.path.expanduser(value))
 
 
 def validate(cfg: Config) -> None:
@@ -386,7 +438,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
-            raise SidetuneError(f"unknown config key '{prefix}.{key}'{_suggest(key, names, prefix)}")
+            owner = f" for method {raw.get('name')!r}" if prefix == "method" else ""
+            raise SidetuneError(f"unknown config key '{prefix}.{key}'{owner}{_suggest(key, names, prefix)}")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}")
     return cls(**kwargs)
 

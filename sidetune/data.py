@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,17 +54,58 @@ def resolve_data(spec: str) -> Path | None:
     return None
 
 
-def load_rows(spec: str, key: str) -> datasets.Dataset:
-    """Rows from a local file, or from the hub as `name[:config][:split]` when online."""
+# Files at least this big get a line per phase (reading, tokenizing) on stderr, beside the progress bars (stdout may be
+# JSON: `sidetune eval`); datasets' own bars are off in the CLI.
+BIG_FILE = 1 << 20
+
+
+def _tsv_options(path: Path, key: str, spec: str) -> dict[str, Any]:
+    """How to read a .tsv the way it was written. GLUE-style files quote nothing (their sentences hold bare quote
+    characters); Python's csv module (and pandas) quote a field holding a quote, a tab or a newline, doubling the
+    quotes inside. A file is read as quoted when csv's strict parser reads every record with the header's number of
+    fields and that differs from the unquoted reading; else unquoted, as GLUE writes it."""
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        plain = [line.rstrip("\r\n").split("\t") for line in f]  # GLUE's reading: a line is a row
+    width = len(plain[0]) if plain else 1
+    plain_rows = [r for r in plain if r != [""]]
+    if not any('"' in field for r in plain_rows for field in r):
+        quoted = plain_rows
+    else:
+        with path.open(newline="", encoding="utf-8", errors="replace") as f:
+            try:
+                quoted = [r for r in csv.reader(f, delimiter="\t", strict=True) if r]
+            except csv.Error:
+                quoted = None
+    if quoted is not None and all(len(r) == width for r in quoted) and quoted != plain_rows:
+        return {"delimiter": "\t"}  # pandas' default quoting is csv's: QUOTE_MINIMAL, doubled quotes
+    bad = next((i for i, r in enumerate(plain) if len(r) != width and r != [""]), None)
+    if bad is not None:
+        raise SidetuneError(f"{key}={spec!r}: line {bad + 1} has {len(plain[bad])} tab-separated fields and the "
+                            f"header {width}; a tab or newline inside a field needs csv quoting (write the file with "
+                            f"Python's csv module or pandas), or remove it")
+    return {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+
+
+def load_rows(spec: str, key: str, text_column: str | None = None) -> datasets.Dataset:
+    """Rows from a local file, or from the hub as `name[:config][:split]` when online.
+
+    text_column: where a .txt file's lines go (one example per line): only plain causal_lm text reads .txt, and any
+    other caller gets one line saying so instead of a one-column table named `text`."""
     path = resolve_data(spec)
     if path is not None:
         fmt = FORMATS.get(path.suffix.lower())
         if fmt is None:
             raise SidetuneError(f"{key}={spec!r} has an unknown format; use {', '.join(FORMATS)}")
+        if fmt == "text" and text_column is None:
+            raise SidetuneError(f"{key}={spec!r}: a .txt file is plain text, one example per line, which only "
+                                f"data.task=causal_lm without templates or data.format reads; for rows with columns "
+                                f"use a .csv, .tsv, .jsonl or .parquet file with a header")
         kwargs: dict[str, Any] = {}
         if path.suffix.lower() == ".tsv":
-            # GLUE-style TSV: tab-separated, no quoting (sentences contain bare quote characters).
-            kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+            kwargs = _tsv_options(path, key, spec)
+        size = path.stat().st_size
+        if size >= BIG_FILE:
+            print(f"sidetune: {key}: reading {path} ({size / 2**20:,.0f} MiB)", file=sys.stderr, flush=True)
         level = datasets.logging.get_verbosity()
         datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a parse failure is reported once, below
         try:
@@ -78,6 +120,10 @@ def load_rows(spec: str, key: str) -> datasets.Dataset:
             datasets.logging.set_verbosity(level)
         if rows is None or len(rows) == 0:
             raise SidetuneError(f"{key}={spec!r} holds no rows; point it at a file with data")
+        if fmt == "text" and text_column != "text":
+            rows = rows.rename_column("text", text_column)
+        if size >= BIG_FILE:
+            print(f"sidetune: {key}: {len(rows):,} rows; checking labels and text", file=sys.stderr, flush=True)
         return rows
     looks_local = Path(spec).suffix.lower() in FORMATS or spec.startswith((".", "/", "~"))
     if looks_local or os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -91,8 +137,11 @@ def load_rows(spec: str, key: str) -> datasets.Dataset:
         raise SidetuneError(f"{key}={spec!r} could not be loaded from the hub: {one_line(e)}") from None
 
 
-def _require_columns(rows: datasets.Dataset, columns: list[str], key: str) -> None:
+def _require_columns(rows: datasets.Dataset, columns: list[str], key: str, cfg: DataConfig | None = None) -> None:
     missing = [c for c in columns if c not in rows.column_names]
+    if missing and cfg is not None and cfg.task != "chat" and cfg.messages_field in rows.column_names:
+        raise SidetuneError(f"{key} has no column {missing[0]!r} but a {cfg.messages_field!r} column of "
+                            f"conversations; for those set data.task=chat")
     if missing:
         raise SidetuneError(f"{key} has no column {missing[0]!r}; its columns are {', '.join(rows.column_names)} "
                             f"(set data.text_field / data.label_field / data.target_field)")
@@ -105,40 +154,50 @@ def _require_columns(rows: datasets.Dataset, columns: list[str], key: str) -> No
 def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> TaskData:
     task = get_task(cfg.task)
     _check_max_length(cfg, tokenizer)
-    train_rows = load_rows(cfg.train, "data.train")
+    plain_text = task.shift_labels and not task.conversational and not (
+        cfg.prompt_template or cfg.completion_template or cfg.format)
+    text_column = cfg.text_field if plain_text else None  # a .txt file's lines: plain causal-LM text only
+    all_train = load_rows(cfg.train, "data.train", text_column)
+    train_rows = all_train
     if cfg.max_train_samples is not None:
         train_rows = train_rows.shuffle(seed=seed).select(range(min(cfg.max_train_samples, len(train_rows))))
-    eval_rows = load_rows(cfg.eval, "data.eval") if cfg.eval else None
+    eval_rows = load_rows(cfg.eval, "data.eval", text_column) if cfg.eval else None
     if eval_rows is not None and cfg.max_eval_samples is not None:
         eval_rows = eval_rows.select(range(min(cfg.max_eval_samples, len(eval_rows))))
 
     if task.conversational:
         return _packed(cfg, _build_chat(cfg, tokenizer, train_rows, eval_rows), seed)
 
+    encode = _encode_classification if task.classifies else _encode_seq2seq if task.seq2seq else _encode_causal_lm
+    columns = _needed_columns(cfg, task)
+    _require_columns(train_rows, columns, "data.train", cfg)
+    if eval_rows is not None:
+        _require_columns(eval_rows, columns, "data.eval", cfg)
+
     label_names = cfg.label_names
     num_labels = None
     if task.classifies or cfg.label_names is not None:
-        label_names, num_labels, to_id = _label_mapping(cfg, train_rows)
+        # Classes come from the whole training file, so that a row named in an error is the file's own row.
+        label_names, num_labels, to_id = _label_mapping(cfg, all_train, task.classifies)
         if eval_rows is not None:
-            train_ints = all(isinstance(v, int) for v in _label_values(train_rows, cfg.label_field, "data.train"))
+            train_ints = all(isinstance(v, int) for v in _label_values(all_train, cfg.label_field, "data.train"))
             _check_eval_labels(eval_rows, cfg.label_field, label_names, num_labels, train_ints)
+        if task.classifies and cfg.label_names is None:  # classes read from the data: show them (a stray one too)
+            _say_classes(all_train, cfg.label_field, label_names, to_id)
         cfg.label_names = label_names  # kept with the run (saved config): reloads and evals map labels the same way
         train_rows = _relabel(train_rows, cfg.label_field, to_id)
         if eval_rows is not None:
             eval_rows = _relabel(eval_rows, cfg.label_field, to_id)
 
-    encode = _encode_classification if task.classifies else _encode_seq2seq if task.seq2seq else _encode_causal_lm
-    columns = _needed_columns(cfg, task)
-    _require_columns(train_rows, columns, "data.train")
-    if eval_rows is not None:
-        _require_columns(eval_rows, columns, "data.eval")
     text_columns = [c for c in columns if c != cfg.label_field]
     plain_lm = task.shift_labels
     _check_text(train_rows, text_columns, "data.train", plain_lm)
     if eval_rows is not None:
         _check_text(eval_rows, text_columns, "data.eval", plain_lm)
 
-    def tokenize(rows: datasets.Dataset) -> datasets.Dataset:
+    def tokenize(rows: datasets.Dataset, key: str) -> datasets.Dataset:
+        if len(rows) >= BIG_ROWS:
+            print(f"sidetune: {key}: tokenizing {len(rows):,} rows", file=sys.stderr, flush=True)
         return rows.map(lambda batch: encode(cfg, tokenizer, batch, label_names), batched=True,
                         remove_columns=rows.column_names, desc="tokenizing")
 
@@ -146,8 +205,22 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) ->
     if task.shift_labels and label_names and eval_rows is not None:
         choices = eval_rows.map(lambda batch, idx: choice_rows(cfg, tokenizer, batch, label_names, idx), batched=True,
                                 remove_columns=eval_rows.column_names, desc="building choices", with_indices=True)
-    return _packed(cfg, TaskData(tokenize(train_rows), tokenize(eval_rows) if eval_rows is not None else None,
+    return _packed(cfg, TaskData(tokenize(train_rows, "data.train"),
+                                 tokenize(eval_rows, "data.eval") if eval_rows is not None else None,
                                  choices, num_labels, label_names), seed)
+
+
+# Tokenizing at least this many rows gets a line first (a 150k-row file takes tens of seconds).
+BIG_ROWS = 20_000
+
+
+def _say_classes(rows: datasets.Dataset, field: str, names: list[str], to_id) -> None:
+    """One line with the classes and how many training rows each has, so that a surprising class is seen."""
+    counts = [0] * len(names)
+    for v in rows[field]:
+        counts[to_id(v if not isinstance(v, float) else int(v))] += 1
+    shown = ", ".join(f"{n} ({c:,})" for n, c in list(zip(names, counts))[:8])
+    print(f"sidetune: data.train: {len(names)} classes (rows in the file): {shown}" + (", ..." if len(names) > 8 else ""), flush=True)
 
 
 def _build_chat(cfg: DataConfig, tokenizer, train_rows: datasets.Dataset,
@@ -254,23 +327,38 @@ def _needed_columns(cfg: DataConfig, task: Task) -> list[str]:
     return [cfg.text_field] + ([cfg.target_field] if task.seq2seq else [])
 
 
-def _label_mapping(cfg: DataConfig, rows: datasets.Dataset):
+def _label_mapping(cfg: DataConfig, rows: datasets.Dataset, classifies: bool = True):
     """Class names, the class count, and value -> class id, from the training labels (and data.num_labels /
-    data.label_names); one line for a missing, fractional or out-of-range label."""
+    data.label_names); one line, naming the row, for a missing, fractional, stray or out-of-range label, a label
+    column that holds free text, and training data with fewer than two classes."""
     _require_columns(rows, [cfg.label_field], "data.train")
-    values = _label_values(rows, cfg.label_field, "data.train")
-    if all(isinstance(v, int) for v in values):
+    field = cfg.label_field
+    values = _label_values(rows, field, "data.train")
+    ints = [v for v in values if isinstance(v, int)]
+    names_seen = [v for v in values if isinstance(v, str)]
+    if ints and names_seen:  # a JSON file mixing 1 and "pos"
+        raise SidetuneError(f"data.train: label {ints[0]!r} ({_row(rows, field, ints[0])}) in column {field!r} is a "
+                            f"number among names ({_some(names_seen)}); write every label as a name, or every one "
+                            f"as a class id")
+    if classifies and len(values) < 2:
+        raise SidetuneError(f"data.train: every row has the label {values[0]!r} in column {field!r}, and "
+                            f"classification needs at least two classes; check data.label_field, or train on more "
+                            f"rows (data.max_train_samples)")
+    if not names_seen:
         if min(values) < 0:
-            raise SidetuneError(f"data.train: label {min(values)} in column {cfg.label_field!r} is negative; class "
-                                f"ids run from 0 to num_labels - 1")
+            raise SidetuneError(f"data.train: label {min(values)} ({_row(rows, field, min(values))}) in column "
+                                f"{field!r} is negative; class ids run from 0 to num_labels - 1")
         num = cfg.num_labels or (max(values) + 1)
         if max(values) >= num:
-            raise SidetuneError(f"data.train: label {max(values)} in column {cfg.label_field!r} is out of range for "
-                                f"data.num_labels={num} (ids 0..{num - 1}); raise data.num_labels or fix the labels")
+            raise SidetuneError(f"data.train: label {max(values)} ({_row(rows, field, max(values))}) in column "
+                                f"{field!r} is out of range for data.num_labels={num} (ids 0..{num - 1}); raise "
+                                f"data.num_labels or fix the labels")
         names = cfg.label_names or [str(i) for i in range(num)]
         if len(names) < num:
             raise SidetuneError(f"data.label_names has {len(names)} names but there are {num} classes "
-                                f"(labels go up to {max(values)}); give one name per class")
+                                f"(label {max(values)} is in {_row(rows, field, max(values))}); give one name per "
+                                f"class")
+        _check_not_free_text(cfg, rows, num)
 
         def to_id(v):
             return int(v)
@@ -279,15 +367,64 @@ def _label_mapping(cfg: DataConfig, rows: datasets.Dataset):
         index = {n: i for i, n in enumerate(names)}
         unknown = [v for v in values if str(v) not in index]
         if unknown:
-            raise SidetuneError(f"data.train: label {unknown[0]!r} is not in data.label_names={names}")
+            raise SidetuneError(f"data.train: label {unknown[0]!r} ({_row(rows, field, unknown[0])}) in column "
+                                f"{field!r} is not in data.label_names={names}; fix that row or add the name")
+        _check_stray_names(rows, field, names_seen)
+        _check_not_free_text(cfg, rows, len(values))
         num = cfg.num_labels or len(names)
         if len(names) > num:
             raise SidetuneError(f"data.num_labels={num} but the training labels name {len(names)} classes "
-                                f"({', '.join(names)}); raise data.num_labels or drop it")
+                                f"({_some(names)}); raise data.num_labels or drop it")
 
         def to_id(v):
             return index[str(v)]
     return names, num, to_id
+
+
+def _row(rows: datasets.Dataset, field: str, value) -> str:
+    """'row N': the first row (1-based, in the order read) whose label is `value`."""
+    for i, v in enumerate(rows[field]):
+        if v == value or str(v).strip() == str(value) or (isinstance(v, float) and v == v and v == value):
+            return f"row {i + 1}"
+    return "a row"
+
+
+def _some(names: list, n: int = 5) -> str:
+    return ", ".join(map(str, names[:n])) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def _check_stray_names(rows: datasets.Dataset, field: str, names: list[str]) -> None:
+    """String labels that are one set of names: no number among names (a stray `1` in a pos/neg column), and no two
+    spellings of one name (`Neutral` beside `neutral`), each of which would silently become a class of its own."""
+    numeric = [n for n in names if n.strip().lstrip("+-").isdigit()]
+    if numeric and len(numeric) < len(names):
+        stray = numeric[0]
+        raise SidetuneError(f"data.train: label {stray!r} ({_row(rows, field, stray)}) in column {field!r} is a "
+                            f"number among names ({_some([n for n in names if n not in numeric])}); write it as one "
+                            f"of the names (or every label as a class id)")
+    seen: dict[str, str] = {}
+    for name in names:
+        key = " ".join(name.split()).casefold()
+        if key in seen:
+            raise SidetuneError(f"data.train: labels {seen[key]!r} ({_row(rows, field, seen[key])}) and {name!r} "
+                                f"({_row(rows, field, name)}) in column {field!r} differ only in case or spaces and "
+                                f"would be two classes; write one spelling")
+        seen[key] = name
+
+
+# A label column with at least this many classes, more than half the rows' count, reads as free text.
+FREE_TEXT_MIN_CLASSES = 20
+
+
+def _check_not_free_text(cfg: DataConfig, rows: datasets.Dataset, classes: int) -> None:
+    """A label column where most rows have a label of their own (a text or id column named as data.label_field)
+    would train a head with a class per row. Declared classes (data.label_names / data.num_labels) are trusted."""
+    if cfg.label_names is not None or cfg.num_labels is not None:
+        return
+    if classes >= FREE_TEXT_MIN_CLASSES and classes > len(rows) / 2:
+        raise SidetuneError(f"data.train: column {cfg.label_field!r} has {classes} different labels in {len(rows)} "
+                            f"rows, which looks like free text or ids, not classes; set data.label_field to the "
+                            f"column with the class (or, if these are classes, list them in data.label_names)")
 
 
 def _label_values(rows: datasets.Dataset, field: str, key: str) -> list:
@@ -296,13 +433,15 @@ def _label_values(rows: datasets.Dataset, field: str, key: str) -> list:
     out = []
     for v in values:
         if v is None or (isinstance(v, str) and not v.strip()):
-            raise SidetuneError(f"{key}: a row has no label in column {field!r}; fill or drop that row")
+            raise SidetuneError(f"{key}: {_row(rows, field, v) if v is not None else _none_row(rows, field)} has no "
+                                f"label in column {field!r}; fill or drop that row")
         if isinstance(v, bool):
             v = int(v)
         if isinstance(v, float):
             if not (v == v and v.is_integer()):
-                raise SidetuneError(f"{key}: label {v!r} in column {field!r} is not a class id; classification "
-                                    f"needs integer ids or string names (regression targets are not supported)")
+                raise SidetuneError(f"{key}: label {v!r} ({_row(rows, field, v)}) in column {field!r} is not a class "
+                                    f"id; classification needs integer ids or string names (regression targets are "
+                                    f"not supported)")
             v = int(v)
         if not isinstance(v, (int, str)):
             raise SidetuneError(f"{key}: label {v!r} in column {field!r} is a {type(v).__name__}; use integer ids "
@@ -311,19 +450,26 @@ def _label_values(rows: datasets.Dataset, field: str, key: str) -> list:
     return sorted(set(out), key=str)
 
 
+def _none_row(rows: datasets.Dataset, field: str) -> str:
+    return next((f"row {i + 1}" for i, v in enumerate(rows[field]) if v is None), "a row")
+
+
 def _check_eval_labels(rows: datasets.Dataset, field: str, names: list[str], num: int, train_ints: bool) -> None:
-    """Eval labels must be classes the model has: ids in range, or names seen in training."""
+    """Eval labels must be classes the model has: ids in range, or names seen in training; the first that is not is
+    named with its row."""
     _require_columns(rows, [field], "data.eval")
     for v in _label_values(rows, field, "data.eval"):
+        where = _row(rows, field, v)
         if train_ints and not isinstance(v, int):
-            raise SidetuneError(f"data.eval: label {v!r} in column {field!r} is a name but the training labels are "
-                                f"integer ids 0..{num - 1}; use the same kind of labels in both files")
+            raise SidetuneError(f"data.eval: label {v!r} ({where}) in column {field!r} is a name but the training "
+                                f"labels are integer ids 0..{num - 1}; use the same kind of labels in both files")
         if isinstance(v, int) and train_ints and not 0 <= v < num:
-            raise SidetuneError(f"data.eval: label {v} in column {field!r} is outside the training classes "
+            raise SidetuneError(f"data.eval: label {v} ({where}) in column {field!r} is outside the training classes "
                                 f"0..{num - 1}; fix the eval labels or raise data.num_labels")
         if not train_ints and str(v) not in names:
-            raise SidetuneError(f"data.eval: label {v!r} in column {field!r} is not among the training labels "
-                                f"({', '.join(names)}); fix the eval file or list every class in data.label_names")
+            raise SidetuneError(f"data.eval: label {v!r} ({where}) in column {field!r} is not among the training "
+                                f"labels ({_some(names, 8)}); fix the eval file or list every class in "
+                                f"data.label_names")
 
 
 def _check_text(rows: datasets.Dataset, columns: list[str], key: str, allow_empty: bool = False) -> None:
@@ -331,6 +477,9 @@ def _check_text(rows: datasets.Dataset, columns: list[str], key: str, allow_empt
     may have empty lines: `allow_empty`)."""
     for col in columns:
         for i, v in enumerate(rows[col]):
+            if isinstance(v, list) and v and all(isinstance(m, dict) for m in v):
+                raise SidetuneError(f"{key}: column {col!r} holds conversations (lists of messages), not text; "
+                                    f"train on them with data.task=chat (data.messages_field={col})")
             if not isinstance(v, str):
                 what = "empty" if v is None else f"a {type(v).__name__} ({v!r}), not text"
                 raise SidetuneError(f"{key}: row {i + 1} of column {col!r} is {what}; fill or drop that row")

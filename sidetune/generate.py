@@ -104,11 +104,36 @@ class Generator:
                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy)
 
 
-def run(args: argparse.Namespace) -> int:
+def check_decoding_arguments(args: argparse.Namespace) -> None:
+    """One line for a decoding argument that cannot work (generate and chat), before the run is loaded."""
+    import math
+
     import torch
 
     if args.max_new_tokens < 1:
         raise SidetuneError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise SidetuneError(f"--temperature must be a finite number > 0, got {args.temperature} (for the most likely "
+                            f"token every time use --greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        raise SidetuneError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise SidetuneError(f"--device {args.device!r} is not a device; use cpu or cuda") from None
+        if device.type not in ("cpu", "cuda"):
+            raise SidetuneError(f"--device {args.device!r}: sidetune generates on cpu or cuda")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SidetuneError("--device cuda but torch sees no CUDA GPU on this machine; use --device cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise SidetuneError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    check_decoding_arguments(args)
     torch.manual_seed(args.seed)
     g = Generator(args.run_dir, args.device)
     decoding = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

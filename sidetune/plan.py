@@ -11,22 +11,55 @@ predictions, `largest_batch`) and, for a method that does not fit, predicts the 
 - a method's own options: `Method.plan_options`, a description mapped to method-config overrides (e.g. LST:
   {"a side layer on every 2nd layer": {...}}),
 - all of these together.
+
+A GPU cannot give all of its memory to the step the prediction follows (`torch.cuda.max_memory_allocated`): the CUDA
+context (cuBLAS/cuDNN workspaces, kernels: 0.75 GiB measured on an H200) is outside it, and the caching allocator's fragmentation
+reserves more than it allocates. So for --target cuda a method "fits" when its predicted peak is within the budget
+less HEADROOM_BYTES and less HEADROOM_FRACTION of it (`usable`); the plan prints both numbers. For --target cpu the
+budget is used as it is. Each method also names the smallest common GPU (`GPUS`) whose usable memory holds its peak.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from sidetune.errors import SidetuneError
-from sidetune.profile import ALIASES, GiB, MiB, RowSpec, check_model, measure, parse_bytes, resolve_rows
+from sidetune.profile import ALIASES, GiB, MiB, RowSpec, check_model, check_rows, measure, parse_bytes, resolve_rows
 from sidetune.profiling.shard import Sharding, per_gpu_peak
 from sidetune.tasks import get_task
 
 ONE_PROCESS = Sharding()
 CHUNK = 1024  # loss chunk the planner proposes: at most 1024 positions of logits at a time
+# Measured on an H200 (torch 2.11, CUDA 13; 2026-12-04; a 1.1B Llama, bf16, fused AdamW, batch 4/8/16 x 512): the
+# process held 0.75 GiB outside the caching allocator (context, cuBLAS), and the allocator reserved 3.9%, 3.4% and
+# 13.4% more than max_memory_allocated.
+HEADROOM_BYTES = 1 << 30  # the CUDA context and library workspaces, outside max_memory_allocated
+HEADROOM_FRACTION = 0.10  # the caching allocator's fragmentation: reserved above allocated
+# Common GPU memory sizes (GiB, as sold) and examples, smallest first: which one a method's peak needs.
+GPUS = ((8, "RTX 4060 / 3070"), (12, "RTX 3060 / 4070"), (16, "T4, V100-16GB, RTX 4080"),
+        (24, "RTX 3090 / 4090, A10, L4"), (40, "A100-40GB"), (48, "A6000, L40S"), (80, "A100-80GB, H100"),
+        (141, "H200"))
+
+
+def usable(vram: int, target: str) -> int:
+    """The part of a `vram` budget a training step may fill: all of it on a CPU; on CUDA less the context and the
+    allocator's fragmentation (see the module docstring)."""
+    if target != "cuda":
+        return vram
+    return max(0, int(vram * (1 - HEADROOM_FRACTION)) - HEADROOM_BYTES)
+
+
+def smallest_gpu(peak: int) -> str | None:
+    """The smallest common GPU whose usable memory holds `peak`, e.g. "24 GiB (RTX 3090 / 4090, A10, L4)"; None if
+    not even the largest does."""
+    for gib, examples in GPUS:
+        if peak <= usable(gib * GiB, "cuda"):
+            return f"{gib} GiB ({examples})"
+    return None
 
 
 def _measure(spec: RowSpec, target: str, extra: list[str] = (), batch: int | None = None,
@@ -46,7 +79,8 @@ def _peak(spec: RowSpec, target: str, extra: list[str] = (), batch: int | None =
 
 
 def largest_batch(spec: RowSpec, target: str, vram: int, batch: int, peak_at_batch: int,
-                  extra: list[str] = (), sharding: Sharding = ONE_PROCESS) -> int:
+                  extra: list[str] = (), sharding: Sharding = ONE_PROCESS, *, known: dict[int, int] | None = None,
+                  log=None) -> int:
     """The largest batch whose predicted peak fits `vram` (0 if not even batch 1 fits).
 
     The peak grows with the batch but is not one straight line: it is the largest of several (the forward's end, the
@@ -54,11 +88,14 @@ def largest_batch(spec: RowSpec, target: str, vram: int, batch: int, peak_at_bat
     the batch. So: bracket the boundary (secant jumps, doubling), then close in alternating secant and bisection
     steps; each step is one prediction.
     """
-    known = {batch: peak_at_batch}
+    known = {} if known is None else known  # batch -> predicted peak; the caller may read it back (batch 1's)
+    known[batch] = peak_at_batch
 
     def peak(b: int) -> int:
         if b not in known:
             known[b] = _peak(spec, target, extra, b, sharding)
+            if log is not None:  # each prediction takes seconds on a large model: say what is happening
+                log(f"sidetune: plan:   {spec.label} at batch {b}: {known[b] / GiB:.2f} GiB")
         return known[b]
 
     if peak_at_batch <= vram:
@@ -124,29 +161,41 @@ def plan(model: str, vram: int, batch: int, seq: int, task: str = "causal_lm", m
     """One entry per method: per-GPU peak at `batch` (per process), whether it fits, its largest batch, and the
     changes that make it fit."""
     specs = resolve_rows(methods, model, task, batch, seq, list(sets), references=False)
+    check_rows(specs)
+    budget = usable(vram, target)  # what a step may fill: the budget less the CUDA headroom
     result = []
-    for spec in specs:
+    for i, spec in enumerate(specs, 1):
         refused = sharding.refusal(_quantize(spec))
         if refused:
             # The trainer would refuse this launch: no prediction, the reason instead.
             result.append({"label": spec.label, "method": spec.method, "refused": refused, "fits": False,
                            "peak_bytes": None, "largest_batch": 0, "changes": [], "how": f"refused: {refused}"})
             continue
-        log(f"sidetune: plan: {spec.label}")
+        started = time.monotonic()
+        log(f"sidetune: plan {i}/{len(specs)}: {spec.label} at batch {batch} x seq {seq}")
         base = _measure(spec, target, sharding=sharding)
         peak = base["peak_bytes"]
-        entry: dict[str, Any] = {"label": spec.label, "method": spec.method, "peak_bytes": peak, "fits": peak <= vram,
+        log(f"sidetune: plan:   {spec.label} at batch {batch}: {peak / GiB:.2f} GiB")
+        known: dict[int, int] = {}
+        entry: dict[str, Any] = {"label": spec.label, "method": spec.method, "peak_bytes": peak,
+                                 "fits": peak <= budget, "budget_bytes": budget, "target": target,
                                  "how": base["per_gpu_note"],
-                                 "largest_batch": largest_batch(spec, target, vram, batch, peak, sharding=sharding),
+                                 "largest_batch": largest_batch(spec, target, budget, batch, peak, sharding=sharding,
+                                                                known=known, log=log),
                                  "changes": []}
+        # Batch 1's peak: what "does not fit even at batch 1" needs (the search predicted it when batch 1 failed).
+        entry["peak_bytes_batch_1"] = known.get(1)
+        entry["smallest_gpu"] = smallest_gpu(peak) if sharding.single and target == "cuda" else None
         # Most parameters trainable: the method trains the backbone itself (full fine-tuning).
         trains_backbone = base["params_trainable"] > base["params_total"] / 2
         entry["trains_backbone"] = trains_backbone
         if not entry["fits"]:
             for description, extra in changes(spec, task, trains_backbone, sharding):
+                log(f"sidetune: plan:   {spec.label} with {description}")
                 p = _peak(spec, target, extra, sharding=sharding)
                 entry["changes"].append({"change": description, "overrides": extra, "peak_bytes": p,
-                                         "fits": p <= vram})
+                                         "fits": p <= budget})
+        log(f"sidetune: plan:   {spec.label} done in {time.monotonic() - started:.0f} s")
         result.append(entry)
     return result
 
@@ -161,16 +210,24 @@ def render(entries: list[dict], vram: int, batch: int, seq: int, sharding: Shard
     scale, unit = (GiB, "GiB") if vram >= GiB else (MiB, "MiB")
     where = ("" if sharding.single else
              f" per GPU, {sharding.processes} processes with {sharding.kind}, batch {batch} per process")
-    lines = [f"Budget {vram / scale:.2f} {unit}{where}, batch {batch} x seq {seq} (predicted peaks):", "",
-             f"| method | peak {unit} | fits | largest batch | changes that make it fit: their peak {unit} |",
-             "|---|---|---|---|---|"]
+    budget = next((e["budget_bytes"] for e in entries if e.get("budget_bytes") is not None), vram)
+    usable_note = ("" if budget == vram else
+                   f"; a step may fill {budget / scale:.2f} {unit} of it: {HEADROOM_BYTES / GiB:.0f} GiB for the CUDA "
+                   f"context and {100 * HEADROOM_FRACTION:.0f}% for the allocator's fragmentation are kept free")
+    gpu_column = sharding.single and any(e.get("target") == "cuda" for e in entries)
+    lines = [f"Budget {vram / scale:.2f} {unit}{where}, batch {batch} x seq {seq} (predicted peaks){usable_note}:", "",
+             f"| method | peak {unit} | fits | largest batch | changes that make it fit: their peak {unit} |"
+             + (" smallest GPU for this batch |" if gpu_column else ""),
+             "|---|---|---|---|---|" + ("---|" if gpu_column else "")]
     for e in entries:
         fixes = [f"{c['change']}" + (f" `{' '.join(c['overrides'])}`" if not c["change"].startswith("all together") else "")
                  + f": {c['peak_bytes'] / scale:.2f}" for c in e["changes"] if c["fits"]]
         if e.get("refused"):
             lines.append(f"| {e['label']} | – | refused | – | {e['refused']}: sidetune train refuses this launch; "
-                         f"plan it with `--shard ddp` |")
+                         f"plan it with `--shard ddp` |" + (" – |" if gpu_column else ""))
             continue
+        at_one = e.get("peak_bytes_batch_1")
+        needs = f" (needs {at_one / scale:.2f} {unit})" if at_one else ""
         if e["fits"]:
             advice = "–"
         elif fixes:
@@ -178,13 +235,17 @@ def render(entries: list[dict], vram: int, batch: int, seq: int, sharding: Shard
         elif e["largest_batch"]:
             advice = f"nothing tried fits at this batch: batch {e['largest_batch']} does"
         else:
-            advice = "nothing tried fits, not even at batch 1: more GPUs or memory"
+            advice = f"does not fit even at batch 1{needs}, nor with any change tried: more GPUs or memory"
             if sharding.refusal("nf4") and not e["trains_backbone"]:
                 advice += ", or a 4-bit base with `--shard ddp` (FSDP2 cannot shard one)"
             if e["trains_backbone"]:
                 advice += ", or a method that freezes the backbone"
+        largest = str(e["largest_batch"]) if e["largest_batch"] else f"none: does not fit even at batch 1{needs}"
+        gpu = ""
+        if gpu_column:
+            gpu = f" {e.get('smallest_gpu') or 'none: more than one ' + str(GPUS[-1][0]) + ' GiB GPU'} |"
         lines.append(f"| {e['label']} | {e['peak_bytes'] / scale:.2f} | {'yes' if e['fits'] else 'no'} | "
-                     f"{e['largest_batch']} | {advice} |")
+                     f"{largest} | {advice} |{gpu}")
     if not sharding.single:
         lines += ["", "How the per-GPU peaks were derived (sidetune/profiling/shard.py):"]
         lines += [f"- {e['label']}: {e['how']}" for e in entries]
@@ -212,11 +273,13 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.seq < 2:
         raise SidetuneError(f"--batch must be >= 1 and --seq >= 2, got {args.batch} and {args.seq}")
     vram = parse_bytes(args.vram)
+    if args.out and Path(args.out).expanduser().is_dir():
+        raise SidetuneError(f"--out {args.out!r} is a directory; --out names the JSON file to write")
     check_model(args.model)
     sharding = Sharding(args.processes, args.shard)
     entries = plan(args.model, vram, args.batch, args.seq, args.task, args.methods, args.target, args.sets,
                    sharding=sharding)
     print(render(entries, vram, args.batch, args.seq, sharding))
     if args.out:
-        Path(args.out).write_text(json.dumps(entries, indent=1) + "\n")
+        Path(args.out).expanduser().write_text(json.dumps(entries, indent=1) + "\n")
     return 0

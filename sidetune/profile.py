@@ -73,6 +73,24 @@ def check_model(name: str) -> None:
         resolve_path(name)  # raises the one-line error for a missing directory or an alias's missing package
 
 
+def check_rows(specs: list[RowSpec], flags: bool = True) -> None:
+    """The model against the task and the sequence length (sidetune.checks), once for all rows (they share model,
+    task and seq): one line instead of the same error in every row. flags: the rows come from --task / --seq, so
+    the line names those rather than the config keys they set."""
+    from sidetune.checks import check_run
+    from sidetune.config import load_config
+
+    if not specs:
+        return
+    try:
+        check_run(load_config(None, specs[-1].overrides), "meta", precision=False)
+    except SidetuneError as e:
+        if not flags:
+            raise
+        raise SidetuneError(str(e).replace("data.max_length=", "--seq ").replace("data.max_length", "--seq")
+                            .replace("data.task=", "--task ")) from None
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -84,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
         raise SidetuneError("sidetune profile needs --model (or --recipe RUN_CONFIG.yaml)")
     if args.steps < 0:
         raise SidetuneError(f"--steps must be >= 0, got {args.steps}")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SidetuneError(f"--out {args.out!r} is a file; --out names a directory for profile.json, profile.md and "
+                            f"profile.png")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SidetuneError("--device cuda but torch sees no CUDA GPU; use --device cpu, or --device meta to predict")
@@ -107,9 +129,12 @@ def run(args: argparse.Namespace) -> int:
             if others:
                 print(f"sidetune: profile: {', '.join(others)} do(es) not train {args.task}; "
                       f"see --task {' / '.join(sorted(set().union(*(METHODS[m].tasks for m in others))))}")
+    check_rows(specs, flags=args.recipe is None)
     sharding = Sharding(args.processes, args.shard)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SidetuneError(f"--out {args.out!r}: cannot create that directory ({e.strerror})") from None
     rows = []
     for i, spec in enumerate(specs, 1):
         print(f"sidetune: profile {i}/{len(specs)}: {spec.label}", flush=True)

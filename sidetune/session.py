@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from sidetune import chat
+from sidetune import chat, checks
 from sidetune import data as data_lib
 from sidetune.config import Config, TrainConfig
 from sidetune.errors import SidetuneError
@@ -67,6 +67,8 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
     """
     cfg = copy.deepcopy(cfg)
     device = torch.device(device)
+    # Mixed precision, task against architecture, max_length against positions: before any tokenizer, data or weight.
+    checks.check_run(cfg, device, precision=with_optimizer and not fake)
     task = get_task(cfg.data.task)
     method = build_method(cfg.method)
     tokenizer = None if fake else load_tokenizer(cfg.model)

@@ -114,3 +114,96 @@ def test_string_labels_in_a_tsv_become_integer_ids(bert_tok, tmp_path):
     assert d.label_names == ["neg", "pos"] and d.train["labels"] == [1, 0, 1] == d.eval["labels"]
     batch = collator("classification", bert_tok)([d.train[i] for i in range(3)])
     assert batch["labels"].tolist() == [1, 0, 1]
+
+
+def test_a_tsv_written_by_pythons_csv_module_reads_as_written(bert_tok, tmp_path):
+    import csv
+
+    texts = ['he said "hi"', "two\nlines", "a\ttab", "plain"]
+    path = tmp_path / "py.tsv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["sentence", "label"])
+        w.writerows([t, i % 2] for i, t in enumerate(texts))
+    assert '"he said ""hi"""' in path.read_text()  # what csv wrote: quoted, the inner quotes doubled
+    d = build(DataConfig(train=str(path), eval=None, max_length=32), bert_tok)
+    assert d.train["labels"] == [0, 1, 0, 1]
+    assert [bert_tok.decode(ids, skip_special_tokens=True) for ids in d.train["input_ids"]] == [
+        bert_tok.decode(bert_tok(t)["input_ids"], skip_special_tokens=True) for t in texts]
+
+
+def test_a_glue_tsv_keeps_its_bare_quotes(bert_tok, tmp_path):
+    rows = ['" the movie starts', '"good" film', 'a "b" c', '"whole"x']
+    path = tmp_path / "glue.tsv"
+    path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(rows)))
+    d = build(DataConfig(train=str(path), eval=None, max_length=32), bert_tok)
+    assert [bert_tok.decode(ids, skip_special_tokens=True) for ids in d.train["input_ids"]] == [
+        bert_tok.decode(bert_tok(t)["input_ids"], skip_special_tokens=True) for t in rows]
+    assert d.train["labels"] == [0, 1, 0, 1]
+
+
+def test_a_tab_inside_an_unquoted_field_is_named(bert_tok, tmp_path):
+    path = tmp_path / "t.tsv"
+    path.write_text("sentence\tlabel\ngood\t1\na\tb\t0\n")
+    with pytest.raises(SidetuneError, match="line 3 has 3 tab-separated fields and the header 2"):
+        build(DataConfig(train=str(path), eval=None), bert_tok)
+
+
+def test_txt_is_plain_causal_lm_text_only(bert_tok, tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("hello world\nsecond line\n")
+    d = build(DataConfig(task="causal_lm", train=str(path), eval=None), bert_tok)  # text_field: sentence
+    assert [bert_tok.decode(ids, skip_special_tokens=True) for ids in d.train["input_ids"]] == ["hello world",
+                                                                                                 "second line"]
+    for cfg in (DataConfig(train=str(path), eval=None),
+                DataConfig(task="causal_lm", train=str(path), eval=None, prompt_template="{sentence}")):
+        with pytest.raises(SidetuneError, match=r"a \.txt file is plain text, one example per line"):
+            build(cfg, bert_tok)
+
+
+def _labels(tmp_path, name, labels, texts=None):
+    path = tmp_path / name
+    texts = texts or [f"text {i}" for i in range(len(labels))]
+    path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in zip(texts, labels)))
+    return str(path)
+
+
+@pytest.mark.parametrize("labels,extra,message", [
+    (["0", "0", "0"], {}, "every row has the label 0 in column 'label', and classification needs at least two classes"),
+    (["pos", "pos"], {"num_labels": 2}, "needs at least two classes"),
+    (["pos", "neg", "1", "neg"], {}, r"label '1' \(row 3\) in column 'label' is a number among names \(neg, pos\)"),
+    (["neutral", "neg", "pos", "Neutral"], {}, r"labels 'Neutral' \(row 4\) and 'neutral' \(row 1\) .* differ only in case"),
+    (["neg", "pos", "neutral"], {"label_names": ["neg", "pos"]}, r"label 'neutral' \(row 3\) .* not in data.label_names"),
+    (["0", "1", "5"], {"label_names": ["a", "b"]}, r"label 5 is in row 3"),
+    (["0", "1", "-1"], {}, r"label -1 \(row 3\) in column 'label' is negative"),
+    (["0", "1", "0.5"], {}, r"label 0.5 \(row 3\)"),
+    ([str(i) for i in range(30)], {}, "30 different labels in 30 rows, which looks like free text or ids"),
+    ([f"word{i}" for i in range(40)] + ["word0"] * 10, {}, "40 different labels in 50 rows"),
+])
+def test_label_checks_name_the_row(bert_tok, tmp_path, labels, extra, message):
+    with pytest.raises(SidetuneError, match=message):
+        build(DataConfig(train=_labels(tmp_path, "t.tsv", labels), eval=None, **extra), bert_tok)
+
+
+def test_declared_classes_allow_many_and_eval_labels_are_named_with_their_row(bert_tok, tmp_path, capsys):
+    many = [str(i) for i in range(30)]
+    d = build(DataConfig(train=_labels(tmp_path, "t.tsv", many), eval=None, num_labels=30), bert_tok)
+    assert d.num_labels == 30  # declared: not free text
+    train = _labels(tmp_path, "t.tsv", ["pos", "neg", "pos"])
+    capsys.readouterr()
+    build(DataConfig(train=train, eval=None), bert_tok)
+    assert "sidetune: data.train: 2 classes (rows in the file): neg (1), pos (2)" in capsys.readouterr().out
+    with pytest.raises(SidetuneError, match=r"data.eval: label 'Pos' \(row 2\) in column 'label' is not among"):
+        build(DataConfig(train=train, eval=_labels(tmp_path, "e.tsv", ["neg", "Pos"])), bert_tok)
+    ints = _labels(tmp_path, "i.tsv", ["0", "1"])
+    with pytest.raises(SidetuneError, match=r"data.eval: label 2 \(row 3\) .* outside the training classes 0..1"):
+        build(DataConfig(train=ints, eval=_labels(tmp_path, "e2.tsv", ["0", "1", "2"])), bert_tok)
+
+
+def test_conversations_under_causal_lm_point_to_chat(bert_tok, tmp_path):
+    path = _write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                            {"role": "assistant", "content": "hello"}]}])
+    with pytest.raises(SidetuneError, match=r"has no column 'sentence' but a 'messages' column .* data\.task=chat"):
+        build(DataConfig(task="causal_lm", train=path, eval=None), bert_tok)
+    with pytest.raises(SidetuneError, match=r"holds conversations .* data\.task=chat"):
+        build(DataConfig(task="causal_lm", train=path, eval=None, text_field="messages"), bert_tok)

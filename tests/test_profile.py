@@ -77,6 +77,20 @@ def test_profile_writes_json_markdown_png(cpu_profile):
     assert width > 800 and height > 300
 
 
+def test_png_bars_are_what_the_peak_is_made_of(cpu_profile):
+    """Each row's bar stacks the storages live at its peak, so it ends at the predicted-peak marker (not past it, as
+    a stack of every kind's total did: full fine-tuning's activations and optimizer state are not live together)."""
+    from sidetune.profiling.report import peak_segments
+
+    _, rows = cpu_profile
+    for label, r in rows.items():
+        segments = peak_segments(r)
+        assert sum(b for _, b in segments) == r["predicted_peak_bytes"], label
+        assert all(b >= 0 for _, b in segments), label
+    full = peak_segments(rows["full"])
+    assert dict(full)["optimizer state"] > 0 and dict(full)["weights"] == rows["full"]["weights_bytes"]
+
+
 @pytest.mark.parametrize("label", LABELS)
 def test_prediction_within_10_percent_of_cpu_allocator(cpu_profile, label):
     r = cpu_profile[1][label]
@@ -243,6 +257,43 @@ def test_plan_largest_batch_is_the_boundary():
         assert c["fits"] == (c["peak_bytes"] <= at2 - 1)
     assert any(c["fits"] for c in fixes.values())  # chunking the 49k-vocab loss frees far more than one byte
     assert tight["largest_batch"] == 1 and _peak(spec, "cpu", batch=1) <= at2 - 1
+
+
+def test_plan_headroom_and_the_smallest_gpu():
+    from sidetune.plan import HEADROOM_BYTES, HEADROOM_FRACTION, GiB, smallest_gpu, usable
+
+    assert (GiB, 0.10) == (HEADROOM_BYTES, HEADROOM_FRACTION)
+    assert usable(24 * GiB, "cuda") == int(24 * GiB * 0.9) - GiB  # 20.6 GiB of a 24 GiB card
+    assert usable(24 * GiB, "cpu") == 24 * GiB
+    assert usable(GiB // 2, "cuda") == 0
+    assert smallest_gpu(int(21.92 * GiB)).startswith("40 GiB")  # the issue's "21.92 of 24 fits": not with headroom
+    assert smallest_gpu(int(20.5 * GiB)).startswith("24 GiB")
+    assert smallest_gpu(int(6.3 * GiB)).startswith("12 GiB") and smallest_gpu(6 * GiB).startswith("8 GiB")
+    assert smallest_gpu(126 * GiB) is None and smallest_gpu(125 * GiB).startswith("141 GiB")
+
+
+def test_plan_says_what_batch_1_needs_when_nothing_fits():
+    from sidetune.plan import _peak, plan, render
+
+    [entry] = plan("tiny-llama", 1, 2, SEQ, methods="lora", target="cpu", log=lambda *_: None)
+    at_one = _peak(_spec("lora"), "cpu", batch=1)
+    assert entry["largest_batch"] == 0 and entry["peak_bytes_batch_1"] == at_one
+    table = render([entry], 1, 2, SEQ)
+    row = next(line for line in table.splitlines() if line.startswith("| lora |"))
+    assert f"none: does not fit even at batch 1 (needs {at_one / 2**20:.2f} MiB)" in row
+    assert "| 0 |" not in row and "smallest GPU" not in table  # a CPU plan names no GPU
+
+
+def test_plan_for_cuda_keeps_headroom_and_names_a_gpu():
+    from sidetune.plan import GiB, render, smallest_gpu, usable
+
+    entries = [{"label": "lora", "method": "lora", "peak_bytes": int(21.92 * GiB), "fits": False,
+                "budget_bytes": usable(24 * GiB, "cuda"), "target": "cuda", "largest_batch": 3, "changes": [],
+                "trains_backbone": False, "peak_bytes_batch_1": None, "smallest_gpu": smallest_gpu(int(21.92 * GiB)),
+                "how": ""}]
+    table = render(entries, 24 * GiB, 4, 1024)
+    assert "a step may fill 20.60 GiB of it: 1 GiB for the CUDA context and 10% for the allocator's fragmentation" in table
+    assert "| lora | 21.92 | no | 3 | nothing tried fits at this batch: batch 3 does | 40 GiB (A100-40GB) |" in table
 
 
 def test_plan_cli(tmp_path):

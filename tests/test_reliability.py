@@ -584,7 +584,36 @@ BAD = {
     "output_dir_is_a_file": (lambda tmp, f: [f"train.output_dir={_write(tmp / 'a_file', 'x')}"], "is a file"),
     "output_dir_below_a_file": (lambda tmp, f: [f"train.output_dir={_write(tmp / 'b_file', 'x')}/run"],
                                 "not a directory"),
+    # issue 17: checks that need the model's config or the device, run first in session.build
+    "max_length_beyond_positions": (lambda tmp, f: ["data.max_length=100000"], "position table has 512 positions"),
+    "causal_lm_on_an_encoder": (lambda tmp, f: ["data.task=causal_lm"], "data.task=causal_lm needs a decoder"),
+    "chat_on_an_encoder": (lambda tmp, f: ["data.task=chat"], "data.task=chat needs a decoder"),
+    # issue 17: label sets
+    "one_class": (lambda tmp, f: [f"data.train={_tsv(tmp, 't.tsv', [('a', '0'), ('b', '0')])}"],
+                  "at least two classes"),
+    "label_outside_label_names": (lambda tmp, f: ["data.train=" + _tsv(tmp, "t.tsv", [("a", "pos"), ("b", "neg"),
+                                                                                      ("c", "neutral")]),
+                                                  "data.label_names=[neg,pos]"], "'neutral' (row 3)"),
+    "eval_label_outside_training_classes": (
+        lambda tmp, f: ["data.train=" + _tsv(tmp, "t.tsv", [("a", "pos"), ("b", "neg")]),
+                        "data.eval=" + _tsv(tmp, "e.tsv", [("c", "pos"), ("d", "Pos")])], "'Pos' (row 2)"),
+    "stray_number_among_names": (lambda tmp, f: ["data.train=" + _tsv(tmp, "t.tsv", [("a", "pos"), ("b", "neg"),
+                                                                                     ("c", "1")])],
+                                 "label '1' (row 3)"),
+    "two_spellings_of_a_label": (lambda tmp, f: ["data.train=" + _tsv(tmp, "t.tsv", [("a", "neutral"), ("b", "neg"),
+                                                                                     ("c", "Neutral")])],
+                                 "differ only in case"),
+    "free_text_label_column": (lambda tmp, f: ["data.label_field=sentence"], "looks like free text"),
+    # issue 17: file formats
+    "txt_as_a_table": (lambda tmp, f: ["data.train=" + _write(tmp / "t.txt", "good\nbad\n")], "a .txt file"),
+    "tsv_tab_inside_a_field": (lambda tmp, f: ["data.train=" + _write(tmp / "t.tsv", "sentence\tlabel\na\tb\t0\n")],
+                               "line 2 has 3 tab-separated fields"),
+    "messages_under_causal_lm": (lambda tmp, f: ["model.name=tiny-llama", "data.task=causal_lm", "data.eval=null",
+                                                 "data.train=" + _write(tmp / "m.jsonl", _MESSAGES)],
+                                 "data.task=chat"),
 }
+
+_MESSAGES = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -593,6 +622,50 @@ def test_bad_input_one_line_and_nothing_touched(case, tmp_path, finished, small_
     extra = make(tmp_path, finished)
     before = _snapshot(finished)
     rc, out, err = _main(capsys, "train", RECIPE, *_overrides(finished, small_data, *extra))
+    assert rc == 2, (out, err)
+    assert "Traceback" not in err + out
+    assert err.startswith("sidetune: error: ") and err.count("\n") == 1, err
+    assert expected in err, err
+    assert _snapshot(finished) == before
+
+
+def _dup_key_recipe(tmp: Path) -> str:
+    return _write(tmp / "dup.yaml", RECIPE.read_text() + "\ntrain:\n  lr: 1.0e-3\n")  # a second train section
+
+
+# Other commands and arguments (issue 17): id -> (argv built from (tmp, finished run), text the error line must contain)
+BAD_COMMANDS = {
+    "recipe_is_a_directory": (lambda tmp, f: ["train", str(RECIPES), f"train.output_dir={f}"], "is a directory"),
+    "duplicate_yaml_key": (lambda tmp, f: ["train", _dup_key_recipe(tmp), f"train.output_dir={f}"],
+                           "appears twice"),
+    "generate_negative_temperature": (lambda tmp, f: ["generate", str(f), "--prompt", "hi", "--temperature", "-1"],
+                                      "--temperature"),
+    "generate_top_k_0": (lambda tmp, f: ["generate", str(f), "--prompt", "hi", "--top-k", "0"], "--top-k"),
+    "generate_no_such_device": (lambda tmp, f: ["generate", str(f), "--prompt", "hi", "--device", "tpu"], "--device"),
+    "chat_nan_temperature": (lambda tmp, f: ["chat", str(f), "--temperature", "nan"], "--temperature"),
+    "chat_max_new_tokens_0": (lambda tmp, f: ["chat", str(f), "--max-new-tokens", "0"], "--max-new-tokens"),
+    "profile_out_is_a_file": (lambda tmp, f: ["profile", "--model", "tiny-llama", "--device", "meta", "--methods",
+                                              "lora", "--seq", "8", "--batch", "1", "--out", str(f / "config.yaml")],
+                              "is a file"),
+    "plan_encoder_causal_lm": (lambda tmp, f: ["plan", "--model", "tiny-bert", "--vram", "1GiB", "--methods", "lora"],
+                               "--task causal_lm needs a decoder"),
+    "profile_seq_beyond_positions": (lambda tmp, f: ["profile", "--model", "tiny-gpt2", "--device", "meta", "--methods",
+                                                     "lora", "--seq", "2048", "--out", str(tmp / "p")],
+                                     "--seq 2048 is longer than model.name=tiny-gpt2 can read"),
+    "plan_out_is_a_directory": (lambda tmp, f: ["plan", "--model", "tiny-llama", "--vram", "1GiB", "--methods", "lora",
+                                                "--out", str(f)], "is a directory"),
+}
+if not torch.cuda.is_available():
+    BAD_COMMANDS["generate_cuda_without_cuda"] = (
+        lambda tmp, f: ["generate", str(f), "--prompt", "hi", "--device", "cuda"], "no CUDA GPU")
+
+
+@pytest.mark.parametrize("case", list(BAD_COMMANDS))
+def test_bad_command_one_line_and_nothing_touched(case, tmp_path, finished, capsys):
+    make, expected = BAD_COMMANDS[case]
+    argv = make(tmp_path, finished)
+    before = _snapshot(finished)
+    rc, out, err = _main(capsys, *argv)
     assert rc == 2, (out, err)
     assert "Traceback" not in err + out
     assert err.startswith("sidetune: error: ") and err.count("\n") == 1, err
@@ -610,6 +683,21 @@ def test_bad_input_from_the_real_command_line(finished, small_data):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert [line for line in r.stderr.splitlines() if line.startswith("sidetune: error:")] == r.stderr.splitlines()[-1:]
     assert "train.warmup_ratio" in r.stderr
+    assert _snapshot(finished) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast runs on CUDA")
+def test_fp16_on_cpu_is_refused_before_anything_is_written(finished, small_data):
+    """In a fresh process: accelerate's state is per process, and a test process has made it with no mixed precision
+    already. Without the check the run trained in float32 while its config.yaml said fp16."""
+    before = _snapshot(finished)
+    r = subprocess.run([sys.executable, "-m", "sidetune", "train", str(RECIPE),
+                        *_overrides(finished, small_data, "train.mixed_precision=fp16")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines() == [line for line in r.stderr.splitlines() if line.startswith("sidetune: error:")]
+    assert len(r.stderr.splitlines()) == 1 and "train.mixed_precision=fp16 needs a CUDA GPU" in r.stderr
     assert _snapshot(finished) == before
 
 

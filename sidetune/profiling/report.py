@@ -119,20 +119,39 @@ def write_reports(rows: list[dict], out: Path, vram: int | None = None) -> None:
     plot(rows, out / "profile.png")
 
 
-SEGMENTS = (  # (label, color, hatch, bytes of a row)
-    ("weights", "#9e9e9e", "", lambda r: r["weights_bytes"]),
-    ("grads + optimizer state", "#5b8bd0", "", lambda r: r["grads_bytes"] + r["optimizer_bytes"]),
-    ("backbone activations = gradient-to-input cost", "#d62728", "//", lambda r: r["act_backbone_bytes"]),
-    ("method activations", "#2ca02c", "", lambda r: r["act_method_bytes"]),
-    ("head + loss activations", "#ff9f1c", "", lambda r: r["act_head_bytes"]),
-    ("rest of the peak: transients (logits, loss, dequantized weights, backward buffers)", "#e8e8e8", "..",
-     lambda r: max(0, (peak_of(r) or 0) - sum(g(r) for *_, g in SEGMENTS[:5]))),
+# What the peak is made of: the live storages at the peak moment, by kind (memory.LiveTracker's categories). These
+# add up to the peak, so the bar ends at its predicted-peak marker. (The previous picture stacked every kind's total,
+# but activations, gradients and optimizer state are not all live at once: full fine-tuning's bar ran past its peak.)
+PEAK_SEGMENTS = (  # (label, color, hatch, categories of the breakdown)
+    ("weights", "#9e9e9e", "", ("weights",)),
+    ("gradients", "#5b8bd0", "", ("grads",)),
+    ("optimizer state", "#274b86", "", ("optimizer",)),
+    ("activations live at the peak", "#f2a7a7", "", ("activations",)),
+    ("backward temporaries (logits, loss, dL/dx buffers, dequantized weights)", "#e8e8e8", "..", ("temporaries",)),
+    ("batch and other", "#d9d2c3", "", ("inputs", "other")),
+)
+# What autograd saves for backward, by the module that saved it (a thin bar under the peak's): the backbone's share
+# is the gradient-to-input cost. Saved tensors are a part of the activations at the forward's end, which need not be
+# the peak's moment, so this bar is drawn apart from the peak's, never stacked onto it.
+SAVED_SEGMENTS = (  # (label, color, hatch, bytes of a row)
+    ("saved for backward: backbone = gradient-to-input cost", "#d62728", "//", lambda r: r["act_backbone_bytes"]),
+    ("saved for backward: method modules", "#2ca02c", "", lambda r: r["act_method_bytes"]),
+    ("saved for backward: head + loss", "#ff9f1c", "", lambda r: r["act_head_bytes"]),
 )
 
 
+def peak_segments(row: dict) -> list[tuple[str, int]]:
+    """The row's bar: (label, bytes) per kind live at its peak, adding up to the peak the bar is drawn for (the
+    predicted peak's breakdown where there is one, else the tracked real step's); [] for a row without either."""
+    breakdown = row.get("predicted_breakdown") or row.get("peak_breakdown")
+    if not breakdown:
+        return []
+    return [(label, sum(breakdown.get(c, 0) for c in cats)) for label, _, _, cats in PEAK_SEGMENTS]
+
+
 def plot(rows: list[dict], path: Path) -> None:
-    """Stacked horizontal bars per row: what the step holds by kind, then the rest of its peak (transients); the
-    measured and predicted peaks as markers."""
+    """One bar per row: what is live at the step's peak, by kind (it ends at the predicted peak); under it a thin bar
+    of what autograd saved for backward, by module; the measured and predicted peaks as markers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,27 +159,36 @@ def plot(rows: list[dict], path: Path) -> None:
 
     rows = [r for r in rows if r.get("weights_bytes") is not None]
     scale, unit = _unit(rows)
-    fig, ax = plt.subplots(figsize=(11, 1.4 + 0.62 * max(len(rows), 1)), dpi=120)
-    ys = list(range(len(rows)))[::-1]
+    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.8 * max(len(rows), 1)), dpi=120)
+    ys = [1.0 * i for i in range(len(rows))][::-1]
+    bar, thin = 0.5, 0.16
     left = [0.0] * len(rows)
-    for label, color, hatch, get in SEGMENTS:
-        widths = [get(r) / scale for r in rows]
-        ax.barh(ys, widths, left=left, color=color, hatch=hatch, linewidth=0.6, height=0.62, label=label,
-                edgecolor="#7f0000" if hatch == "//" else "#b0b0b0" if hatch else "white")
+    for k, (label, color, hatch, _) in enumerate(PEAK_SEGMENTS):
+        widths = [(peak_segments(r)[k][1] if peak_segments(r) else 0) / scale for r in rows]
+        ax.barh([y + thin / 2 for y in ys], widths, left=left, color=color, hatch=hatch, linewidth=0.6, height=bar,
+                label=label, edgecolor="#b0b0b0" if hatch else "white")
         left = [a + b for a, b in zip(left, widths)]
-    xmax = max(left + [(r.get("predicted_peak_bytes") or 0) / scale for r in rows] + [1e-9])
-    for y, r, end in zip(ys, rows, left):
+    saved_left = [0.0] * len(rows)
+    for label, color, hatch, get in SAVED_SEGMENTS:
+        widths = [get(r) / scale for r in rows]
+        ax.barh([y - bar / 2 - 0.02 for y in ys], widths, left=saved_left, color=color, hatch=hatch, linewidth=0.4,
+                height=thin, label=label, edgecolor="#7f0000" if hatch == "//" else "white")
+        saved_left = [a + b for a, b in zip(saved_left, widths)]
+    ends = [max(a, b, (r.get("predicted_peak_bytes") or 0) / scale, (r.get("measured_peak_bytes") or 0) / scale)
+            for a, b, r in zip(left, saved_left, rows)]
+    xmax = max([*ends, 1e-9])
+    for y, r, end in zip(ys, rows, ends):
         if r.get("measured_peak_bytes"):
-            ax.plot(r["measured_peak_bytes"] / scale, y, marker="|", color="black", markersize=22, mew=2.5)
+            ax.plot(r["measured_peak_bytes"] / scale, y + thin / 2, marker="|", color="black", markersize=22, mew=2.5)
         if r.get("predicted_peak_bytes"):
-            ax.plot(r["predicted_peak_bytes"] / scale, y, marker="D", markersize=7, mfc="none", mec="black", mew=1.4)
-        x = max(end, (r.get("predicted_peak_bytes") or 0) / scale) + xmax * 0.02
+            ax.plot(r["predicted_peak_bytes"] / scale, y + thin / 2, marker="D", markersize=7, mfc="none", mec="black",
+                    mew=1.4)
         peak = peak_of(r)
         text = f"{peak / scale:.2f} {unit}" if peak else ""
         if r.get("method") is not None and peak:
             share = r["act_backbone_bytes"] / peak
             text += f"   grad-to-input {100 * share:.0f}%" if share else "   no grad-to-input"
-        ax.text(x, y, text, va="center", ha="left", fontsize=9,
+        ax.text(end + xmax * 0.02, y, text, va="center", ha="left", fontsize=9,
                 color="#b00000" if r.get("act_backbone_bytes") else "#1f5f1f" if r.get("method") else "black")
     if any(r.get("measured_peak_bytes") for r in rows):
         ax.plot([], [], marker="|", color="black", ls="none", markersize=12, mew=2.5, label="measured peak")
@@ -168,17 +196,16 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.plot([], [], marker="D", mfc="none", mec="black", ls="none", label="predicted peak")
     ax.set_yticks(ys, [r["label"] for r in rows], fontsize=11)
     ax.set_xlim(0, xmax * 1.45)
-    ax.set_xlabel(f"{unit} per training step (grad-to-input = backbone activations / peak)", fontsize=10)
+    ax.set_xlabel(f"{unit}: wide bar = what is live at the step's peak; thin bar = what autograd saved for backward "
+                  f"(grad-to-input = backbone's share / peak)", fontsize=9)
     first = rows[0] if rows else {}
     where = first.get("device") if first.get("device") != "meta" else f"predicted for {first.get('target')}"
     ax.set_title(f"Where the memory goes: {first.get('model')} {first.get('task')}, batch {first.get('batch')} x "
                  f"seq {first.get('seq')}, {where}", fontsize=12)
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16 - 0.5 / max(len(rows), 1)), ncol=3, fontsize=9,
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16 - 0.5 / max(len(rows), 1)), ncol=3, fontsize=8,
               frameon=False)
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
-
-
