@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from sidetune import checkpoint
 from sidetune.config import Config, load_config, save_config
 from sidetune.decoding import GenerationEval
+from sidetune.distributed import clip_grad_norm, total_grad_norm
 from sidetune.errors import SidetuneError, one_line
 from sidetune.memory import peak_memory, short
 from sidetune.methods import trainable_parameters
@@ -280,10 +281,11 @@ class _FiniteGuard:
 
     def _check(self, step: int) -> None:
         acc = self.accelerator
+        # sidetune.distributed: one unscale under fp16, and FSDP2's DTensor norm made a plain (global) tensor.
         if self.t.max_grad_norm > 0:
-            norm = acc.clip_grad_norm_(self.params, self.t.max_grad_norm)
+            norm = clip_grad_norm(acc, self.params, self.t.max_grad_norm)
         elif acc.scaler is None:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            norm = total_grad_norm(self.params)
         else:
             norm = None
         # Under fp16 the gradient scaler meets inf gradients by design (it skips the step and lowers its scale).

