@@ -126,7 +126,7 @@ def plan(model: str, vram: int, batch: int, seq: int, task: str = "causal_lm", m
     specs = resolve_rows(methods, model, task, batch, seq, list(sets), references=False)
     result = []
     for spec in specs:
-        refused = sharding.refusal(_quantize(spec))
+        refused = sharding.refusal(_quantize(spec), _optimizer(spec))
         if refused:
             # The trainer would refuse this launch: no prediction, the reason instead.
             result.append({"label": spec.label, "method": spec.method, "refused": refused, "fits": False,
@@ -155,6 +155,12 @@ def _quantize(spec: RowSpec) -> str | None:
     from sidetune.config import load_config
 
     return load_config(None, spec.overrides).model.quantize
+
+
+def _optimizer(spec: RowSpec) -> str:
+    from sidetune.config import load_config
+
+    return load_config(None, spec.overrides).train.optimizer
 
 
 def render(entries: list[dict], vram: int, batch: int, seq: int, sharding: Sharding = ONE_PROCESS) -> str:

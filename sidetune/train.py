@@ -35,7 +35,7 @@ from sidetune.errors import SidetuneError, one_line
 from sidetune.memory import peak_memory, short
 from sidetune.methods import trainable_parameters
 from sidetune.plot import CURVES, plot_runs
-from sidetune.profiling.shard import fsdp_refusal
+from sidetune.profiling.shard import fsdp_optimizer_refusal, fsdp_refusal
 from sidetune.session import Setup, build, forward_module, mixed_precision, rebuild, train_step
 from sidetune.tasks import Task, batch_tokens
 
@@ -372,6 +372,8 @@ def _check_launch(cfg: Config) -> None:
         if refused:
             raise SidetuneError(f"{refused}; shard a 16-bit base (model.quantize=null) or train the 4-bit base with "
                                 f"DDP (multi_gpu.yaml)")
+        if fsdp_optimizer_refusal(cfg.train.optimizer):
+            raise SidetuneError(fsdp_optimizer_refusal(cfg.train.optimizer))
 
 
 def _oom_message(e: BaseException, cfg: Config, step: int, device: torch.device) -> str:

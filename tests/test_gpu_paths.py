@@ -135,3 +135,27 @@ def test_fp16_scaler_unscales_once_when_clipping_the_trainable_set(monkeypatch):
     guard._check(1)  # before the fix: RuntimeError: unscale_() has already been called on this optimizer
     got = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.testing.assert_close(got, reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 8. bitsandbytes' 8-bit and paged optimizers under FSDP2: refused in one line, by the trainer and the planner
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"])
+def test_fsdp_refuses_bitsandbytes_optimizers(tmp_path, monkeypatch, optimizer):
+    from sidetune.config import load_config
+    from sidetune.errors import SidetuneError
+    from sidetune.profiling.shard import Sharding
+    from sidetune.train import train
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # an FSDP launch on GPUs
+    out = tmp_path / "run"
+    cfg = load_config(None, ["model.name=tiny-llama", "data.task=classification", f"data.train={_data(tmp_path)}",
+                             f"train.output_dir={out}", f"train.optimizer={optimizer}"])
+    with pytest.raises(SidetuneError, match="bitsandbytes issue #1633") as e:
+        train(cfg)
+    assert "\n" not in str(e.value) and "train.optimizer=adamw" in str(e.value)
+    assert not out.exists()
+    assert Sharding(2, "fsdp").refusal(None, optimizer) == str(e.value)
+    assert Sharding(2, "ddp").refusal(None, optimizer) is None and Sharding(2, "fsdp").refusal(None) is None
