@@ -169,11 +169,30 @@ def _unreadable(name: str, path: Path, e: BaseException) -> NoReturn:
 # Model
 
 
+def native_bf16() -> bool:
+    """Whether this process's CUDA GPU computes bf16 natively (compute capability 8.0, Ampere, and later).
+
+    `torch.cuda.is_bf16_supported()` also says yes where bf16 is only emulated (T4, V100: sm_75 / sm_70): there bf16
+    matmuls are slow, attention falls back to the math kernel and memory differs from what the plan predicted."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.3 has no including_emulation: ask the compute capability
+        return torch.cuda.get_device_capability() >= (8, 0)
+
+
 def resolve_dtype(name: str, device: torch.device | str, default: torch.dtype | None = None) -> torch.dtype:
+    """`auto`: on CUDA the checkpoint's dtype (`default`, else bf16), on the CPU float32. A bf16 choice on a GPU
+    without native bf16 becomes fp16: the trainer then keeps float32 master weights and scales the loss (fp16
+    autocast with accelerate's GradScaler). A prediction for CUDA made without a GPU assumes a bf16-capable one."""
     if name != "auto":
         return getattr(torch, name)
     if torch.device(device).type == "cuda":
-        return default or torch.bfloat16
+        dtype = default or torch.bfloat16
+        if dtype == torch.bfloat16 and torch.cuda.is_available() and not native_bf16():
+            return torch.float16
+        return dtype
     return torch.float32
 
 

@@ -82,7 +82,10 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
     if not trainable_parameters(model):
         raise SidetuneError(f"method {cfg.method.name!r} left no trainable parameter on this model")
     module = training_module(model, cfg, method)
-    optimizer = make_optimizer(model, method, cfg.train, device) if with_optimizer else None
+    optimizer = None
+    if with_optimizer:
+        _check_autocast(model, master_weights(model), cfg)
+        optimizer = make_optimizer(model, method, cfg.train, device)
     return Setup(cfg, task, tokenizer, data, method, base, base_modules, model, module, optimizer)
 
 
@@ -147,6 +150,9 @@ def forward_module(model: nn.Module, cfg: Config) -> nn.Module:
 
 
 def make_optimizer(model: nn.Module, method: Method, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA) or a bitsandbytes optimizer over the trainable parameters, made float32 masters first
+    (`master_weights`)."""
+    master_weights(model)
     # A method may split its parameters into groups (LoRA+); by default all trainable parameters share one lr.
     groups = method.param_groups(model, t.lr) if method is not None else None
     if groups is None:
@@ -173,19 +179,61 @@ def make_optimizer(model: nn.Module, method: Method, t: TrainConfig, device: tor
     return cls(split, **kwargs)
 
 
-def mixed_precision(t: TrainConfig, target: str | None = None) -> str | None:
+def mixed_precision(t: TrainConfig, target: str | None = None, model_dtype: str | None = None) -> str | None:
     """The autocast dtype a run uses: the config's, else the `accelerate launch` config's (None: accelerate
-    decides), else bf16 on a bf16-capable GPU, else none. `target` asks the same for a device this process may not
-    have (a prediction for CUDA on a CPU-only machine assumes a bf16-capable GPU)."""
+    decides), else the model's own when `model_dtype` (model.dtype) is 16-bit (its trainable parameters are float32
+    masters, see `master_weights`: autocast runs them with the 16-bit frozen ones), else bf16 on a GPU with native
+    bf16, fp16 (with accelerate's loss scaling) on one without (T4, V100), none on the CPU. `target` asks the same for
+    a device this process may not have (a prediction for CUDA on a CPU-only machine assumes a bf16-capable GPU)."""
+    from sidetune.models import native_bf16
+
     if t.mixed_precision != "auto":
         return t.mixed_precision
     if target is None and "ACCELERATE_MIXED_PRECISION" in os.environ:
         return None  # under `accelerate launch`: its config decides
+    if model_dtype in _AUTOCAST:
+        return _AUTOCAST[model_dtype]
     if target == "cpu":
         return "no"
     if target == "cuda" and not torch.cuda.is_available():
         return "bf16"
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if native_bf16() else "fp16"
+
+
+_AUTOCAST = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def master_weights(model: nn.Module) -> list[str]:
+    """Make every trainable parameter a float32 master (in place: the same Parameter objects, ties kept); returns the
+    names of those that were 16-bit.
+
+    A bf16 weight cannot take an AdamW update smaller than about |w| * 2^-9 (it rounds back to itself), so a new task
+    head, `full`, BitFit's biases or PET's blocks trained in the checkpoint's bf16 would barely move at a small lr; and
+    fp16 gradients are refused by the loss scaler ("Attempting to unscale FP16 gradients"). As accelerate's FSDP2
+    path does, the optimizer steps float32 copies and autocast computes in 16 bits."""
+    upcast = []
+    for name, p in trainable_parameters(model).items():
+        if p.is_floating_point() and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+            upcast.append(name)
+    return upcast
+
+
+def _check_autocast(model: nn.Module, upcast: list[str], cfg: Config) -> None:
+    """Float32 masters beside 16-bit frozen weights in one layer (a bf16 linear with a float32 bias, a float32 head on
+    bf16 hidden states) run only under autocast: refuse a run that turns it off, before anything is written."""
+    mp = mixed_precision(cfg.train, model_dtype=cfg.model.dtype) or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if not upcast or mp != "no":
+        return
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
+    low = sorted(str(d).removeprefix("torch.") for d in frozen & {torch.bfloat16, torch.float16})
+    if low:
+        raise SidetuneError(f"train.mixed_precision=no with a {low[0]} model: its trainable parameters ({upcast[0]}, "
+                            f"...) train as float32 master weights beside {low[0]} frozen ones, which only autocast "
+                            f"runs together; set train.mixed_precision=auto (or {_AUTOCAST[low[0]]}), or "
+                            f"model.dtype=float32")
 
 
 def train_step(module: Callable[..., Any], batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,

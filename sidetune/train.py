@@ -58,7 +58,7 @@ def train(cfg: Config) -> dict[str, float]:
         # No CUDA device: the processes of `accelerate launch --multi_gpu` / torchrun run on the CPU over gloo
         # (accelerate's own MULTI_CPU mode would need mpirun).
         cpu=not torch.cuda.is_available(),
-        mixed_precision=mixed_precision(t),
+        mixed_precision=mixed_precision(t, model_dtype=cfg.model.dtype),
         gradient_accumulation_steps=t.grad_accum,
         log_with=t.tracker,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
@@ -795,7 +795,7 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None) -> dict[str,
     cfg.data.packing = False  # packing shapes the training rows only, which evaluation never reads
     if cfg.data.eval is None:
         raise SidetuneError("this run has no data.eval; pass --data PATH")
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train))
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train, model_dtype=cfg.model.dtype))
     s = build(cfg, accelerator.device)
     load_trainable(s.model, weights)
     module = accelerator.prepare(forward_module(s.model, cfg))

@@ -96,7 +96,7 @@ def measure(cfg, train: bool, target: str, fake: bool, timed_steps: int = 0, app
     # Resolve "auto" dtypes for the target, not for the device the fake tensors stand on.
     cfg.model.dtype = str(resolve_dtype(cfg.model.dtype, target)).removeprefix("torch.")
     cfg.model.compute_dtype = str(resolve_dtype(cfg.model.compute_dtype, target, torch.bfloat16)).removeprefix("torch.")
-    mp = mixed_precision(cfg.train, target) or "no"
+    mp = mixed_precision(cfg.train, target, cfg.model.dtype) or "no"
     if not train:
         cfg.train.gradient_checkpointing = False  # the floor is a plain forward
     out: dict[str, Any] = {"dtype": cfg.model.dtype, "mixed_precision": mp}
