@@ -237,7 +237,7 @@ def test_mixed_precision_off_with_16bit_frozen_weights_is_one_line(tmp_path):
     from sidetune.errors import SidetuneError
     from sidetune.session import build
 
-    with pytest.raises(SidetuneError, match="train.mixed_precision=auto") as e:
+    with pytest.raises(SidetuneError, match=r"train\.mixed_precision=auto") as e:
         build(_cfg(tmp_path, "method.name=bitfit", "model.dtype=bfloat16", "train.mixed_precision='no'"), "cpu",
               with_optimizer=True)
     assert "\n" not in str(e.value)
