@@ -64,3 +64,27 @@ def _meshes(params: list[nn.Parameter]) -> int:
     from torch.distributed.tensor import DTensor
 
     return len({id(p.grad.device_mesh) for p in params if isinstance(p.grad, DTensor)})
+
+
+class ShardsLikeInner:
+    """A mixin for the modules that wrap a transformers model (LST, soft prompts, prefixes, PET, the chunked LM
+    loss): what FSDP2's auto-wrap reads from the module handed to `accelerator.prepare`, forwarded to the model inside
+    (`_inner()`).
+
+    accelerate builds its transformer wrap policy from `_no_split_modules` (without it, no decoder layer gets a group
+    of its own and the whole backbone is one unsharded root group), and puts the input and output embeddings in one
+    group when `get_input_embeddings().weight is get_output_embeddings().weight` (without the input side it would
+    split a tied embedding across two groups: an error on torch >= 2.13, a silent duplicate before)."""
+
+    def _inner(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        return getattr(self._inner(), "_no_split_modules", None)
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        return self._inner().get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self._inner().get_output_embeddings()

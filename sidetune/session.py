@@ -58,7 +58,7 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
     fake: the build runs under FakeTensorMode for a prediction (no tokenizer, no data, stand-in 4-bit weights).
     apply: replaces the method's apply (bench/memory.py profiles PEFT's models on the same build).
     """
-    device = torch.device(device)
+    device = step_device = torch.device(device)
     task = get_task(cfg.data.task)
     method = build_method(cfg.method)
     tokenizer = None if fake else load_tokenizer(cfg.model)
@@ -70,6 +70,7 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
     if data is not None and data.num_labels is not None:
         cfg.data.num_labels = data.num_labels  # resolved into the saved config, so a reload needs no data
     pad_id = tokenizer.pad_token_id if tokenizer is not None else None
+    device = build_device(device)  # the optimizer below is still made for the device the run steps on
     base = load_model(cfg.model, method.model_task(task), cfg.data.num_labels, device, pad_id, seed=cfg.train.seed,
                       fake=fake)
     if cfg.data.packing:
@@ -85,8 +86,26 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
     optimizer = None
     if with_optimizer:
         _check_autocast(model, master_weights(model), cfg)
-        optimizer = make_optimizer(model, method, cfg.train, device)
+        optimizer = make_optimizer(model, method, cfg.train, step_device)
     return Setup(cfg, task, tokenizer, data, method, base, base_modules, model, module, optimizer)
+
+
+def fsdp_launch() -> bool:
+    """Whether this process is one of an `accelerate launch` FSDP run (accelerate sets ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def build_device(device: torch.device) -> torch.device:
+    """Where `build` materialises the model for a run stepping on `device`: there, except in an FSDP launch on
+    CUDA, where it is built (and the method applied) in host memory. `accelerator.prepare` then runs FSDP2's
+    fully_shard, which moves only this process's shard of each parameter (and the buffers) onto the GPU: a model
+    that needs FSDP to fit is never whole on one GPU (built on the GPU first, every rank held the full 16-bit model
+    before sharding and ran out of memory where `sidetune plan --shard fsdp` said it fits). The host holds one whole
+    copy per process while it builds. FSDP with a 4-bit base is refused (profiling/shard.py), so no quantizer runs
+    here on the CPU."""
+    if device.type == "cuda" and fsdp_launch():
+        return torch.device("cpu")
+    return device
 
 
 def _allow_packed_rows(model: nn.Module) -> None:

@@ -270,3 +270,92 @@ def test_auto_dtype_is_fp16_where_bf16_is_only_emulated(monkeypatch, capability,
     assert resolve_dtype("bfloat16", "cuda") == torch.bfloat16  # asked for by name: as asked
     assert mixed_precision(TrainConfig()) == mp
     assert mixed_precision(TrainConfig(), model_dtype=str(dtype).removeprefix("torch.")) == mp
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. FSDP2 through accelerate: every wrapper module shards its backbone by decoder layer, tied embeddings in one group
+
+_WRAP_GROUPS = '''
+import json, sys
+from types import SimpleNamespace
+import torch, torch.distributed as dist
+from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from torch.distributed.fsdp import FSDPModule
+from sidetune.config import load_config
+from sidetune.session import build
+
+dist.init_process_group("gloo")
+plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+# accelerate's own FSDP2 preparation (what Accelerator.prepare runs under an fsdp.yaml launch), on the CPU
+acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no", is_main_process=True,
+                      device=torch.device("cpu"))
+report = {}
+for row in sys.argv[2:]:
+    name, *extra = row.split("+")
+    task = "classification" if name == "pet" else "causal_lm"
+    cfg = load_config(None, ["model.name=tiny-llama", f"data.task={task}", f"method.name={name}", *extra])
+    torch.manual_seed(0)
+    s = build(cfg, "cpu", with_data=False)
+    tied = s.base.get_input_embeddings().weight is s.base.get_output_embeddings().weight
+    embed, head = s.base.get_input_embeddings(), s.base.get_output_embeddings()
+    module = fsdp2_prepare_model(acc, s.module)
+    groups = [type(m).__name__ for m in module.modules() if isinstance(m, FSDPModule)]
+    ids = torch.randint(3, 1000, (2, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "labels": torch.tensor([0, 1]) if task == "classification" else ids.clone()}
+    loss = module(**batch).loss
+    loss.backward()  # tied embedding and head in one group: a shared parameter seen by two groups would raise
+    report[row] = {"tied": tied, "groups": groups, "layers": sum(g.endswith("DecoderLayer") for g in groups),
+                   "same_group": embed._get_fsdp_state() is head._get_fsdp_state(),
+                   "grads": all(p.grad is not None for p in s.model.parameters() if p.requires_grad)}
+if dist.get_rank() == 0:
+    with open(sys.argv[1], "w") as f:
+        json.dump(report, f)
+dist.destroy_process_group()
+'''
+
+
+def test_fsdp2_wrap_policy_groups_every_wrapper_by_decoder_layer(tmp_path):
+    """accelerate's transformer wrap policy reads `_no_split_modules` and the input/output embeddings from the module
+    handed to prepare. The LST, soft-prompt, prefix and PET modules and the chunked-loss wrapper forwarded neither:
+    no decoder layer got a group (the whole backbone was one unsharded root group) and a tied embedding was split
+    from its head. Now each of tiny-llama's 4 layers is a group, and embedding + head share one."""
+    out = tmp_path / "groups.json"
+    rows = ["lst", "prompt_tuning", "prefix_tuning", "lora+train.loss_chunk_size=8",
+            "pet+method.verbalizer=[bad,good]"]
+    proc = _torchrun(tmp_path, _WRAP_GROUPS, str(out), *rows)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for row in rows:
+        r = report[row]
+        assert r["tied"] and r["layers"] == 4, (row, r)
+        assert r["same_group"] and r["grads"], (row, r)
+
+
+def test_fsdp_launch_builds_in_host_memory_and_shards_onto_the_gpu(tmp_path, monkeypatch):
+    """Every rank built the whole 16-bit model on its GPU before FSDP2 sharded it. Under an FSDP launch on CUDA the
+    model is built on the CPU (fully_shard then moves each rank's shard); the optimizer is still made for CUDA."""
+    from sidetune import session
+
+    _gpu(monkeypatch, (9, 0))
+    assert session.build_device(torch.device("cuda")) == torch.device("cuda")  # one GPU, DDP: built in place
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert session.build_device(torch.device("cuda")) == torch.device("cpu")
+    assert session.build_device(torch.device("cpu")) == torch.device("cpu")
+    seen = {}
+    real_load = session.load_model
+
+    def load_model(cfg, task, num_labels, device, *args, **kwargs):
+        seen["load"] = torch.device(device)
+        return real_load(cfg, task, num_labels, device, *args, **kwargs)
+
+    def make_optimizer(model, method, t, device):
+        seen["optimizer"] = device
+        return None
+
+    monkeypatch.setattr(session, "load_model", load_model)
+    monkeypatch.setattr(session, "make_optimizer", make_optimizer)
+    s = session.build(_cfg(tmp_path, "method.name=lst"), "cuda", with_optimizer=True)
+    assert seen == {"load": torch.device("cpu"), "optimizer": torch.device("cuda")}
+    assert {p.device.type for p in s.module.parameters()} == {"cpu"}  # side network included

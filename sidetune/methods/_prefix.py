@@ -42,6 +42,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from sidetune.distributed import ShardsLikeInner
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_dropout, check_positive
 from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
@@ -195,7 +196,7 @@ def use_separate_prefix_attention(model: nn.Module, method: str) -> None:
 # The module that trains
 
 
-class PrefixModel(nn.Module):
+class PrefixModel(ShardsLikeInner, nn.Module):
     """The frozen model plus its prefix. forward(**batch) builds the prefix cache, extends the mask, sets positions."""
 
     def __init__(self, model: nn.Module, prefix: PrefixEncoder, num_virtual_tokens: int, shift_positions: bool,
@@ -236,8 +237,8 @@ class PrefixModel(nn.Module):
         """Final hidden states for the chunked LM loss (sidetune.losses)."""
         return self.model.base_model(**self._inputs(**inputs)).last_hidden_state
 
-    def get_output_embeddings(self) -> nn.Module | None:
-        return self.model.get_output_embeddings()
+    def _inner(self) -> nn.Module:
+        return self.model
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput
 
+from sidetune.distributed import ShardsLikeInner
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_positive, opt
 from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
@@ -143,7 +144,7 @@ class TaskHead(nn.Module):
         return classify(self.backbone, pool(hidden, attention_mask, self.pooling), labels)
 
 
-class LSTModel(nn.Module):
+class LSTModel(ShardsLikeInner, nn.Module):
     """The module LST trains: the frozen backbone (run without grad), the side network(s), `up` and the task head."""
 
     def __init__(self, backbone: nn.Module, cfg: LSTConfig, task: Task,
@@ -241,8 +242,8 @@ class LSTModel(nn.Module):
             if side is not None:
                 side.checkpointing = True
 
-    def get_output_embeddings(self) -> nn.Module:
-        return self.backbone.get_output_embeddings()
+    def _inner(self) -> nn.Module:
+        return self.backbone
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, decoder_input_ids=None,
                 decoder_attention_mask=None, **kwargs):

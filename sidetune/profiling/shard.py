@@ -11,6 +11,13 @@ The fake-tensor step is run at the per-process batch (train.batch_size is per de
 
 This is an adjustment of the predicted one-process peak by those terms, not a simulation of the collectives: NCCL's
 own buffers and allocator fragmentation are not in it.
+
+What the trainer builds where, which this arithmetic assumes: under an FSDP launch each process builds the whole
+model in host memory (`session.build_device`), `accelerator.prepare` shards it (accelerate's transformer policy: one
+group per decoder layer, `_no_split_modules`, which every sidetune wrapper module forwards; tied embedding and head
+in one group; the rest in the root group) and fully_shard moves only the shards onto the GPU. So no GPU ever holds
+the whole model, and the host needs one whole copy per process while it builds (not predicted here). Under DDP each
+process builds the whole model on its GPU, as the one-process prediction does.
 """
 
 from __future__ import annotations
