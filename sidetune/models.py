@@ -327,16 +327,27 @@ def _build_preset(cfg: ModelConfig, auto, task_kwargs: dict[str, Any], device: t
     if config.pad_token_id is None:
         config.pad_token_id = 0
     dtype = resolve_dtype(cfg.dtype, device)
-    # Build straight on the target device (or on meta, for accounting): an 8B model never exists twice.
+    # Build straight on the target device (or on meta, for accounting): an 8B model never exists twice. A quantized
+    # preset is built in host memory and quantized one linear at a time onto the GPU (`preset_build_device`).
     torch.manual_seed(seed)
     try:
-        with torch.device(device):
+        with torch.device(preset_build_device(cfg, device, fake)):
             model = auto.from_config(config, dtype=dtype)
     except ValueError as e:
         _no_task_head(e, cfg.name, model_type, auto)
     if cfg.quantize is not None:
         _quantize_built(model, cfg, device, fake)
-    return model
+    return model.to(device) if not fake else model  # the unquantized rest (embeddings, norms, head)
+
+
+def preset_build_device(cfg: ModelConfig, device: torch.device, fake: bool = False) -> torch.device:
+    """Where a random-init preset is built. A quantized one on a GPU: in host memory, since built on the GPU its full
+    16-bit weights were there before quantization (16 GB for llama-8b, which then holds 5.3 GiB: the peak of the build
+    was 3x the model, and on a smaller GPU an out-of-memory). `quantize_linears` moves each layer's weight to the GPU
+    as it quantizes it, so the GPU peak is the quantized model plus one 16-bit layer."""
+    if cfg.quantize is not None and device.type == "cuda" and not fake:
+        return torch.device("cpu")
+    return device
 
 
 def _quantize_built(model: nn.Module, cfg: ModelConfig, device: torch.device, fake: bool) -> None:

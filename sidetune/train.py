@@ -32,7 +32,7 @@ from sidetune.config import Config, load_config, save_config
 from sidetune.decoding import GenerationEval
 from sidetune.distributed import clip_grad_norm, total_grad_norm
 from sidetune.errors import SidetuneError, one_line
-from sidetune.memory import peak_memory, short
+from sidetune.memory import TrainingPeak, short
 from sidetune.methods import trainable_parameters
 from sidetune.plot import CURVES, plot_runs
 from sidetune.profiling.shard import fsdp_optimizer_refusal, fsdp_refusal
@@ -161,6 +161,9 @@ def train(cfg: Config) -> dict[str, float]:
         tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
         micro_batches, last_log = 0, time.perf_counter()
         guard = _FiniteGuard(s.trainable, t, accelerator)
+        peak = TrainingPeak(accelerator.device)  # the logged peak: the training steps', not the build's or an eval's
+        accelerator.print(f"sidetune: the logged peak memory covers {peak.covers}")
+        peak.start()
         eval_metrics: dict[str, float] = {}
         module.train()
         with _StopSignals() as stop:
@@ -193,17 +196,19 @@ def train(cfg: Config) -> dict[str, float]:
                             mean_loss = accelerator.reduce(loss_sum / max(micro_batches, 1), reduction="mean")
                             all_tokens = accelerator.reduce(tokens, reduction="sum")
                             row = {"step": step, "loss": mean_loss.item(), "lr": scheduler.get_last_lr()[0],
-                                   "tokens_per_s": all_tokens.item() / elapsed, **peak_memory(accelerator.device)}
+                                   "tokens_per_s": all_tokens.item() / elapsed, **peak.row()}
                             if t.skip_nonfinite:
                                 row["skipped_nonfinite"] = guard.skipped
                             log.write(row)
                             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                                            mem=short(peak_memory(accelerator.device)))
+                                            mem=short(row))
                             loss_sum.zero_()
                             tokens.zero_()
                             micro_batches, last_log = 0, time.perf_counter()
                         if eval_loaders and t.eval_every and step % t.eval_every == 0 and step < total_steps:
+                            peak.pause()
                             eval_metrics = evaluate(module, eval_loaders, task, accelerator)
+                            peak.resume()
                             log.write({"step": step, **eval_metrics})
                             module.train()
                             last_log = time.perf_counter()  # eval time is not training throughput

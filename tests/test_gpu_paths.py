@@ -359,3 +359,49 @@ def test_fsdp_launch_builds_in_host_memory_and_shards_onto_the_gpu(tmp_path, mon
     s = session.build(_cfg(tmp_path, "method.name=lst"), "cuda", with_optimizer=True)
     assert seen == {"load": torch.device("cpu"), "optimizer": torch.device("cuda")}
     assert {p.device.type for p in s.module.parameters()} == {"cpu"}  # side network included
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. Quantized presets are built in host memory; the logged peak covers the training steps
+
+
+def test_quantized_presets_are_built_in_host_memory():
+    from sidetune.config import ModelConfig
+    from sidetune.models import preset_build_device
+
+    cuda = torch.device("cuda")
+    assert preset_build_device(ModelConfig(name="llama-8b", quantize="nf4"), cuda) == torch.device("cpu")
+    assert preset_build_device(ModelConfig(name="llama-8b", quantize="int8"), cuda) == torch.device("cpu")
+    assert preset_build_device(ModelConfig(name="llama-8b"), cuda) == cuda  # 16-bit: built where it runs
+    assert preset_build_device(ModelConfig(name="llama-8b", quantize="nf4"), cuda, fake=True) == cuda
+
+
+def test_logged_peak_covers_the_training_steps_only(monkeypatch):
+    """The trainer logged torch.cuda.max_memory_allocated as it stood: the build's transients (a 4-bit load) and the
+    evaluations were in it. A mocked CUDA allocator: 10 GiB at build, 3 then 4 GiB in training, 5 GiB in an eval."""
+    from sidetune.memory import GiB, TrainingPeak
+
+    state = {"now": 0, "peak": 0}
+
+    def allocate(gib):
+        state["now"] = gib * GiB
+        state["peak"] = max(state["peak"], state["now"])
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=state["now"]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: state["peak"])
+    allocate(10)  # the build
+    allocate(1)
+    peak = TrainingPeak(torch.device("cuda"))
+    peak.start()
+    allocate(3)
+    allocate(1)
+    peak.pause()
+    allocate(5)  # an evaluation
+    allocate(1)
+    peak.resume()
+    allocate(4)
+    allocate(1)
+    assert peak.row()["peak_allocated_gib"] == 4.0
+    assert "training steps" in peak.covers
