@@ -7,10 +7,18 @@ Each helper is tested on the CPU (2 gloo processes, or the device mocked): tests
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from sidetune.errors import SidetuneError
+
+# The key under which a process that stops on an error (out of memory) leaves its one-line message in the process
+# group's store, for the others to read and stop with.
+_FAILED = "sidetune/failed"
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -88,3 +96,86 @@ class ShardsLikeInner:
 
     def get_output_embeddings(self) -> nn.Module | None:
         return self._inner().get_output_embeddings()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One process fails (CUDA out of memory): every process stops with its message, none waits for a collective timeout
+#
+# The failing process cannot simply join the step's remaining collectives (it may have stopped inside DDP's backward,
+# halfway through the gradient buckets), and the others would otherwise wait in them for NCCL's timeout (30 minutes).
+# So it leaves its message in the store every process of the group already shares (the rendezvous TCPStore) and
+# exits. The others learn it in one of two ways: at the step's agreement (`agree`: the guard's finite check and the
+# stop-signal vote poll their all-reduce and the store, so a process whose collectives were queued on the GPU, as
+# NCCL's are, does not block on them), or when a collective they are in fails because the process left (gloo: the
+# connection closes), through `peer_failure`.
+
+
+def _store():
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, AttributeError, ValueError):
+        return None
+
+
+def announce_failure(message: str) -> str:
+    """Leave this process's one-line error for the others (a no-op in one process); returns `message`."""
+    import torch.distributed as dist
+
+    store = _store()
+    if store is not None:
+        with contextlib.suppress(Exception):  # the store is gone (the launcher is shutting down): no one to tell
+            store.set(_FAILED, f"process {dist.get_rank()}: {message}")
+    return message
+
+
+def announced_failure(wait_s: float = 0.0) -> str | None:
+    """The message another process left, waiting up to `wait_s` for one; None without one."""
+    store = _store()
+    if store is None:
+        return None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if store.check([_FAILED]):
+                return store.get(_FAILED).decode()
+        except Exception:
+            return None
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+def peer_failure(error: BaseException) -> None:
+    """Called with an exception raised inside the training loop: when another process announced its failure (a
+    collective broke because it left), stop with that message instead (one line); otherwise return, and the caller
+    re-raises `error`."""
+    if isinstance(error, SidetuneError):
+        return
+    message = announced_failure(wait_s=2.0)
+    if message is not None:
+        raise SidetuneError(f"another {message}") from None
+
+
+def agree(flag: torch.Tensor, poll_s: float = 0.002) -> torch.Tensor:
+    """All-reduce (sum) `flag` over the processes, watching the store while it runs: if another process announced a
+    failure, stop with its message rather than wait for a collective it will never join."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    work = dist.all_reduce(flag, op=dist.ReduceOp.SUM, async_op=True)
+    next_check = 0.0
+    while not work.is_completed():
+        now = time.monotonic()
+        if now >= next_check:
+            message = announced_failure()
+            if message is not None:
+                raise SidetuneError(f"another {message}")
+            next_check = now + 0.1
+        time.sleep(poll_s)
+    work.wait()
+    return flag

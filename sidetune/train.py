@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from sidetune import checkpoint
 from sidetune.config import Config, load_config, save_config
 from sidetune.decoding import GenerationEval
-from sidetune.distributed import clip_grad_norm, total_grad_norm
+from sidetune.distributed import agree, announce_failure, clip_grad_norm, peer_failure, total_grad_norm
 from sidetune.errors import SidetuneError, one_line
 from sidetune.memory import TrainingPeak, short
 from sidetune.methods import trainable_parameters
@@ -224,7 +224,11 @@ def train(cfg: Config) -> dict[str, float]:
                         if step >= total_steps:
                             break
             except torch.OutOfMemoryError as e:
-                raise SidetuneError(_oom_message(e, cfg, step + 1, accelerator.device)) from None
+                # Left for the other processes too, which stop with it instead of waiting in a collective.
+                raise SidetuneError(announce_failure(_oom_message(e, cfg, step + 1, accelerator.device))) from None
+            except Exception as e:
+                peer_failure(e)  # a collective broke because another process stopped: its one line instead
+                raise
         bar.close()
 
         if eval_loaders:
@@ -297,7 +301,7 @@ class _FiniteGuard:
         check = self.window if norm is None or acc.scaler is not None else self.window + norm.to(self.window.device)
         bad = ~torch.isfinite(check)
         if acc.num_processes > 1:
-            bad = acc.reduce(bad.long(), reduction="sum") > 0
+            bad = agree(bad.long()) > 0  # watches for a process that stopped (sidetune.distributed)
         self.dropped = bool(bad.item())
         if not self.dropped:
             return
@@ -345,7 +349,7 @@ class _StopSignals:
     def requested(self, accelerator: Accelerator) -> bool:
         flag = self.signum is not None
         if accelerator.num_processes > 1:  # every process stops at the same step, or the collectives would hang
-            votes = accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), reduction="sum")
+            votes = agree(torch.tensor(int(flag), device=accelerator.device))
             flag = votes.item() > 0
             if flag and self.signum is None:
                 self.signum = signal.SIGTERM

@@ -405,3 +405,91 @@ def test_logged_peak_covers_the_training_steps_only(monkeypatch):
     allocate(1)
     assert peak.row()["peak_allocated_gib"] == 4.0
     assert "training steps" in peak.covers
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 9. Out of memory on one of two DDP processes: both stop with the one-line message, neither waits
+
+_OOM_WORKER = '''
+import os, sys
+import torch
+import sidetune.train as train_mod
+from sidetune.cli import main
+
+real_step, calls = train_mod.train_step, [0]
+
+def train_step(module, batch, *args, backward, **kwargs):
+    calls[0] += 1
+    if os.environ["LOCAL_RANK"] == "1" and calls[0] == 3:
+        module(**batch)  # forward done; the other process is already in backward, in DDP's gradient all-reduce
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return real_step(module, batch, *args, backward=backward, **kwargs)
+
+train_mod.train_step = train_step
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_out_of_memory_on_one_ddp_process_stops_both_with_its_message(tmp_path):
+    """An injected CUDA OOM on rank 1 in its third step, after the forward. Before: rank 1 printed the OOM line and
+    left; rank 0, inside DDP's gradient all-reduce, died with a gloo traceback (with NCCL it waited for the
+    collective timeout). Now rank 0 stops with rank 1's one-line message too, at once."""
+    import time
+
+    worker = tmp_path / "oom_worker.py"
+    worker.write_text(_OOM_WORKER)
+    config = tmp_path / "run.yaml"
+    config.write_text("{}\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(_free_port()),
+           str(worker), "train", str(config), "model.name=tiny-llama", "data.task=classification",
+           f"data.train={_data(tmp_path)}", "data.eval=null", "train.batch_size=2", "train.max_steps=6",
+           "train.progress=false", f"train.output_dir={out}", "method.name=lora"]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    took = time.monotonic() - start
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    errors = [line for line in text.splitlines() if line.startswith("sidetune: error:")]
+    assert any(line.startswith("sidetune: error: out of memory at step 3") for line in errors), text[-3000:]
+    assert any(line.startswith("sidetune: error: another process 1: out of memory at step 3") for line in errors), \
+        text[-3000:]
+    # The one traceback is the launcher's own report of a failed child (torch.distributed.elastic), no worker's.
+    assert text.count("Traceback (most recent call last)") <= 1 and "sidetune/" not in text.split("Traceback")[-1]
+    assert "gloo" not in text.lower(), text[-3000:]
+    assert took < 120
+
+
+_AGREE = '''
+import sys, time
+import torch, torch.distributed as dist
+from sidetune.distributed import agree, announce_failure
+from sidetune.errors import SidetuneError
+
+dist.init_process_group("gloo")
+assert agree(torch.tensor(1)).item() == 2  # both join: a plain sum
+if dist.get_rank() == 1:
+    announce_failure("out of memory at step 7")
+    time.sleep(4)  # alive and silent, as a process whose collectives are stuck on its GPU: no connection closes
+else:
+    start = time.monotonic()
+    try:
+        agree(torch.tensor(0))
+        print("RESULT joined")
+    except SidetuneError as e:
+        print(f"RESULT {e} after {time.monotonic() - start:.1f} s")
+sys.stdout.flush()
+import os
+os._exit(0)
+'''
+
+
+def test_agreement_stops_on_an_announced_failure_without_the_collective(tmp_path):
+    """The NCCL case, where the failed process's collectives never fail on the others' side: the agreement watches
+    the store and stops in well under a second instead of waiting for the collective timeout."""
+    proc = _torchrun(tmp_path, _AGREE, timeout=120)
+    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert result and result[0].startswith("RESULT another process 1: out of memory at step 7 after"), \
+        proc.stdout + proc.stderr[-2000:]
+    assert float(result[0].split(" after ")[1].split()[0]) < 2
