@@ -493,3 +493,71 @@ def test_agreement_stops_on_an_announced_failure_without_the_collective(tmp_path
     assert result and result[0].startswith("RESULT another process 1: out of memory at step 7 after"), \
         proc.stdout + proc.stderr[-2000:]
     assert float(result[0].split(" after ")[1].split()[0]) < 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. Predictions for CUDA made on the CPU follow CUDA's autocast policy
+
+# torch's AMP reference, "CUDA Ops that can autocast to float32", each called as a model would call it.
+_X = lambda: torch.rand(4, 8) + 0.5  # noqa: E731 (positive: log, rsqrt, pow)
+_T = lambda: torch.randint(0, 8, (4,))  # noqa: E731
+CUDA_FLOAT32_TABLE = {
+    "__pow__": lambda x: x ** 2, "__rpow__": lambda x: 2 ** x, "__rtruediv__": lambda x: 1 / x,
+    "acos": lambda x: torch.acos(x - 0.5), "asin": lambda x: torch.asin(x - 0.5), "cosh": torch.cosh,
+    "binary_cross_entropy_with_logits": lambda x: torch.nn.functional.binary_cross_entropy_with_logits(x, x),
+    "cdist": lambda x: torch.cdist(x, x), "cosine_similarity": lambda x: torch.nn.functional.cosine_similarity(x, x),
+    "cross_entropy": lambda x: torch.nn.functional.cross_entropy(x, _T()), "cumprod": lambda x: x.cumprod(-1),
+    "cumsum": lambda x: x.cumsum(-1), "dist": lambda x: torch.dist(x, x), "erfinv": lambda x: torch.erfinv(x - 0.9),
+    "exp": torch.exp, "expm1": torch.expm1, "group_norm": lambda x: torch.nn.functional.group_norm(x, 2),
+    "kl_div": lambda x: torch.nn.functional.kl_div(x, x, reduction="batchmean"),
+    "l1_loss": lambda x: torch.nn.functional.l1_loss(x, x), "log": torch.log,
+    "layer_norm": lambda x: torch.nn.functional.layer_norm(x, (8,)),
+    "log_softmax": lambda x: torch.log_softmax(x, -1), "log10": torch.log10, "log1p": torch.log1p,
+    "log2": torch.log2, "mse_loss": lambda x: torch.nn.functional.mse_loss(x, x),
+    "nll_loss": lambda x: torch.nn.functional.nll_loss(x, _T()), "norm": lambda x: x.norm(),
+    "normalize": lambda x: torch.nn.functional.normalize(x), "pdist": lambda x: torch.pdist(x),
+    "pow": lambda x: x.pow(3), "prod": lambda x: x.prod(), "reciprocal": torch.reciprocal, "rsqrt": torch.rsqrt,
+    "sinh": torch.sinh, "smooth_l1_loss": lambda x: torch.nn.functional.smooth_l1_loss(x, x),
+    "softmax": lambda x: torch.softmax(x, -1), "softmin": lambda x: torch.nn.functional.softmin(x, -1),
+    "softplus": torch.nn.functional.softplus, "sum": lambda x: x.sum(), "tan": torch.tan,
+    "renorm": lambda x: x.renorm(2, 0, 1.0),
+}
+
+
+def _dtype_of(op, x):
+    try:
+        return op(x).dtype
+    except (NotImplementedError, RuntimeError):  # no bf16 CPU kernel (pdist): CUDA's policy never asks for one
+        return None
+
+
+def test_cuda_autocast_policy_runs_cudas_float32_ops_in_float32():
+    """Every op of the table gives float32 from a bf16 input under CPU autocast + the CUDA policy; the matmuls stay
+    bf16. Under the CPU's own policy layer_norm, softmax and pow stay bf16: the predictions under-counted them."""
+    from sidetune.profiling.measure import cuda_autocast_policy
+
+    x = _X().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cpu_rules = {name: _dtype_of(op, x) for name, op in CUDA_FLOAT32_TABLE.items()}
+        with cuda_autocast_policy():
+            cuda_rules = {name: op(x).dtype for name, op in CUDA_FLOAT32_TABLE.items()}
+            linear = torch.nn.functional.linear(_X(), _X())
+            matmul = _X() @ _X().T
+    assert {n: d for n, d in cuda_rules.items() if d != torch.float32} == {}
+    assert {cpu_rules[n] for n in ("layer_norm", "softmax", "pow", "exp", "rsqrt", "sum")} == {torch.bfloat16}
+    assert linear.dtype == matmul.dtype == torch.bfloat16
+
+
+def test_cuda_prediction_on_the_cpu_counts_float32_layer_norm_and_softmax():
+    """tiny-gpt2 (LayerNorm, eager softmax attention), LoRA, bf16: predicted for CUDA, its saved activations exceed
+    those of the same bf16 step under CPU rules (they were equal: the CUDA prediction ran CPU autocast)."""
+    from sidetune.config import load_config
+    from sidetune.profiling.measure import measure
+
+    common = ["model.name=tiny-gpt2", "data.task=causal_lm", "method.name=lora", "train.batch_size=2",
+              "data.max_length=16", "model.attn_implementation=eager"]
+    cuda = measure(load_config(None, common), True, "cuda", fake=True)
+    cpu = measure(load_config(None, [*common, "model.dtype=bfloat16", "train.mixed_precision=bf16"]), True, "cpu",
+                  fake=True)
+    assert cuda["dtype"] == cpu["dtype"] == "bfloat16" and cuda["mixed_precision"] == cpu["mixed_precision"] == "bf16"
+    assert cuda["act_backbone_bytes"] > 1.2 * cpu["act_backbone_bytes"]
