@@ -561,3 +561,31 @@ def test_cuda_prediction_on_the_cpu_counts_float32_layer_norm_and_softmax():
                   fake=True)
     assert cuda["dtype"] == cpu["dtype"] == "bfloat16" and cuda["mixed_precision"] == cpu["mixed_precision"] == "bf16"
     assert cuda["act_backbone_bytes"] > 1.2 * cpu["act_backbone_bytes"]
+
+
+def _saved_shapes(fn) -> list[tuple[int, ...]]:
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return shapes
+
+
+@pytest.mark.parametrize("head_dim, math", [(4, True), (8, False)])
+def test_cuda_prediction_runs_attention_below_head_dim_8_in_the_math_kernel(head_dim, math):
+    """10. CUDA's fused SDPA kernels need a head dim that is a multiple of 8 (LST side blocks at a large method.r
+    have 2 or 4): CUDA runs the math kernel, which saves the B x heads x T x T probabilities; the CPU's flash kernel,
+    on which a CUDA prediction ran, saves none."""
+    from sidetune.profiling.measure import cuda_autocast_policy
+
+    q = torch.randn(2, 3, 16, head_dim, requires_grad=True)
+
+    def attend():
+        with torch.autocast("cpu", dtype=torch.bfloat16), cuda_autocast_policy():
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    assert ((2, 3, 16, 16) in _saved_shapes(attend)) == math

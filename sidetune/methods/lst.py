@@ -159,6 +159,11 @@ class LSTModel(ShardsLikeInner, nn.Module):
         shapes = [s.shape.reduced(cfg.r) for s in self.stacks]
         tapped = [tapped_layers(cfg.side_layers, len(s.layers)) for s in self.stacks]
         device = next(backbone.parameters()).device
+        odd = [sh.head_dim for sh in shapes if sh.head_dim % 8]
+        if device.type == "cuda" and odd:
+            print(f"sidetune: LST's side attention has head dim {odd[0]} (the backbone's / method.r={cfg.r}); CUDA's "
+                  f"fused attention kernels need a multiple of 8, so it runs in the math kernel (B x heads x T x T "
+                  f"scores, as `sidetune plan` predicts); a smaller method.r keeps it fused")
         with torch.device(device):  # side modules are born on the backbone's device, in fp32 (master weights)
             sides = [SideStack(st, sh, tp, cfg.gate_temperature, cfg.gate_init, cfg.dropout)
                      for st, sh, tp in zip(self.stacks, shapes, tapped)]

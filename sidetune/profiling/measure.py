@@ -53,17 +53,21 @@ def _autocast(module, mp: str, device_type: str, target: str | None = None):
     for CUDA whose fake tensors stand on the CPU (`sim_device`) runs CPU autocast under CUDA's float32 policy
     (`cuda_autocast_policy`): the ops CUDA autocast runs in float32 (LayerNorm, softmax, pow, ...) stay bf16 under the
     CPU's, and their saved activations would be under-predicted."""
-    if mp == "no":
-        return module
     import torch
-    from accelerate.utils import convert_outputs_to_fp32
 
-    dtype = torch.bfloat16 if mp == "bf16" else torch.float16
     emulate = target == "cuda" and device_type == "cpu"
+    if mp == "no" and not emulate:
+        return module
+    dtype = torch.bfloat16 if mp == "bf16" else torch.float16
 
     def forward(**batch):
-        with torch.autocast(device_type, dtype=dtype), (cuda_autocast_policy() if emulate else contextlib.nullcontext()):
+        with torch.autocast(device_type, dtype=dtype, enabled=mp != "no"), \
+                (cuda_autocast_policy() if emulate else contextlib.nullcontext()):
             return module(**batch)
+
+    if mp == "no":
+        return forward
+    from accelerate.utils import convert_outputs_to_fp32
 
     return convert_outputs_to_fp32(forward)
 
@@ -94,7 +98,17 @@ def _cuda_autocast_mode():
             from torch.utils._pytree import tree_map
 
             kwargs = kwargs or {}
-            if getattr(func, "__name__", None) in CUDA_FP32_OPS and torch.is_autocast_enabled("cpu"):
+            name = getattr(func, "__name__", None)
+            if name == "scaled_dot_product_attention" and args[0].shape[-1] % 8 and (
+                    args[0].dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")):
+                # CUDA's flash, memory-efficient and cuDNN kernels need a head dim that is a multiple of 8; below it
+                # SDPA runs the math kernel, which holds the B x heads x T x T scores (LST side blocks at a large
+                # method.r). The CPU's flash kernel takes any head dim: predict the kernel CUDA will run.
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                with sdpa_kernel(SDPBackend.MATH):
+                    return func(*args, **kwargs)
+            if name in CUDA_FP32_OPS and torch.is_autocast_enabled("cpu"):
                 def up(x):
                     if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16):
                         return x.float()
@@ -106,7 +120,8 @@ def _cuda_autocast_mode():
 
 
 def cuda_autocast_policy():
-    """A context in which CPU autocast follows CUDA autocast's float32 policy (see `_cuda_autocast_mode`)."""
+    """A context in which CPU autocast follows CUDA autocast's float32 policy, and attention CUDA's kernel choice (see
+    `_cuda_autocast_mode`)."""
     return _cuda_autocast_mode()()
 
 
