@@ -85,7 +85,7 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
     module = training_module(model, cfg, method)
     optimizer = None
     if with_optimizer:
-        _check_autocast(model, master_weights(model), cfg)
+        _check_autocast(model, master_weights(model), cfg, step_device)
         optimizer = make_optimizer(model, method, cfg.train, step_device)
     return Setup(cfg, task, tokenizer, data, method, base, base_modules, model, module, optimizer)
 
@@ -240,15 +240,19 @@ def master_weights(model: nn.Module) -> list[str]:
     return upcast
 
 
-def _check_autocast(model: nn.Module, upcast: list[str], cfg: Config) -> None:
+def _check_autocast(model: nn.Module, upcast: list[str], cfg: Config, device: torch.device) -> None:
     """Float32 masters beside 16-bit frozen weights in one layer (a bf16 linear with a float32 bias, a float32 head on
     bf16 hidden states) run only under autocast: refuse a run that turns it off, before anything is written."""
     mp = mixed_precision(cfg.train, model_dtype=cfg.model.dtype) or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if not upcast or mp != "no":
+    if not upcast or mp not in ("no", "fp16"):
         return
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
     low = sorted(str(d).removeprefix("torch.") for d in frozen & {torch.bfloat16, torch.float16})
-    if low:
+    if low and mp == "fp16" and device.type == "cpu":
+        raise SidetuneError(f"model.dtype={low[0]} on the CPU: accelerate runs no fp16 autocast there, and the "
+                            f"trainable parameters ({upcast[0]}, ...) train as float32 master weights beside {low[0]} "
+                            f"frozen ones, which only autocast runs together; use model.dtype=bfloat16 or float32")
+    if low and mp == "no":
         raise SidetuneError(f"train.mixed_precision=no with a {low[0]} model: its trainable parameters ({upcast[0]}, "
                             f"...) train as float32 master weights beside {low[0]} frozen ones, which only autocast "
                             f"runs together; set train.mixed_precision=auto (or {_AUTOCAST[low[0]]}), or "
