@@ -45,7 +45,7 @@ def evaluate_run(run_dir: str | Path | FinishedRun, data_path: str | None = None
     # the run resolved from it are in its config.
     cfg.data.train, cfg.data.max_train_samples = cfg.data.eval, 1
     cfg.data.packing = False  # packing shapes the training rows only, which evaluation never reads
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train))
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train, model_dtype=cfg.model.dtype))
     try:
         s = run.load(accelerator.device, cfg=cfg, with_data=True)
     except SidetuneError as e:

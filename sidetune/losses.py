@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sidetune.distributed import ShardsLikeInner
+
 
 @runtime_checkable
 class LMHiddenStates(Protocol):
@@ -119,7 +121,7 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.
     return total / targets.numel()
 
 
-class ChunkedLMLoss(nn.Module):
+class ChunkedLMLoss(ShardsLikeInner, nn.Module):
     """Wraps a causal LM so that its forward returns the chunked loss.
 
     The wrapped module is either a transformers CausalLM (its body is `base_model`) or a method's own module that
@@ -131,6 +133,9 @@ class ChunkedLMLoss(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+
+    def _inner(self) -> nn.Module:
+        return self.model
 
     def forward(self, labels: torch.Tensor | None = None, **inputs):
         if isinstance(self.model, LMHiddenStates):  # a method's own module (LST adds its side network there)

@@ -43,6 +43,47 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return {"peak_rss_gib": rss / (GiB if sys.platform == "darwin" else 1024**2)}
 
 
+class TrainingPeak:
+    """The peak the trainer logs, covering the training steps only: on CUDA the allocator's peak is reset when the
+    steps start (`start`: after the model was built, loaded and sharded, where a 4-bit load passes through larger
+    transients), set aside before an evaluation (`pause`) and reset after it (`resume`), so that a row's peak is the
+    largest of the training steps so far, not of the build or of an eval. On the CPU the process's peak RSS cannot be
+    reset: it covers the whole process, as the key peak_rss_gib says."""
+
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.allocated = self.reserved = 0
+
+    @property
+    def covers(self) -> str:
+        if self.cuda:
+            return "the training steps (reset after the build; evaluations left out)"
+        return "the whole process (peak RSS cannot be reset)"
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def pause(self) -> None:
+        if self.cuda:
+            self.allocated = max(self.allocated, torch.cuda.max_memory_allocated(self.device))
+            self.reserved = max(self.reserved, torch.cuda.max_memory_reserved(self.device))
+
+    def resume(self) -> None:
+        self.start()
+
+    def row(self) -> dict[str, float]:
+        """The logged numbers, in GiB (peak_memory's keys)."""
+        stats = peak_memory(self.device)
+        if self.cuda:
+            stats["peak_allocated_gib"] = max(stats["peak_allocated_gib"], self.allocated / GiB)
+            stats["peak_reserved_gib"] = max(stats["peak_reserved_gib"], self.reserved / GiB)
+        return stats
+
+
 def short(stats: dict[str, float]) -> str:
     """The one number for a progress bar."""
     key = "peak_allocated_gib" if "peak_allocated_gib" in stats else "peak_rss_gib"

@@ -173,11 +173,30 @@ def _unreadable(name: str, path: Path, e: BaseException) -> NoReturn:
 # Model
 
 
+def native_bf16() -> bool:
+    """Whether this process's CUDA GPU computes bf16 natively (compute capability 8.0, Ampere, and later).
+
+    `torch.cuda.is_bf16_supported()` also says yes where bf16 is only emulated (T4, V100: sm_75 / sm_70): there bf16
+    matmuls are slow, attention falls back to the math kernel and memory differs from what the plan predicted."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.3 has no including_emulation: ask the compute capability
+        return torch.cuda.get_device_capability() >= (8, 0)
+
+
 def resolve_dtype(name: str, device: torch.device | str, default: torch.dtype | None = None) -> torch.dtype:
+    """`auto`: on CUDA the checkpoint's dtype (`default`, else bf16), on the CPU float32. A bf16 choice on a GPU
+    without native bf16 becomes fp16: the trainer then keeps float32 master weights and scales the loss (fp16
+    autocast with accelerate's GradScaler). A prediction for CUDA made without a GPU assumes a bf16-capable one."""
     if name != "auto":
         return getattr(torch, name)
     if torch.device(device).type == "cuda":
-        return default or torch.bfloat16
+        dtype = default or torch.bfloat16
+        if dtype == torch.bfloat16 and torch.cuda.is_available() and not native_bf16():
+            return torch.float16
+        return dtype
     return torch.float32
 
 
@@ -322,16 +341,27 @@ def _build_preset(cfg: ModelConfig, auto, task_kwargs: dict[str, Any], device: t
     if config.pad_token_id is None:
         config.pad_token_id = 0
     dtype = resolve_dtype(cfg.dtype, device)
-    # Build straight on the target device (or on meta, for accounting): an 8B model never exists twice.
+    # Build straight on the target device (or on meta, for accounting): an 8B model never exists twice. A quantized
+    # preset is built in host memory and quantized one linear at a time onto the GPU (`preset_build_device`).
     torch.manual_seed(seed)
     try:
-        with torch.device(device):
+        with torch.device(preset_build_device(cfg, device, fake)):
             model = auto.from_config(config, dtype=dtype)
     except ValueError as e:
         _no_task_head(e, cfg.name, model_type, auto)
     if cfg.quantize is not None:
         _quantize_built(model, cfg, device, fake)
-    return model
+    return model.to(device) if not fake else model  # the unquantized rest (embeddings, norms, head)
+
+
+def preset_build_device(cfg: ModelConfig, device: torch.device, fake: bool = False) -> torch.device:
+    """Where a random-init preset is built. A quantized one on a GPU: in host memory, since built on the GPU its full
+    16-bit weights were there before quantization (16 GB for llama-8b, which then holds 5.3 GiB: the peak of the build
+    was 3x the model, and on a smaller GPU an out-of-memory). `quantize_linears` moves each layer's weight to the GPU
+    as it quantizes it, so the GPU peak is the quantized model plus one 16-bit layer."""
+    if cfg.quantize is not None and device.type == "cuda" and not fake:
+        return torch.device("cpu")
+    return device
 
 
 def _quantize_built(model: nn.Module, cfg: ModelConfig, device: torch.device, fake: bool) -> None:

@@ -165,7 +165,7 @@ def plan(model: str, vram: int, batch: int, seq: int, task: str = "causal_lm", m
     budget = usable(vram, target)  # what a step may fill: the budget less the CUDA headroom
     result = []
     for i, spec in enumerate(specs, 1):
-        refused = sharding.refusal(_quantize(spec))
+        refused = sharding.refusal(_quantize(spec), _optimizer(spec))
         if refused:
             # The trainer would refuse this launch: no prediction, the reason instead.
             result.append({"label": spec.label, "method": spec.method, "refused": refused, "fits": False,
@@ -204,6 +204,12 @@ def _quantize(spec: RowSpec) -> str | None:
     from sidetune.config import load_config
 
     return load_config(None, spec.overrides).model.quantize
+
+
+def _optimizer(spec: RowSpec) -> str:
+    from sidetune.config import load_config
+
+    return load_config(None, spec.overrides).train.optimizer
 
 
 def render(entries: list[dict], vram: int, batch: int, seq: int, sharding: Sharding = ONE_PROCESS) -> str:

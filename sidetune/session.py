@@ -66,7 +66,7 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
     apply: replaces the method's apply (bench/memory.py profiles PEFT's models on the same build).
     """
     cfg = copy.deepcopy(cfg)
-    device = torch.device(device)
+    device = step_device = torch.device(device)
     # Mixed precision, task against architecture, max_length against positions: before any tokenizer, data or weight.
     checks.check_run(cfg, device, precision=with_optimizer and not fake)
     task = get_task(cfg.data.task)
@@ -80,6 +80,7 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
     if data is not None and data.num_labels is not None:
         cfg.data.num_labels = data.num_labels  # resolved into the recorded config, so a reload needs no data
     pad_id = tokenizer.pad_token_id if tokenizer is not None else None
+    device = build_device(device)  # the optimizer below is still made for the device the run steps on
     base = load_model(cfg.model, method.model_task(task), cfg.data.num_labels, device, pad_id, seed=cfg.train.seed,
                       fake=fake)
     if cfg.data.packing:
@@ -93,8 +94,29 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
     if not trainable_parameters(model):
         raise SidetuneError(f"method {cfg.method.name!r} left no trainable parameter on this model")
     module = training_module(model, cfg, method)
-    optimizer = make_optimizer(model, method, cfg.train, device) if with_optimizer else None
+    optimizer = None
+    if with_optimizer:
+        _check_autocast(model, master_weights(model), cfg, step_device)
+        optimizer = make_optimizer(model, method, cfg.train, step_device)
     return Setup(cfg, task, tokenizer, data, method, base, base_modules, model, module, optimizer)
+
+
+def fsdp_launch() -> bool:
+    """Whether this process is one of an `accelerate launch` FSDP run (accelerate sets ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def build_device(device: torch.device) -> torch.device:
+    """Where `build` materialises the model for a run stepping on `device`: there, except in an FSDP launch on
+    CUDA, where it is built (and the method applied) in host memory. `accelerator.prepare` then runs FSDP2's
+    fully_shard, which moves only this process's shard of each parameter (and the buffers) onto the GPU: a model
+    that needs FSDP to fit is never whole on one GPU (built on the GPU first, every rank held the full 16-bit model
+    before sharding and ran out of memory where `sidetune plan --shard fsdp` said it fits). The host holds one whole
+    copy per process while it builds. FSDP with a 4-bit base is refused (profiling/shard.py), so no quantizer runs
+    here on the CPU."""
+    if device.type == "cuda" and fsdp_launch():
+        return torch.device("cpu")
+    return device
 
 
 def _allow_packed_rows(model: nn.Module) -> None:
@@ -150,6 +172,9 @@ def forward_module(model: nn.Module, cfg: Config) -> nn.Module:
 
 
 def make_optimizer(model: nn.Module, method: Method, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA) or a bitsandbytes optimizer over the trainable parameters, made float32 masters first
+    (`master_weights`)."""
+    master_weights(model)
     # A method may split its parameters into groups (LoRA+); by default all trainable parameters share one lr.
     groups = method.param_groups(model, t.lr) if method is not None else None
     if groups is None:
@@ -176,19 +201,65 @@ def make_optimizer(model: nn.Module, method: Method, t: TrainConfig, device: tor
     return cls(split, **kwargs)
 
 
-def mixed_precision(t: TrainConfig, target: str | None = None) -> str | None:
+def mixed_precision(t: TrainConfig, target: str | None = None, model_dtype: str | None = None) -> str | None:
     """The autocast dtype a run uses: the config's, else the `accelerate launch` config's (None: accelerate
-    decides), else bf16 on a bf16-capable GPU, else none. `target` asks the same for a device this process may not
-    have (a prediction for CUDA on a CPU-only machine assumes a bf16-capable GPU)."""
+    decides), else the model's own when `model_dtype` (model.dtype) is 16-bit (its trainable parameters are float32
+    masters, see `master_weights`: autocast runs them with the 16-bit frozen ones), else bf16 on a GPU with native
+    bf16, fp16 (with accelerate's loss scaling) on one without (T4, V100), none on the CPU. `target` asks the same for
+    a device this process may not have (a prediction for CUDA on a CPU-only machine assumes a bf16-capable GPU)."""
+    from sidetune.models import native_bf16
+
     if t.mixed_precision != "auto":
         return t.mixed_precision
     if target is None and "ACCELERATE_MIXED_PRECISION" in os.environ:
         return None  # under `accelerate launch`: its config decides
+    if model_dtype in _AUTOCAST:
+        return _AUTOCAST[model_dtype]
     if target == "cpu":
         return "no"
     if target == "cuda" and not torch.cuda.is_available():
         return "bf16"
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if native_bf16() else "fp16"
+
+
+_AUTOCAST = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def master_weights(model: nn.Module) -> list[str]:
+    """Make every trainable parameter a float32 master (in place: the same Parameter objects, ties kept); returns the
+    names of those that were 16-bit.
+
+    A bf16 weight cannot take an AdamW update smaller than about |w| * 2^-9 (it rounds back to itself), so a new task
+    head, `full`, BitFit's biases or PET's blocks trained in the checkpoint's bf16 would barely move at a small lr; and
+    fp16 gradients are refused by the loss scaler ("Attempting to unscale FP16 gradients"). As accelerate's FSDP2
+    path does, the optimizer steps float32 copies and autocast computes in 16 bits."""
+    upcast = []
+    for name, p in trainable_parameters(model).items():
+        if p.is_floating_point() and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+            upcast.append(name)
+    return upcast
+
+
+def _check_autocast(model: nn.Module, upcast: list[str], cfg: Config, device: torch.device) -> None:
+    """Float32 masters beside 16-bit frozen weights in one layer (a bf16 linear with a float32 bias, a float32 head on
+    bf16 hidden states) run only under autocast: refuse a run that turns it off, before anything is written."""
+    mp = mixed_precision(cfg.train, model_dtype=cfg.model.dtype) or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if not upcast or mp not in ("no", "fp16"):
+        return
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
+    low = sorted(str(d).removeprefix("torch.") for d in frozen & {torch.bfloat16, torch.float16})
+    if low and mp == "fp16" and device.type == "cpu":
+        raise SidetuneError(f"model.dtype={low[0]} on the CPU: accelerate runs no fp16 autocast there, and the "
+                            f"trainable parameters ({upcast[0]}, ...) train as float32 master weights beside {low[0]} "
+                            f"frozen ones, which only autocast runs together; use model.dtype=bfloat16 or float32")
+    if low and mp == "no":
+        raise SidetuneError(f"train.mixed_precision=no with a {low[0]} model: its trainable parameters ({upcast[0]}, "
+                            f"...) train as float32 master weights beside {low[0]} frozen ones, which only autocast "
+                            f"runs together; set train.mixed_precision=auto (or {_AUTOCAST[low[0]]}), or "
+                            f"model.dtype=float32")
 
 
 def train_step(module: Callable[..., Any], batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,

@@ -28,13 +28,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from sidetune import checkpoint
-from sidetune.config import Config, TrainConfig
+from sidetune.config import Config
+from sidetune.distributed import agree, announce_failure, clip_grad_norm, peer_failure, total_grad_norm
 from sidetune.errors import SidetuneError, one_line
 from sidetune.evaluate import eval_loaders, evaluate
-from sidetune.memory import peak_memory, short
+from sidetune.memory import TrainingPeak, short
 from sidetune.methods import trainable_parameters
 from sidetune.plot import CURVES, plot_runs
-from sidetune.profiling.shard import fsdp_refusal
+from sidetune.profiling.shard import fsdp_optimizer_refusal, fsdp_refusal
 from sidetune.rundir import ResumePoint, RunDir
 from sidetune.session import Setup, build, mixed_precision, train_step
 from sidetune.tasks import batch_tokens
@@ -44,7 +45,7 @@ def train(cfg: Config) -> dict[str, float]:
     """Train with `cfg`; write config.yaml, metrics.jsonl, checkpoints and final/ to train.output_dir. Returns the
     final eval metrics (empty without eval data)."""
     _check_launch(cfg)
-    accelerator = _accelerator(cfg.train)
+    accelerator = _accelerator(cfg)
     run = RunDir(cfg.train.output_dir, accelerator)  # writable? an interrupted overwrite to undo? (before any build)
     resume = run.resume_point(cfg.train.resume, cfg.train.overwrite)
     set_seed(cfg.train.seed)
@@ -70,13 +71,14 @@ def train(cfg: Config) -> dict[str, float]:
         # (cli.main), which never runs gloo's destructor.
 
 
-def _accelerator(t: TrainConfig) -> Accelerator:
+def _accelerator(cfg: Config) -> Accelerator:
+    t = cfg.train
     out = Path(t.output_dir)
     accelerator = Accelerator(
         # No CUDA device: the processes of `accelerate launch --multi_gpu` / torchrun run on the CPU over gloo
         # (accelerate's own MULTI_CPU mode would need mpirun).
         cpu=not torch.cuda.is_available(),
-        mixed_precision=mixed_precision(t),
+        mixed_precision=mixed_precision(t, model_dtype=cfg.model.dtype),
         gradient_accumulation_steps=t.grad_accum,
         log_with=t.tracker,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
@@ -168,6 +170,7 @@ class _Meter:
     a host-device sync per step and stall the GPU queue. The one read per optimizer step is the finiteness check."""
 
     def __init__(self, device: torch.device) -> None:
+        self.peak = TrainingPeak(device)  # the logged peak: the training steps', not the build's or an eval's
         self.loss_sum = torch.zeros((), device=device)
         self.tokens = torch.zeros((), device=device, dtype=torch.long)
         self.micro_batches, self.last = 0, time.perf_counter()
@@ -185,7 +188,7 @@ class _Meter:
         mean_loss = acc.reduce(self.loss_sum / max(self.micro_batches, 1), reduction="mean")
         all_tokens = acc.reduce(self.tokens, reduction="sum")
         row = {"step": step, "loss": mean_loss.item(), "lr": loop.scheduler.get_last_lr()[0],
-               "tokens_per_s": all_tokens.item() / elapsed, **peak_memory(acc.device)}
+               "tokens_per_s": all_tokens.item() / elapsed, **self.peak.row()}
         if loop.cfg.train.skip_nonfinite:
             row["skipped_nonfinite"] = guard.skipped
         self.loss_sum.zero_()
@@ -210,6 +213,8 @@ def _run_steps(loop: _Loop, run: RunDir, step: int) -> tuple[int, dict[str, floa
     bar = tqdm(total=loop.total_steps, initial=step, disable=not (t.progress and acc.is_main_process), desc="train",
                dynamic_ncols=True)
     meter, guard = _Meter(acc.device), _FiniteGuard(s.trainable, t, acc)
+    acc.print(f"sidetune: the logged peak memory covers {meter.peak.covers}")
+    meter.peak.start()
     eval_metrics: dict[str, float] = {}
     loop.module.train()
     with _StopSignals() as stop:
@@ -232,9 +237,11 @@ def _run_steps(loop: _Loop, run: RunDir, step: int) -> tuple[int, dict[str, floa
                         row = meter.row(loop, step, guard)
                         run.log(row)
                         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                                        mem=short(peak_memory(acc.device)))
+                                        mem=short(row))
                     if loop.evals and t.eval_every and step % t.eval_every == 0 and step < loop.total_steps:
+                        meter.peak.pause()
                         eval_metrics = evaluate(loop.module, loop.evals, s.task, acc)
+                        meter.peak.resume()
                         run.log({"step": step, **eval_metrics})
                         loop.module.train()
                         meter.last = time.perf_counter()  # eval time is not training throughput
@@ -242,7 +249,11 @@ def _run_steps(loop: _Loop, run: RunDir, step: int) -> tuple[int, dict[str, floa
                     if step >= loop.total_steps:
                         break
         except torch.OutOfMemoryError as e:
-            raise SidetuneError(_oom_message(e, loop.cfg, step + 1, acc.device)) from None
+            # Left for the other processes too, which stop with it instead of waiting in a collective.
+            raise SidetuneError(announce_failure(_oom_message(e, loop.cfg, step + 1, acc.device))) from None
+        except Exception as e:
+            peer_failure(e)  # a collective broke because another process stopped: its one line instead
+            raise
     bar.close()
     return step, eval_metrics
 
@@ -318,17 +329,18 @@ class _FiniteGuard:
 
     def _check(self, step: int) -> None:
         acc = self.accelerator
+        # sidetune.distributed: one unscale under fp16, and FSDP2's DTensor norm made a plain (global) tensor.
         if self.t.max_grad_norm > 0:
-            norm = acc.clip_grad_norm_(self.params, self.t.max_grad_norm)
+            norm = clip_grad_norm(acc, self.params, self.t.max_grad_norm)
         elif acc.scaler is None:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            norm = total_grad_norm(self.params)
         else:
             norm = None
         # Under fp16 the gradient scaler meets inf gradients by design (it skips the step and lowers its scale).
         check = self.window if norm is None or acc.scaler is not None else self.window + norm.to(self.window.device)
         bad = ~torch.isfinite(check)
         if acc.num_processes > 1:
-            bad = acc.reduce(bad.long(), reduction="sum") > 0
+            bad = agree(bad.long()) > 0  # watches for a process that stopped (sidetune.distributed)
         self.dropped = bool(bad.item())
         if not self.dropped:
             return
@@ -376,7 +388,7 @@ class _StopSignals:
     def requested(self, accelerator: Accelerator) -> bool:
         flag = self.signum is not None
         if accelerator.num_processes > 1:  # every process stops at the same step, or the collectives would hang
-            votes = accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), reduction="sum")
+            votes = agree(torch.tensor(int(flag), device=accelerator.device))
             flag = votes.item() > 0
             if flag and self.signum is None:
                 self.signum = signal.SIGTERM
@@ -408,6 +420,8 @@ def _check_launch(cfg: Config) -> None:
         if refused:
             raise SidetuneError(f"{refused}; shard a 16-bit base (model.quantize=null) or train the 4-bit base with "
                                 f"DDP (multi_gpu.yaml)")
+        if fsdp_optimizer_refusal(cfg.train.optimizer):
+            raise SidetuneError(fsdp_optimizer_refusal(cfg.train.optimizer))
 
 
 def _oom_message(e: BaseException, cfg: Config, step: int, device: torch.device) -> str:

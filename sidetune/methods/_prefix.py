@@ -45,6 +45,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from sidetune.anatomy import read
 from sidetune.compat import block_checkpointing_keeps_cache, cache_kwargs, query_count
+from sidetune.distributed import ShardsLikeInner
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_dropout, check_positive
 from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
@@ -201,7 +202,7 @@ def use_separate_prefix_attention(model: nn.Module, method: str) -> None:
 # The module that trains
 
 
-class PrefixModel(nn.Module):
+class PrefixModel(ShardsLikeInner, nn.Module):
     """The frozen model plus its prefix. forward(**batch) builds the prefix cache, extends the mask, sets positions."""
 
     position_offset: int = 0  # the model's first position id (RoBERTa: 2), read by attach_prefix from its anatomy
@@ -244,8 +245,8 @@ class PrefixModel(nn.Module):
         """Final hidden states for the chunked LM loss (sidetune.losses)."""
         return self.model.base_model(**self._inputs(**inputs)).last_hidden_state
 
-    def get_output_embeddings(self) -> nn.Module | None:
-        return self.model.get_output_embeddings()
+    def _inner(self) -> nn.Module:
+        return self.model
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,

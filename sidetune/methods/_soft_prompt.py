@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sidetune.distributed import ShardsLikeInner
 from sidetune.errors import SidetuneError
 from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
 from sidetune.tasks import Task
@@ -47,7 +48,7 @@ def embedding_std(model: nn.Module) -> float:
     return float(w.float().std()) if w.device.type != "meta" else 0.02
 
 
-class SoftPromptModel(nn.Module):
+class SoftPromptModel(ShardsLikeInner, nn.Module):
     """The frozen model with a soft prompt at its input. forward(**batch) returns the model's output (loss, logits)."""
 
     def __init__(self, model: nn.Module, prompt: nn.Module, before: int, after: int, task: Task,
@@ -143,8 +144,8 @@ class SoftPromptModel(nn.Module):
 
     # ----- what the trainer and sidetune.load ask of the module
 
-    def get_output_embeddings(self) -> nn.Module | None:
-        return self.model.get_output_embeddings()
+    def _inner(self) -> nn.Module:
+        return self.model
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """The model's own checkpointing: the prompt enters as the blocks' input, so it gets its gradient either way."""

@@ -34,6 +34,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput
 
 from sidetune.compat import cache_kwargs, returned_cache
+from sidetune.distributed import ShardsLikeInner
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_positive, opt
 from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
@@ -144,7 +145,7 @@ class TaskHead(nn.Module):
         return classify(self.backbone, pool(hidden, attention_mask, self.pooling), labels)
 
 
-class LSTModel(nn.Module):
+class LSTModel(ShardsLikeInner, nn.Module):
     """The module LST trains: the frozen backbone (run without grad), the side network(s), `up` and the task head."""
 
     def __init__(self, backbone: nn.Module, cfg: LSTConfig, task: Task,
@@ -159,6 +160,11 @@ class LSTModel(nn.Module):
         shapes = [s.shape.reduced(cfg.r) for s in self.stacks]
         tapped = [tapped_layers(cfg.side_layers, len(s.layers)) for s in self.stacks]
         device = next(backbone.parameters()).device
+        odd = [sh.head_dim for sh in shapes if sh.head_dim % 8]
+        if device.type == "cuda" and odd:
+            print(f"sidetune: LST's side attention has head dim {odd[0]} (the backbone's / method.r={cfg.r}); CUDA's "
+                  f"fused attention kernels need a multiple of 8, so it runs in the math kernel (B x heads x T x T "
+                  f"scores, as `sidetune plan` predicts); a smaller method.r keeps it fused")
         with torch.device(device):  # side modules are born on the backbone's device, in fp32 (master weights)
             sides = [SideStack(st, sh, tp, cfg.gate_temperature, cfg.gate_init, cfg.dropout)
                      for st, sh, tp in zip(self.stacks, shapes, tapped)]
@@ -243,8 +249,8 @@ class LSTModel(nn.Module):
             if side is not None:
                 side.checkpointing = True
 
-    def get_output_embeddings(self) -> nn.Module:
-        return self.backbone.get_output_embeddings()
+    def _inner(self) -> nn.Module:
+        return self.backbone
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, decoder_input_ids=None,
                 decoder_attention_mask=None, **kwargs):

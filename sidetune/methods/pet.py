@@ -51,6 +51,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from sidetune.anatomy import is_causal_body
+from sidetune.distributed import ShardsLikeInner
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_positive, opt
 from sidetune.methods.base import Context, Method
@@ -97,7 +98,7 @@ class PETConfig:
         return prefix, suffix
 
 
-class PETModel(nn.Module):
+class PETModel(ShardsLikeInner, nn.Module):
     """A causal LM that scores the verbalizer's words after the pattern. forward(input_ids, attention_mask, labels)
     returns logits (B, num_labels) and the cross-entropy against `labels`."""
 
@@ -168,6 +169,9 @@ class PETModel(nn.Module):
             logits = (tok * self.word_mask.repeat(b, 1)).sum(-1).view(b, c)
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def _inner(self) -> nn.Module:
+        return self.lm
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)

@@ -46,22 +46,83 @@ def _random_batch(config, task, batch: int, seq: int, device, num_labels: int | 
     return out
 
 
-def _autocast(module, mp: str, device_type: str):
+def _autocast(module, mp: str, device_type: str, target: str | None = None):
     """What `Accelerator.prepare` does to a module in mixed precision: autocast around its forward, outputs
     converted to fp32 (for a causal LM without the chunked loss that is a B x T x V fp32 copy of the logits). The
-    prediction runs on fake tensors outside an Accelerator, so it applies the same two wrappers itself."""
-    if mp == "no":
-        return module
+    prediction runs on fake tensors outside an Accelerator, so it applies the same two wrappers itself. A prediction
+    for CUDA whose fake tensors stand on the CPU (`sim_device`) runs CPU autocast under CUDA's float32 policy
+    (`cuda_autocast_policy`): the ops CUDA autocast runs in float32 (LayerNorm, softmax, pow, ...) stay bf16 under the
+    CPU's, and their saved activations would be under-predicted."""
     import torch
-    from accelerate.utils import convert_outputs_to_fp32
 
+    emulate = target == "cuda" and device_type == "cpu"
+    if mp == "no" and not emulate:
+        return module
     dtype = torch.bfloat16 if mp == "bf16" else torch.float16
 
     def forward(**batch):
-        with torch.autocast(device_type, dtype=dtype):
+        with torch.autocast(device_type, dtype=dtype, enabled=mp != "no"), \
+                (cuda_autocast_policy() if emulate else contextlib.nullcontext()):
             return module(**batch)
 
+    if mp == "no":
+        return forward
+    from accelerate.utils import convert_outputs_to_fp32
+
     return convert_outputs_to_fp32(forward)
+
+
+# The ops CUDA autocast runs in float32 (torch's "Automatic Mixed Precision" reference, "CUDA Ops that can autocast
+# to float32"), by the name torch's Python API gives each (functions, Tensor methods and operators).
+CUDA_FP32_OPS = frozenset({
+    "__pow__", "__rdiv__", "__rpow__", "__rtruediv__", "acos", "asin", "binary_cross_entropy_with_logits", "cosh",
+    "cosine_embedding_loss", "cdist", "cosine_similarity", "cross_entropy", "cumprod", "cumsum", "dist", "erfinv",
+    "exp", "expm1", "group_norm", "hinge_embedding_loss", "kl_div", "l1_loss", "layer_norm", "log", "log_softmax",
+    "log10", "log1p", "log2", "margin_ranking_loss", "mse_loss", "multilabel_margin_loss", "multi_margin_loss",
+    "nll_loss", "norm", "normalize", "pdist", "poisson_nll_loss", "pow", "prod", "reciprocal", "rsqrt", "sinh",
+    "smooth_l1_loss", "soft_margin_loss", "softmax", "softmin", "softplus", "sum", "renorm", "tan",
+    "triplet_margin_loss"})
+
+
+def _cuda_autocast_mode():
+    from torch.overrides import TorchFunctionMode
+
+    class Policy(TorchFunctionMode):
+        """Under CPU autocast, run CUDA autocast's float32 ops as CUDA does: their 16-bit floating inputs cast to
+        float32 (so their outputs, and what autograd saves of them, are float32). Everything else is left to CPU
+        autocast, whose lower-precision list (linear, matmul, bmm, SDPA, ...) matches CUDA's for what a transformer
+        runs."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            import torch
+            from torch.utils._pytree import tree_map
+
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", None)
+            if name == "scaled_dot_product_attention" and args[0].shape[-1] % 8 and (
+                    args[0].dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")):
+                # CUDA's flash, memory-efficient and cuDNN kernels need a head dim that is a multiple of 8; below it
+                # SDPA runs the math kernel, which holds the B x heads x T x T scores (LST side blocks at a large
+                # method.r). The CPU's flash kernel takes any head dim: predict the kernel CUDA will run.
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                with sdpa_kernel(SDPBackend.MATH):
+                    return func(*args, **kwargs)
+            if name in CUDA_FP32_OPS and torch.is_autocast_enabled("cpu"):
+                def up(x):
+                    if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16):
+                        return x.float()
+                    return x
+                args, kwargs = tree_map(up, args), tree_map(up, kwargs)
+            return func(*args, **kwargs)
+
+    return Policy
+
+
+def cuda_autocast_policy():
+    """A context in which CPU autocast follows CUDA autocast's float32 policy, and attention CUDA's kernel choice (see
+    `_cuda_autocast_mode`)."""
+    return _cuda_autocast_mode()()
 
 
 def sim_device(target: str):
@@ -96,7 +157,7 @@ def measure(cfg, train: bool, target: str, fake: bool, timed_steps: int = 0, app
     # Resolve "auto" dtypes for the target, not for the device the fake tensors stand on.
     cfg.model.dtype = str(resolve_dtype(cfg.model.dtype, target)).removeprefix("torch.")
     cfg.model.compute_dtype = str(resolve_dtype(cfg.model.compute_dtype, target, torch.bfloat16)).removeprefix("torch.")
-    mp = mixed_precision(cfg.train, target) or "no"
+    mp = mixed_precision(cfg.train, target, cfg.model.dtype) or "no"
     if not train:
         cfg.train.gradient_checkpointing = False  # the floor is a plain forward
     out: dict[str, Any] = {"dtype": cfg.model.dtype, "mixed_precision": mp}
@@ -123,7 +184,7 @@ def measure(cfg, train: bool, target: str, fake: bool, timed_steps: int = 0, app
                                  else [])
         batch = _random_batch(s.base.config, s.task, cfg.train.batch_size, cfg.data.max_length, device,
                               cfg.data.num_labels)
-        forward = _autocast(module, mp, device.type)
+        forward = _autocast(module, mp, device.type, target)
         module.train(train)
         trainable = [p for p in trained.parameters() if p.requires_grad]
 

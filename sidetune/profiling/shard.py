@@ -11,6 +11,13 @@ The fake-tensor step is run at the per-process batch (train.batch_size is per de
 
 This is an adjustment of the predicted one-process peak by those terms, not a simulation of the collectives: NCCL's
 own buffers and allocator fragmentation are not in it.
+
+What the trainer builds where, which this arithmetic assumes: under an FSDP launch each process builds the whole
+model in host memory (`session.build_device`), `accelerator.prepare` shards it (accelerate's transformer policy: one
+group per decoder layer, `_no_split_modules`, which every sidetune wrapper module forwards; tied embedding and head
+in one group; the rest in the root group) and fully_shard moves only the shards onto the GPU. So no GPU ever holds
+the whole model, and the host needs one whole copy per process while it builds (not predicted here). Under DDP each
+process builds the whole model on its GPU, as the one-process prediction does.
 """
 
 from __future__ import annotations
@@ -36,10 +43,13 @@ class Sharding:
     def single(self) -> bool:
         return self.processes == 1
 
-    def refusal(self, quantize: str | None) -> str | None:
-        """Why sidetune's trainer refuses a run of a base quantized as `quantize` under this sharding, or None.
-        The trainer's launch check and the planner both ask this, so a plan never offers a run the trainer refuses."""
-        return fsdp_refusal(quantize) if self.kind == "fsdp" and not self.single else None
+    def refusal(self, quantize: str | None, optimizer: str = "adamw") -> str | None:
+        """Why sidetune's trainer refuses a run of a base quantized as `quantize` (trained with `optimizer`) under
+        this sharding, or None. The trainer's launch check and the planner both ask this, so a plan never offers a
+        run the trainer refuses."""
+        if self.kind != "fsdp" or self.single:
+            return None
+        return fsdp_refusal(quantize) or fsdp_optimizer_refusal(optimizer)
 
 
 def fsdp_refusal(quantize: str | None) -> str | None:
@@ -49,6 +59,20 @@ def fsdp_refusal(quantize: str | None) -> str | None:
         return None
     return (f"model.quantize={quantize} with FSDP2 is not supported: fully_shard drops the 4-bit weights' quant_state "
             f"(bitsandbytes issue #1945)")
+
+
+# bitsandbytes' optimizers that FSDP2 cannot run: their 8-bit state and paged buffers are built per parameter from
+# the local tensor, and on DTensor shards they fail with an illegal memory access (bitsandbytes issue #1633).
+FSDP_REFUSED_OPTIMIZERS = ("adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
+
+
+def fsdp_optimizer_refusal(optimizer: str) -> str | None:
+    """The one rule for the optimizers FSDP2 cannot step, as the whole one-line refusal (with its fix)."""
+    if optimizer not in FSDP_REFUSED_OPTIMIZERS:
+        return None
+    return (f"train.optimizer={optimizer} with FSDP2 is not supported: bitsandbytes' 8-bit and paged optimizers fail "
+            f"on sharded parameters (bitsandbytes issue #1633); use train.optimizer=adamw, or launch with DDP "
+            f"(multi_gpu.yaml)")
 
 
 def per_gpu_peak(step: dict[str, Any], sharding: Sharding) -> tuple[int, str]:
