@@ -15,6 +15,7 @@
 #   profile1b `sidetune profile --model llama-1b` for the 16-bit methods (lora, adapter, ptuning_v2, lst, + full and
 #             the floor), 8 x 512: measured vs predicted
 #   train     sst2_lora.yaml and sst2_lst.yaml on real all-MiniLM-L6-v2 weights (bf16) for 300 steps: dev accuracy
+#   gpu_paths bench/gpu_paths_check.py: the trainer's CUDA-only branches, one JSON entry per check
 #   pytest    the tests marked `cuda` (skipped on CPU)
 # Then bench/gpu_summary.py writes OUT/summary.md (and prints it): one table per step, the prediction-error column
 # (the claim under test: within 10%), the Q-LST ratios against their targets.
@@ -92,7 +93,7 @@ if [ "$DRY" = 1 ]; then
   TRAIN=("$PY" -m sidetune train)
 else
   step lst_bench 180 "$PY" bench/lst_bench.py --model llama-8b --batch 4 --seq 1024 --warmup 2 --steps 4 \
-    --json "$OUT/lst_bench.json"
+    --phases "${LST_BENCH_PHASES:-floor,qlst,qlora,peft}" --json "$OUT/lst_bench.json"
   step profile8b 150 "$PY" -m sidetune profile --recipe recipes/llama8b_qlst.yaml --model llama-8b --batch 4 \
     --seq 1024 --device cuda --methods qlora --set qlora.targets=[all-linear] --set qlora.r=16 \
     --set qlora.train.gradient_checkpointing=true --out "$OUT/profile8b"
@@ -108,6 +109,10 @@ for m in lora lst; do
 done
 step profile1b "${PROFILE1B[0]}" "$PY" -m sidetune profile --methods lora,adapter,ptuning_v2,lst "${PROFILE1B[@]:1}" \
   --out "$OUT/profile1b"
+# The CUDA-only branches of the trainer (issue 23): dtype choice, the CUDA autocast table the predictions emulate,
+# SDPA head dims, bf16 full fine-tuning with fp32 masters, Q-LST with int8 ladder inputs and 8-bit / paged AdamW,
+# FSDP2 through accelerate launch, a real out-of-memory (bench/gpu_paths_check.py; its own JSON report).
+step gpu_paths "$PYTEST_LIMIT" "$PY" bench/gpu_paths_check.py "$OUT/gpu_paths"
 step pytest "$PYTEST_LIMIT" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_profile.py tests/test_lst.py
 
 "$PY" bench/gpu_summary.py "$OUT" | tee "$OUT/summary.md"

@@ -106,10 +106,21 @@ def train(out: Path) -> list[str]:
     return lines if found else []
 
 
+def gpu_paths(out: Path) -> list[str]:
+    path = out / "gpu_paths" / "gpu_paths.json"
+    if not path.is_file():
+        return []
+    lines = ["## CUDA-only paths (bench/gpu_paths_check.py)", "", "| check | ok | seconds | detail |", "|---|---|---|---|"]
+    for name, r in json.loads(path.read_text()).items():
+        detail = r.get("error") or json.dumps({k: v for k, v in r.items() if k not in ("ok", "seconds", "trace")})
+        lines.append(f"| {name} | {'yes' if r.get('ok') else 'NO'} | {r.get('seconds', '')} | {detail[:300]} |")
+    return lines
+
+
 def main(argv: list[str]) -> int:
     out = Path(argv[1] if len(argv) > 1 else "bench/out/gpu_check")
     parts = [["# sidetune GPU check", ""], steps(out), env(out), lst_bench(out), profile(out, "profile8b"),
-             profile(out, "profile1b"), train(out)]
+             profile(out, "profile1b"), train(out), gpu_paths(out)]
     print("\n".join("\n".join(p) + "\n" for p in parts if p))
     return 0
 
