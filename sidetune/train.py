@@ -193,8 +193,8 @@ def train(cfg: Config) -> dict[str, float]:
                             elapsed = time.perf_counter() - last_log
                             # Every process logs the same steps, so these collectives line up; the row is the mean loss
                             # over all processes and the tokens of all of them.
-                            mean_loss = accelerator.reduce(loss_sum / max(micro_batches, 1), reduction="mean")
-                            all_tokens = accelerator.reduce(tokens, reduction="sum")
+                            mean_loss = agree(loss_sum / max(micro_batches, 1)) / accelerator.num_processes
+                            all_tokens = agree(tokens.clone())  # agree: sums, and stops if a process failed
                             row = {"step": step, "loss": mean_loss.item(), "lr": scheduler.get_last_lr()[0],
                                    "tokens_per_s": all_tokens.item() / elapsed, **peak.row()}
                             if t.skip_nonfinite:
