@@ -107,12 +107,14 @@ for m in lora lst; do
   step "train_$m" 75 "${TRAIN[@]}" "recipes/sst2_$m.yaml" "model.name=$MINILM" "train.max_steps=$STEPS" \
     "train.output_dir=$OUT/run_$m" train.overwrite=true train.save_every=0 train.eval_every=0
 done
-step profile1b "${PROFILE1B[0]}" "$PY" -m sidetune profile --methods lora,adapter,ptuning_v2,lst "${PROFILE1B[@]:1}" \
+step profile1b "${PROFILE1B[0]}" "$PY" -m sidetune profile --methods "${PROFILE1B_METHODS:-lora,adapter,ptuning_v2,lst}" \
+  "${PROFILE1B[@]:1}" \
   --out "$OUT/profile1b"
 # The CUDA-only branches of the trainer (issue 23): dtype choice, the CUDA autocast table the predictions emulate,
 # SDPA head dims, bf16 full fine-tuning with fp32 masters, Q-LST with int8 ladder inputs and 8-bit / paged AdamW,
 # FSDP2 through accelerate launch, a real out-of-memory (bench/gpu_paths_check.py; its own JSON report).
-step gpu_paths "$PYTEST_LIMIT" "$PY" bench/gpu_paths_check.py "$OUT/gpu_paths"
-step pytest "$PYTEST_LIMIT" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_profile.py tests/test_lst.py
+step pytest "$PYTEST_LIMIT" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_profile.py tests/test_lst.py \
+  tests/test_gpu_paths.py
+step gpu_paths 300 "$PY" bench/gpu_paths_check.py "$OUT/gpu_paths"
 
 "$PY" bench/gpu_summary.py "$OUT" | tee "$OUT/summary.md"

@@ -160,7 +160,7 @@ def peer_failure(error: BaseException) -> None:
         raise SidetuneError(f"another {message}") from None
 
 
-def agree(flag: torch.Tensor, poll_s: float = 0.002) -> torch.Tensor:
+def agree(flag: torch.Tensor, poll_s: float = 0.0005) -> torch.Tensor:
     """All-reduce (sum) `flag` over the processes, watching the store while it runs: if another process announced a
     failure, stop with its message rather than wait for a collective it will never join."""
     import torch.distributed as dist

@@ -185,8 +185,9 @@ class _Meter:
         acc = loop.accelerator
         elapsed = time.perf_counter() - self.last
         # The mean loss over all processes and the tokens of all of them.
-        mean_loss = acc.reduce(self.loss_sum / max(self.micro_batches, 1), reduction="mean")
-        all_tokens = acc.reduce(self.tokens, reduction="sum")
+        # agree: a sum over the processes that stops with another process's failure instead of waiting for it.
+        mean_loss = agree(self.loss_sum / max(self.micro_batches, 1)) / acc.num_processes
+        all_tokens = agree(self.tokens.clone())
         row = {"step": step, "loss": mean_loss.item(), "lr": loop.scheduler.get_last_lr()[0],
                "tokens_per_s": all_tokens.item() / elapsed, **self.peak.row()}
         if loop.cfg.train.skip_nonfinite:

@@ -595,3 +595,26 @@ def test_cuda_prediction_runs_attention_below_head_dim_8_in_the_math_kernel(head
             torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
 
     assert ((2, 3, 16, 16) in _saved_shapes(attend)) == math
+
+
+def test_int8_ladder_input_under_autocast_matches_the_plain_ladder():
+    """11. The int8-saved ladder input under autocast (recipes/llama8b_qlst.yaml: ladder_grad_input=int8 with bf16
+    mixed precision; on a GPU this is the only branch it takes): the forward is the autocast linear's to the bit, the
+    weight gradient within the int8 rounding, both in the dtypes autocast gives."""
+    from sidetune.methods._lst_blocks import ladder
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 8)
+    x = torch.randn(3, 5, 32)  # a backbone activation: no gradient of its own
+    grads, outs = {}, {}
+    for int8 in (False, True):
+        lin.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ladder(lin, x, int8)
+        y.float().pow(2).sum().backward()
+        outs[int8], grads[int8] = y, (lin.weight.grad.clone(), lin.bias.grad.clone())
+    assert outs[True].dtype == outs[False].dtype == torch.bfloat16
+    assert torch.equal(outs[True], outs[False])
+    assert grads[True][0].dtype == torch.float32 and grads[True][1].dtype == torch.float32
+    for got, ref in zip(grads[True], grads[False]):
+        assert (got - ref).norm() <= 0.03 * ref.norm()
