@@ -447,7 +447,13 @@ def _check_not_free_text(cfg: DataConfig, rows: datasets.Dataset, classes: int) 
 
 def _label_values(rows: datasets.Dataset, field: str, key: str) -> list:
     """The distinct labels of a column: ints (integer-valued floats count as ints) or strings, never empty."""
-    values = rows.unique(field)
+    try:
+        values = rows.unique(field)
+    except Exception:  # a column of mixed types (JSON: 1 beside "pos") that datasets keeps as JSON: no unique()
+        distinct: dict[str, Any] = {}
+        for v in rows[field]:
+            distinct.setdefault(repr(v), v)
+        values = list(distinct.values())
     out = []
     for v in values:
         if v is None or (isinstance(v, str) and not v.strip()):
