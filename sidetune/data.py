@@ -63,25 +63,43 @@ def _tsv_options(path: Path, key: str, spec: str) -> dict[str, Any]:
     """How to read a .tsv the way it was written. GLUE-style files quote nothing (their sentences hold bare quote
     characters); Python's csv module (and pandas) quote a field holding a quote, a tab or a newline, doubling the
     quotes inside. A file is read as quoted when csv's strict parser reads every record with the header's number of
-    fields and that differs from the unquoted reading; else unquoted, as GLUE writes it."""
+    fields and that differs from the unquoted reading; else unquoted, as GLUE writes it. Two streaming passes: a
+    large file is never held in memory."""
+    def lines(f):  # GLUE's reading: a non-empty line is a row
+        return (line.rstrip("\r\n") for line in f if line.rstrip("\r\n"))
+
+    width, bad, quotes = None, None, False
     with path.open(newline="", encoding="utf-8", errors="replace") as f:
-        plain = [line.rstrip("\r\n").split("\t") for line in f]  # GLUE's reading: a line is a row
-    width = len(plain[0]) if plain else 1
-    plain_rows = [r for r in plain if r != [""]]
-    if not any('"' in field for r in plain_rows for field in r):
-        quoted = plain_rows
-    else:
-        with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(raw.rstrip("\r\n") for raw in f):
+            if not line:
+                continue
+            fields = line.count("\t") + 1
+            width = fields if width is None else width
+            quotes = quotes or '"' in line
+            if bad is None and fields != width:
+                bad = (n + 1, fields)
+    if width is None:
+        return {"delimiter": "\t", "quoting": csv.QUOTE_NONE}  # empty: load_rows says it holds no rows
+    if quotes:
+        with path.open(newline="", encoding="utf-8", errors="replace") as f, \
+                path.open(newline="", encoding="utf-8", errors="replace") as g:
+            plain, same, fits = (line.split("\t") for line in lines(g)), True, True
             try:
-                quoted = [r for r in csv.reader(f, delimiter="\t", strict=True) if r]
+                for record in csv.reader(f, delimiter="\t", strict=True):
+                    if not record:
+                        continue
+                    if len(record) != width:
+                        fits = False
+                        break
+                    # Once a record differs (a quoted field), the line-wise reading is out of step: stop comparing.
+                    same = same and record == next(plain, None)
             except csv.Error:
-                quoted = None
-    if quoted is not None and all(len(r) == width for r in quoted) and quoted != plain_rows:
-        return {"delimiter": "\t"}  # pandas' default quoting is csv's: QUOTE_MINIMAL, doubled quotes
-    bad = next((i for i, r in enumerate(plain) if len(r) != width and r != [""]), None)
+                fits = False
+        if fits and not same:
+            return {"delimiter": "\t"}  # pandas' default quoting is csv's: QUOTE_MINIMAL, doubled quotes
     if bad is not None:
-        raise SidetuneError(f"{key}={spec!r}: line {bad + 1} has {len(plain[bad])} tab-separated fields and the "
-                            f"header {width}; a tab or newline inside a field needs csv quoting (write the file with "
+        raise SidetuneError(f"{key}={spec!r}: line {bad[0]} has {bad[1]} tab-separated fields and the header "
+                            f"{width}; a tab or newline inside a field needs csv quoting (write the file with "
                             f"Python's csv module or pandas), or remove it")
     return {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
 
@@ -429,7 +447,13 @@ def _check_not_free_text(cfg: DataConfig, rows: datasets.Dataset, classes: int) 
 
 def _label_values(rows: datasets.Dataset, field: str, key: str) -> list:
     """The distinct labels of a column: ints (integer-valued floats count as ints) or strings, never empty."""
-    values = rows.unique(field)
+    try:
+        values = rows.unique(field)
+    except Exception:  # a column of mixed types (JSON: 1 beside "pos") that datasets keeps as JSON: no unique()
+        distinct: dict[str, Any] = {}
+        for v in rows[field]:
+            distinct.setdefault(repr(v), v)
+        values = list(distinct.values())
     out = []
     for v in values:
         if v is None or (isinstance(v, str) and not v.strip()):

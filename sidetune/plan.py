@@ -157,9 +157,10 @@ def changes(spec: RowSpec, task: str, trains_backbone_weights: bool = False,
 
 
 def plan(model: str, vram: int, batch: int, seq: int, task: str = "causal_lm", methods: str = "all",
-         target: str = "cuda", sets: list[str] = (), log=print, sharding: Sharding = ONE_PROCESS) -> list[dict[str, Any]]:
+         target: str = "cuda", sets: list[str] = (), log=None, sharding: Sharding = ONE_PROCESS) -> list[dict[str, Any]]:
     """One entry per method: per-GPU peak at `batch` (per process), whether it fits, its largest batch, and the
     changes that make it fit."""
+    log = log or (lambda line: print(line, flush=True))  # flushed: progress must show through a pipe too
     specs = resolve_rows(methods, model, task, batch, seq, list(sets), references=False)
     check_rows(specs)
     budget = usable(vram, target)  # what a step may fill: the budget less the CUDA headroom

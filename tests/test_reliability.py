@@ -600,6 +600,8 @@ BAD = {
     "stray_number_among_names": (lambda tmp, f: ["data.train=" + _tsv(tmp, "t.tsv", [("a", "pos"), ("b", "neg"),
                                                                                      ("c", "1")])],
                                  "label '1' (row 3)"),
+    "json_number_among_names": (lambda tmp, f: ["data.train=" + _write(tmp / "t.jsonl", _MIXED_LABELS)],
+                                "label 1 (row 3) in column 'label' is a number among names"),
     "two_spellings_of_a_label": (lambda tmp, f: ["data.train=" + _tsv(tmp, "t.tsv", [("a", "neutral"), ("b", "neg"),
                                                                                      ("c", "Neutral")])],
                                  "differ only in case"),
@@ -613,6 +615,7 @@ BAD = {
                                  "data.task=chat"),
 }
 
+_MIXED_LABELS = "".join(json.dumps({"sentence": t, "label": y}) + "\n" for t, y in (("a", "pos"), ("b", "neg"), ("c", 1)))
 _MESSAGES = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
 
 
