@@ -371,15 +371,21 @@ def test_fsdp_launch_builds_in_host_memory_and_shards_onto_the_gpu(tmp_path, mon
 # 7. Quantized presets are built in host memory; the logged peak covers the training steps
 
 
-def test_quantized_presets_are_built_in_host_memory():
+def test_quantized_presets_are_built_in_host_memory_unless_the_gpu_has_room(monkeypatch):
     from sidetune.config import ModelConfig
     from sidetune.models import preset_build_device
 
     cuda = torch.device("cuda")
-    assert preset_build_device(ModelConfig(name="llama-8b", quantize="nf4"), cuda) == torch.device("cpu")
-    assert preset_build_device(ModelConfig(name="llama-8b", quantize="int8"), cuda) == torch.device("cpu")
+    full = 16 * 2**30  # llama-8b's 16-bit weights
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (22 * 2**30, 24 * 2**30))  # a 24 GB card
+    assert preset_build_device(ModelConfig(name="llama-8b", quantize="nf4"), cuda, full_bytes=full) == torch.device("cpu")
+    assert preset_build_device(ModelConfig(name="llama-8b", quantize="int8"), cuda, full_bytes=full) == torch.device("cpu")
+    assert preset_build_device(ModelConfig(name="llama-8b", quantize="nf4"), cuda) == torch.device("cpu")  # size unknown
     assert preset_build_device(ModelConfig(name="llama-8b"), cuda) == cuda  # 16-bit: built where it runs
     assert preset_build_device(ModelConfig(name="llama-8b", quantize="nf4"), cuda, fake=True) == cuda
+    # An 80 GB card: the 16 GB transient fits in half its free memory, and a GPU initialises 8B weights in seconds.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (78 * 2**30, 80 * 2**30))
+    assert preset_build_device(ModelConfig(name="llama-8b", quantize="nf4"), cuda, full_bytes=full) == cuda
 
 
 def test_logged_peak_covers_the_training_steps_only(monkeypatch):
