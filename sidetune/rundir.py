@@ -411,17 +411,20 @@ class RunDir:
         trash = self.path / TRASH
         if not trash.is_dir():
             return
-        self.lock = _try_lock(self.path / checkpoint.LOCK, "a")
-        if self.lock is None:
+        lock = _try_lock(self.path / checkpoint.LOCK, "a")  # released below: `claim` takes it for the run
+        if lock is None:
             raise _busy(self.path)
-        if (trash / _MOVED).is_file() and _has_save(self.path):
-            _delete_trash(trash)
-            return
-        if (trash / _MOVED).is_file():  # the files in OUT are the killed run's own
-            _remove_run(self.path)
-        _restore_trash(trash)
-        print(f"sidetune: restored the run in {self.path}: a train.overwrite=true run replacing it stopped before "
-              f"its first save")
+        try:
+            if (trash / _MOVED).is_file() and _has_save(self.path):
+                _delete_trash(trash)
+                return
+            if (trash / _MOVED).is_file():  # the files in OUT are the killed run's own
+                _remove_run(self.path)
+            _restore_trash(trash)
+            print(f"sidetune: restored the run in {self.path}: a train.overwrite=true run replacing it stopped "
+                  f"before its first save")
+        finally:
+            lock.close()
 
     # ----- writing
 
