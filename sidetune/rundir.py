@@ -259,7 +259,7 @@ class RunDir:
     """`train.output_dir` of a run being trained. Every process holds one; the main process writes."""
 
     def __init__(self, out: str | Path, accelerator) -> None:
-        self.path = Path(out)
+        self.path = Path(out).expanduser()
         self.accelerator = accelerator
         self.lock = None
         self.trash: Path | None = None  # the earlier run (train.overwrite), until the first save of this one
@@ -348,15 +348,13 @@ class RunDir:
         self._all(space, main_only=True)
 
     def resolved(self, cfg: Config) -> Config:
-        """The config to record: data files as absolute paths (so `sidetune eval RUN` works from any directory)."""
-        from sidetune.data import resolve_data
-
+        """The config to record: data files found from the working directory as absolute paths (so `sidetune eval
+        RUN` works from any directory); a bundled file's name (sst2/dev.tsv) and a hub name stay as they are."""
         cfg = copy.deepcopy(cfg)
         for key in ("train", "eval"):
             spec = getattr(cfg.data, key)
-            path = resolve_data(spec) if spec else None
-            if path is not None:
-                setattr(cfg.data, key, str(path.resolve()))
+            if spec and Path(spec).expanduser().is_file():
+                setattr(cfg.data, key, str(Path(spec).expanduser().resolve()))
         return cfg
 
     def continuing(self, resume: ResumePoint) -> bool:
@@ -413,17 +411,20 @@ class RunDir:
         trash = self.path / TRASH
         if not trash.is_dir():
             return
-        self.lock = _try_lock(self.path / checkpoint.LOCK, "a")
-        if self.lock is None:
+        lock = _try_lock(self.path / checkpoint.LOCK, "a")  # released below: `claim` takes it for the run
+        if lock is None:
             raise _busy(self.path)
-        if (trash / _MOVED).is_file() and _has_save(self.path):
-            _delete_trash(trash)
-            return
-        if (trash / _MOVED).is_file():  # the files in OUT are the killed run's own
-            _remove_run(self.path)
-        _restore_trash(trash)
-        print(f"sidetune: restored the run in {self.path}: a train.overwrite=true run replacing it stopped before "
-              f"its first save")
+        try:
+            if (trash / _MOVED).is_file() and _has_save(self.path):
+                _delete_trash(trash)
+                return
+            if (trash / _MOVED).is_file():  # the files in OUT are the killed run's own
+                _remove_run(self.path)
+            _restore_trash(trash)
+            print(f"sidetune: restored the run in {self.path}: a train.overwrite=true run replacing it stopped "
+                  f"before its first save")
+        finally:
+            lock.close()
 
     # ----- writing
 

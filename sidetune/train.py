@@ -73,7 +73,7 @@ def train(cfg: Config) -> dict[str, float]:
 
 def _accelerator(cfg: Config) -> Accelerator:
     t = cfg.train
-    out = Path(t.output_dir)
+    out = Path(t.output_dir).expanduser()
     accelerator = Accelerator(
         # No CUDA device: the processes of `accelerate launch --multi_gpu` / torchrun run on the CPU over gloo
         # (accelerate's own MULTI_CPU mode would need mpirun).

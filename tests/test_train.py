@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
@@ -148,3 +149,31 @@ def test_build_never_changes_the_config_it_is_given(sst2_small, tmp_path):
     assert cfg.to_dict() == before
     assert before["data"]["num_labels"] is None and s.cfg.data.num_labels == 2
     assert s.cfg.data.label_names is not None and s.cfg.data.chat_template == template.read_text()
+
+
+@pytest.mark.parametrize("method", [["method.name=lora", "method.init=lora_ga", "method.calibration_batches=1"],
+                                    ["method.name=lst", "method.init=pruned_fisher", "method.fisher_batches=1"]],
+                         ids=["lora_ga", "lst_pruned_fisher"])
+def test_every_init_that_reads_data_reloads_without_it(method, sst2_small, tmp_path):
+    """The inits that read training batches (Method.calibration_batches > 0) reload from the run alone: the saved
+    trainable set and changed base give the trained model's logits exactly, with the training file gone."""
+    import shutil
+
+    from sidetune.rundir import save_trainable
+    from sidetune.session import build
+
+    data = tmp_path / "train.tsv"
+    shutil.copy(sst2_small["train"], data)
+    cfg = load_config(None, ["model.name=tiny-llama", "data.task=causal_lm", f"data.train={data}", "data.eval=null",
+                             "data.max_length=16", "data.max_train_samples=8", "train.batch_size=4", *method])
+    s = build(cfg, "cpu")
+    trained = s.model.eval()
+    with torch.no_grad():
+        for p in trainable_parameters(trained).values():  # stand-in for training
+            p.add_(0.01 * torch.randn_like(p))
+    save_trainable(trained, s.cfg, tmp_path / "run" / "final")
+    data.unlink()
+    reloaded, _ = sidetune.load(tmp_path / "run")
+    ids = torch.randint(3, 1000, (2, 8))
+    with torch.no_grad():
+        assert_close(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=0, atol=0)
