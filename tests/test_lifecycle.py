@@ -98,3 +98,17 @@ def test_train_resume_generate_export(family, tmp_path, capsys):
 
 def _method_name(run) -> str:
     return run_config(run)[0].method.name
+
+
+def test_tensorboard_tracker_logs_the_run(tmp_path):
+    # The `tensorboard` extra; the main CI environment does not install it, .ci/floors does (at its floor).
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(load_config(None, ["method.name=lora", *LM, *STEPS, "train.tracker=tensorboard", f"train.output_dir={out}"]))
+    logs = [EventAccumulator(str(d)).Reload() for d in {p.parent for p in out.rglob("events.out.tfevents.*")}]
+    (scalars,) = [log.Scalars("loss") for log in logs if "loss" in log.Tags()["scalars"]]
+    assert [e.step for e in scalars] == [1, 2, 3, 4]
+    losses = {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
+    assert [e.value for e in scalars] == pytest.approx([losses[s] for s in (1, 2, 3, 4)], rel=1e-6)
