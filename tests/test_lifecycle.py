@@ -18,7 +18,8 @@ from sidetune.config import load_config
 from sidetune.decoding import complete
 from sidetune.methods import METHODS
 from sidetune.methods.base import Method
-from sidetune.train import run_config, train
+from sidetune.rundir import open_run
+from sidetune.train import train
 
 SST2 = ["data.train=sst2/train.tsv", "data.eval=sst2/dev.tsv", "data.text_field=sentence", "data.max_train_samples=16",
         "data.max_eval_samples=4", "data.max_length=32"]
@@ -97,7 +98,7 @@ def test_train_resume_generate_export(family, tmp_path, capsys):
 
 
 def _method_name(run) -> str:
-    return run_config(run)[0].method.name
+    return open_run(run).cfg.method.name
 
 
 def test_tensorboard_tracker_logs_the_run(tmp_path):
