@@ -67,7 +67,6 @@ from sidetune.methods._inject import (
 )
 from sidetune.methods.base import Context, Method
 
-
 # Inits that move the frozen weight (declared through `changed_base`), and those that read it.
 WEIGHT_INITS = ("pissa", "olora")
 CHANGES_BASE = ("lora_ga", *WEIGHT_INITS)
