@@ -82,6 +82,23 @@ def test_dora_forward_and_gradients_equal_peft(rslora):
         assert_close(layer.lora_B.weight.grad, peft_layer.lora_B["default"].weight.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_dora_with_dropout_in_training_equals_peft():
+    """With dropout active, DoRA's base term is W dropout(x), not the base layer's output (PEFT does the same)."""
+    base = Toy()
+    ours = _ours(base, ["up"], r=2, alpha=3.0, dora=True, dropout=0.3).train()
+    config = peft.LoraConfig(r=2, lora_alpha=3.0, target_modules=["up"], lora_dropout=0.3, use_dora=True)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config).train()
+    _copy_into_peft(ours, theirs, ["up"])
+    x = torch.randn(6, 24, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(11)
+    y_ours = ours(x)
+    torch.manual_seed(11)
+    y_theirs = theirs(x)
+    ours.eval()
+    assert (y_ours - ours(x)).abs().max() > 1e-3  # the dropout really acted
+    assert_close(y_ours, y_theirs, rtol=1e-5, atol=1e-6)
+
+
 def test_dora_on_gpt2_conv1d_equals_peft():
     base = tiny("tiny-gpt2", "causal_lm").eval()
     names = [n for n, _ in base.named_modules() if n.endswith("c_attn") or n.endswith("c_fc")]
