@@ -211,6 +211,8 @@ def test_weight_inits_refuse_a_quantized_base_and_bad_settings():
     for bad in ("method.pissa_niter=-1", "method.init=loftq", "method.dora=maybe"):
         with pytest.raises(SidetuneError):
             load_config(None, ["method.name=lora", bad])
+    with pytest.raises(SidetuneError, match="loads plain LoRA adapters"):
+        load_config(None, ["method.name=lora", "method.dora=true", "method.init_from=/nonexistent"])
 
 
 @pytest.mark.parametrize("extra", [["method.dora=true"], ["method.init=pissa"], ["method.init=olora",
