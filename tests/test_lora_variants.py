@@ -266,3 +266,32 @@ def test_a_trained_run_round_trips_through_peft_merge_and_load(extra, tmp_path, 
         assert_close(theirs(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
         original = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]).eval()
         assert (original(input_ids=ids).logits - expected).abs().max() > 1e-3  # trained, not the base
+
+
+def test_pissa_on_a_fused_qkv_layer_exports_to_peft(tmp_path, sst2_small):
+    """GPT-2's c_attn adapted on its q and v rows: PiSSA reads those rows of W only; the residual's key rows are W's,
+    and `--peft` writes a whole-layer rank-2r LoRA whose key rows are 0, with the run's logits."""
+    from transformers import AutoModelForCausalLM
+
+    import sidetune
+    from sidetune.peft_io import export_peft
+    from sidetune.train import train
+
+    run = tmp_path / "run"
+    train(load_config(None, [
+        "model.name=tiny-gpt2", "data.task=causal_lm", f"data.train={sst2_small['train']}", "data.eval=null",
+        "data.max_length=16", "data.max_train_samples=8", "train.batch_size=4", "method.name=lora", "method.r=2",
+        "method.init=pissa", "train.max_steps=2", "train.lr=1e-2", "train.progress=false",
+        f"train.output_dir={run}"]))
+    ours, _ = sidetune.load(run)
+    out = export_peft(run, tmp_path / "adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]),
+                                            out).eval()
+    original = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+    n = original.config.n_embd
+    w0, w = original.transformer.h[0].attn.c_attn.weight, ours.transformer.h[0].attn.c_attn.base.weight
+    assert torch.equal(w[:, n:2 * n], w0[:, n:2 * n]) and (w[:, :n] - w0[:, :n]).abs().max() > 1e-3  # Conv1D: (in, out)
+    ids = torch.randint(3, 1000, (2, 8))
+    with torch.no_grad():
+        assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
