@@ -385,6 +385,8 @@ class LiveTracker(TorchDispatchMode):
         return torch.is_grad_enabled() or bool(modes and modes[-1])
 
     def _count_flops(self, func, args, kwargs, out) -> None:
+        if not torch.is_grad_enabled():
+            return  # under no_grad (DoRA's detached norm) autograd records nothing: no backward FLOPs
         name = func._schema.name
         operands = None
         if name in _MATMULS:

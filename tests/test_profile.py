@@ -166,11 +166,13 @@ def test_prediction_matches_allocator_on_other_configs(label, task, sets):
         assert real["recompute_flops"] > 0  # the checkpointed forward runs again in backward
 
 
-@pytest.mark.parametrize("label", [m for m in ("full", "lora") if m in METHODS])
-def test_backward_flop_split_adds_up_to_flop_counter(label):
+@pytest.mark.parametrize("label,sets", [(m, []) for m in ("full", "lora") if m in METHODS] +
+                         [("lora", ["method.dora=true"])])
+def test_backward_flop_split_adds_up_to_flop_counter(label, sets):
     """dL/dx + dL/dW predicted from the forward equals what FlopCounterMode counts in the real backward (eager
-    attention, so that every attention matmul is a counted bmm)."""
-    cfg = load_config(None, [*_spec(label).overrides, "model.attn_implementation=eager"])
+    attention, so that every attention matmul is a counted bmm). DoRA: its norm's B A runs under no_grad and has no
+    backward."""
+    cfg = load_config(None, [*_spec(label).overrides, *sets, "model.attn_implementation=eager"])
     model = tiny("tiny-llama", "causal_lm", attn_implementation="eager")
     backbone = mem.snapshot_modules(model)
     trained = build_method(cfg.method).apply(model, ctx(model)).train()

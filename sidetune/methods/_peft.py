@@ -29,7 +29,7 @@ def lora_peft_config(model: nn.Module, layers: dict[str, nn.Module], r: int, alp
     leaves = sorted({n.rsplit(".", 1)[-1] for n in layers})
     # PEFT matches target names as suffixes: the short leaf names when they pick exactly the wrapped layers.
     same = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in leaves} == set(layers)
-    lora_params = {f"{n}.{w}.weight" for n in layers for w in ("lora_A", "lora_B")}
+    lora_params = {f"{n}.{w}" for n in layers for w in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")}
     others = sorted({n.rsplit(".", 1)[0] for n in _trainable(model) if n not in lora_params})
     return {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora,
             "target_modules": leaves if same else sorted(layers), "fan_in_fan_out": fan_in_fan_out,

@@ -8,7 +8,18 @@ A frozen linear layer y = W x gains a trainable low-rank update:
 With the standard init (A Kaiming-uniform, B = 0) the update is zero, so step 0 equals the frozen model. The
 `a_zero` init swaps the roles (A = 0, B random), and `gaussian` draws A from N(0, 1/r). `lora_ga` (arXiv 2407.05000)
 sets A and B from the SVD of the full-weight gradient on a few training batches and subtracts the initial B A from
-the frozen weight, so that the first steps follow full fine-tuning's gradient (`_lora_ga.py`).
+the frozen weight, so that the first steps follow full fine-tuning's gradient (`_lora_ga.py`). `pissa` (arXiv
+2404.02948) and `olora` (arXiv 2406.01775) read A and B from the weight itself (its top-r SVD, its QR) and keep the
+residual as the frozen weight (`_lora_weight_init.py`).
+
+DoRA (arXiv 2402.09353, `dora: true`) splits the adapted weight into a direction and a trained magnitude m (one per
+output row, initialised to the row norms of W + s B A, as PEFT does):
+
+    y = m / ||W + s B A||_row * (W + s B A) x + bias
+
+with the norm detached from the graph (the paper's memory-saving variant, as PEFT does), so the backward needs no
+per-row norm gradient; it does keep W x and B A x for m's gradient (DoRA's extra activations). A 4-bit base is
+dequantized for the norm in every forward. Names and arithmetic follow PEFT's `use_dora=True`.
 
 LoRA+ (arXiv 2402.12354) trains B with a learning rate `loraplus_lr_ratio` times larger than A's.
 
@@ -39,6 +50,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import sidetune.methods._lora_ga as _lora_ga
+import sidetune.methods._lora_weight_init as _weight_init
 from sidetune.anatomy import read
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_dropout, check_positive, check_targets, opt
@@ -47,12 +59,17 @@ from sidetune.methods._inject import (
     find_targets,
     float32_linear,
     freeze,
+    is_quantized_linear,
     linear_features,
     module_device,
     replace_module,
     to_input,
 )
 from sidetune.methods.base import Context, Method
+
+# Inits that move the frozen weight (declared through `changed_base`), and those that read it.
+WEIGHT_INITS = ("pissa", "olora")
+CHANGES_BASE = ("lora_ga", *WEIGHT_INITS)
 
 
 @dataclass
@@ -68,11 +85,17 @@ class LoRAConfig:
     alpha: float = opt(16.0, "Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora).")
     dropout: float = opt(0.0, "Dropout on the LoRA branch's input.")
     rslora: bool = opt(False, "Rank-stabilised scaling alpha / sqrt(r).")
-    init: Literal["standard", "a_zero", "gaussian", "lora_ga"] = opt(
+    init: Literal["standard", "a_zero", "gaussian", "lora_ga", "pissa", "olora"] = opt(
         "standard",
         "standard (A Kaiming-uniform, B = 0), a_zero (A = 0, B Kaiming-uniform), gaussian (A ~ N(0, 1/r), B = 0), "
-        "lora_ga (A, B from the SVD of the weight gradient on calibration batches; float bases only).",
+        "lora_ga (A, B from the SVD of the weight gradient on calibration batches), pissa (A, B from the top-r SVD "
+        "of W, the residual frozen), olora (A, B from the QR of W, the residual frozen); the last three change the "
+        "frozen weight, so float bases only.",
     )
+    pissa_niter: int = opt(0, "pissa: 0 = exact SVD; K > 0 = randomized SVD with K subspace iterations (PEFT's "
+                              "pissa_niter_K; much faster on large layers).")
+    dora: bool = opt(False, "DoRA: a trained magnitude per output row times the normalised direction W + s B A "
+                            "(norm detached). Whole layers only (not a fused qkv layer's q/v rows).")
     calibration_batches: int = opt(8, "lora_ga: training batches the weight gradient is averaged over.")
     ga_gamma: float = opt(16.0, "lora_ga: gamma of the stable scale d_out^(1/4) / sqrt(gamma) on A and B.")
     ga_direction: Literal["ArB2r", "A2rBr"] = opt(
@@ -92,6 +115,10 @@ class LoRAConfig:
         check_positive("method.r", self.r)
         check_dropout("method.dropout", self.dropout)
         check_positive("method.calibration_batches", self.calibration_batches)
+        if self.pissa_niter < 0:
+            raise SidetuneError(f"method.pissa_niter must be >= 0 (0 = exact SVD), got {self.pissa_niter}")
+        if self.dora and self.init_from is not None:
+            raise SidetuneError("method.init_from loads plain LoRA adapters; drop method.dora or method.init_from")
         if self.alpha <= 0 or self.ga_gamma <= 0:
             raise SidetuneError(f"method.alpha and method.ga_gamma must be > 0, got {self.alpha} and {self.ga_gamma}")
         if self.alpha <= 0 or self.loraplus_lr_ratio <= 0:
@@ -104,7 +131,7 @@ class LoRALinear(WrappedLinear):
     confines the update to those output rows."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
-                 init: str = "standard", rows: torch.Tensor | None = None) -> None:
+                 init: str = "standard", rows: torch.Tensor | None = None, dora: bool = False) -> None:
         super().__init__()
         self.base = base
         in_features, out_features = linear_features(base)
@@ -121,6 +148,15 @@ class LoRALinear(WrappedLinear):
             mask[rows.to(device)] = 1.0
         self.register_buffer("row_mask", mask, persistent=False)
         self.reset_parameters(init)
+        # DoRA's magnitude, named as PEFT saves it (`<layer>.lora_magnitude_vector`): fp32, one per output row.
+        self.lora_magnitude_vector = None
+        self._dora_scale: torch.Tensor | None = None  # m / norm at merge time, for unmerge
+        if dora:
+            if mask is not None:
+                raise SidetuneError("method.dora adapts whole layers, but this target is a fused qkv layer adapted "
+                                    "on its query and value rows; set method.targets to whole layers (e.g. c_attn)")
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, device=device, dtype=torch.float32))
+            self.reset_magnitude()
 
     def reset_parameters(self, init: str = "standard") -> None:
         with torch.no_grad():
@@ -138,13 +174,44 @@ class LoRALinear(WrappedLinear):
             if self.row_mask is not None:
                 self.lora_B.weight.mul_(self.row_mask)  # rows outside the mask start (and stay) at 0
 
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """DoRA: m = the row norms of W + s B A (so step 0 equals the base, whatever the init put in B A)."""
+        self.lora_magnitude_vector.copy_(self.weight_norm())
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as float32 (out, in), dequantized from 4-bit/8-bit storage; no graph."""
+        base = self.base
+        if is_quantized_linear(base):
+            base = float32_linear(base)
+        w = base.weight.detach().float()
+        return w.T if isinstance(self.base, Conv1D) else w
+
+    def weight_norm(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """||W + s B A|| of each output row, float32, detached (the paper's memory-saving variant)."""
+        with torch.no_grad():
+            w = self.dense_weight() if w is None else w
+            delta = (self.b_weight() @ self.lora_A.weight).float() * self.scaling
+            return torch.linalg.norm(w + delta, dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         if self.merged:
             return result
-        h = self.lora_A(self.dropout(to_input(x, self.lora_A.weight)))
+        dropped = self.dropout(to_input(x, self.lora_A.weight))
+        h = self.lora_A(dropped)
         update = (self.lora_B(h) if self.row_mask is None else F.linear(h, self.b_weight())) * self.scaling
-        return result + update.to(result.dtype)
+        if self.lora_magnitude_vector is None:
+            return result + update.to(result.dtype)
+        # DoRA: m / n * (W x' + s B A x') - W x, with x' = dropout(x) (x' = x without dropout: W x is the base's).
+        w = self.dense_weight()
+        scale = self.lora_magnitude_vector / self.weight_norm(w)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            bias = self.base.bias
+            base_out = result if bias is None else result - bias
+        else:
+            base_out = F.linear(dropped, w.to(dropped.dtype))
+        return result + ((scale - 1) * base_out + scale * update).to(result.dtype)
 
     def b_weight(self) -> torch.Tensor:
         """B as it acts: with a row mask, its rows outside the mask are 0 (and get no gradient)."""
@@ -156,12 +223,17 @@ class LoRALinear(WrappedLinear):
         return delta.T if isinstance(self.base, Conv1D) else delta
 
     def merge(self) -> None:
-        """Fold the update into the base weight for zero-latency inference (float bases only)."""
+        """Fold the update into the base weight for zero-latency inference (float bases only). DoRA: W' = m / n *
+        (W + s B A), each output row scaled (a Conv1D column)."""
         if self.merged:
             return
         weight = self._float_weight()
         with torch.no_grad():
+            if self.lora_magnitude_vector is not None:
+                self._dora_scale = self.lora_magnitude_vector / self.weight_norm()
             weight.add_(self.delta_weight().to(weight.dtype))
+            if self._dora_scale is not None:
+                weight.mul_(self._row_scale(self._dora_scale).to(weight.dtype))
         self.merged = True
 
     def unmerge(self) -> None:
@@ -169,8 +241,15 @@ class LoRALinear(WrappedLinear):
             return
         weight = self._float_weight()
         with torch.no_grad():
+            if self._dora_scale is not None:
+                weight.div_(self._row_scale(self._dora_scale).to(weight.dtype))
+                self._dora_scale = None
             weight.sub_(self.delta_weight().to(weight.dtype))
         self.merged = False
+
+    def _row_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        """A per-output-row factor shaped to broadcast over the base weight's layout."""
+        return scale[None, :] if isinstance(self.base, Conv1D) else scale[:, None]
 
     def _float_weight(self) -> torch.Tensor:
         weight = self.base.weight
@@ -218,11 +297,24 @@ class LoRA(Method):
         if c.init == "lora_ga" and not ctx.reload:  # a reload copies the stored A, B and offset base (changed_base)
             batches = list(ctx.batches(self.name, c.calibration_batches))
             grads = _lora_ga.mean_gradients(model, {n: model.get_submodule(n) for n in names}, batches)
+        if c.dora and any(rows is not None for rows in targets.values()):
+            fused = next(n for n, rows in targets.items() if rows is not None)
+            raise SidetuneError(f"method.dora adapts whole layers, but {fused} is a fused qkv layer adapted on its "
+                                f"query and value rows; set method.targets=[{fused.rsplit('.', 1)[-1]}] (whole "
+                                f"layers) or drop method.dora")
+        from_weight = c.init in WEIGHT_INITS
+        if from_weight:
+            for name in names:  # refused before any layer is touched
+                _weight_init.check_float_base(name, model.get_submodule(name), c.init)
         for name in names:
             layer = LoRALinear(model.get_submodule(name), c.r, c.alpha, c.dropout, c.rslora,
-                               "standard" if c.init == "lora_ga" else c.init, targets[name])
+                               "standard" if c.init in CHANGES_BASE else c.init, targets[name], c.dora)
             if name in grads:
                 _lora_ga.apply_init(layer, grads.pop(name), c.r, c.ga_gamma, c.ga_direction)
+            elif from_weight and not ctx.reload:  # a reload copies the stored A, B and residual base
+                _weight_init.apply_init(layer, c.r, c.init, c.pissa_niter)
+            if layer.lora_magnitude_vector is not None:
+                layer.reset_magnitude()  # after the init: m = ||W_res + s B A|| = ||W||
             replace_module(model, name, layer)
         if c.init_from is not None:  # start from a PEFT adapter trained elsewhere (sidetune/peft_io.py)
             from sidetune.methods._peft import load_peft_adapter
@@ -237,8 +329,8 @@ class LoRA(Method):
         return model
 
     def changed_base(self, model: nn.Module) -> list[str]:
-        """LoRA-GA's base weights, W - s B0 A0."""
-        if self.cfg.init != "lora_ga":
+        """The base weights an init moved: LoRA-GA's W - s B0 A0, PiSSA's and OLoRA's residual W - s B A."""
+        if self.cfg.init not in CHANGES_BASE:
             return []
         return [f"{n}.base.weight" for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
@@ -254,7 +346,9 @@ class LoRA(Method):
 
         layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
         conv1d = any(isinstance(m.base, Conv1D) for m in layers.values())
-        return lora_peft_config(model, layers, self.cfg.r, self.cfg.alpha, self.cfg.dropout, self.cfg.rslora, conv1d)
+        config = lora_peft_config(model, layers, self.cfg.r, self.cfg.alpha, self.cfg.dropout, self.cfg.rslora,
+                                  conv1d)
+        return {**config, "use_dora": True} if self.cfg.dora else config
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         """LoRA+: B matrices at lr * ratio; everything else trainable (A, task head) at lr."""
