@@ -154,7 +154,7 @@ class LoRALinear(WrappedLinear):
         if dora:
             if mask is not None:
                 raise SidetuneError("method.dora adapts whole layers, but this target is a fused qkv layer adapted "
-                                    "on its query and value rows; set method.targets to whole layers (e.g. c_attn)")
+                                    "on its query and value rows; set method.targets to the fused layer's name")
             self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, device=device, dtype=torch.float32))
             self.reset_magnitude()
 
@@ -307,6 +307,10 @@ class LoRA(Method):
             for name in names:  # refused before any layer is touched
                 _weight_init.check_float_base(name, model.get_submodule(name), c.init)
         for name in names:
+            if c.dora and targets[name] is not None:  # the rows of a fused qkv: DoRA's norm is of whole rows of W
+                raise SidetuneError(f"method.dora adapts whole layers, but {name} is a fused qkv layer adapted on its "
+                                    f"query and value rows; set method.targets=[{name.rsplit('.', 1)[-1]}] to adapt "
+                                    f"it whole")
             layer = LoRALinear(model.get_submodule(name), c.r, c.alpha, c.dropout, c.rslora,
                                "standard" if c.init in CHANGES_BASE else c.init, targets[name], c.dora)
             if name in grads:
