@@ -51,6 +51,9 @@ VARIANTS = {
     "lora_ga": ("lora", ["method.init=lora_ga"]),
     "lora_a_zero": ("lora", ["method.init=a_zero"]),
     "loraplus": ("lora", ["method.loraplus_lr_ratio=16"]),
+    "dora": ("lora", ["method.dora=true"]),
+    "pissa": ("lora", ["method.init=pissa"]),
+    "olora": ("lora", ["method.init=olora"]),
 }
 # A recipe that names another model than the bench's (PET needs an LM head: the offline MiniLM has none, so
 # sst2_pet.yaml runs SmolLM2) runs at its own budget, few-shot as written and zero-shot (no step), and its rows
@@ -130,7 +133,10 @@ def run_one(run: dict, args, out: Path, env: dict, device: str) -> dict:
 # difference of two accuracies on the same dev set, sqrt(2 p (1 - p) / n).
 COMPARE = [("lora_ga", "lora", "LoRA-GA >= standard init"), ("lora", "lora_a_zero", "standard init >= a_zero"),
            ("ptuning_v2", "full", "P-tuning v2 >= full - 0.03"), ("lst", "lora", "LST >= LoRA - 0.03"),
-           ("qlst", "qlora", "Q-LST >= QLoRA - 0.03"), ("loraplus", "lora", "LoRA+ vs LoRA")]
+           ("qlst", "qlora", "Q-LST >= QLoRA - 0.03"), ("loraplus", "lora", "LoRA+ vs LoRA"),
+           # The papers' claims, on their own tasks: DoRA above LoRA (about +1-4 points on commonsense reasoning,
+           # LLaMA), PiSSA above LoRA (faster convergence, higher GSM8K/MATH), OLoRA converging faster than LoRA.
+           ("dora", "lora", "DoRA >= LoRA"), ("pissa", "lora", "PiSSA >= LoRA"), ("olora", "lora", "OLoRA >= LoRA")]
 
 
 def comparisons(results: list[dict]) -> list[str]:
