@@ -134,16 +134,7 @@ def init_factors(grad: torch.Tensor, r: int, gamma: float, direction: str) -> tu
 @torch.no_grad()
 def apply_init(layer, grad: torch.Tensor, r: int, gamma: float, direction: str) -> None:
     """Set a LoRALinear's A and B from `grad` and subtract the initial update from its float base weight."""
-    weight = layer.base.weight
     grad = grad.to(layer.lora_A.weight.device)
-    rows = None if layer.row_mask is None else layer.row_mask[:, 0].nonzero()[:, 0]
+    rows = layer.adapted_rows()
     # A fused qkv layer adapted on its query and value rows: the gradient of those rows, B zero elsewhere.
-    a, b = init_factors(grad if rows is None else grad[rows], r, gamma, direction)
-    layer.lora_A.weight.copy_(a)
-    if rows is None:
-        layer.lora_B.weight.copy_(b)
-    else:
-        layer.lora_B.weight.zero_()
-        layer.lora_B.weight[rows] = b
-    # In fp32, then rounded once to the base dtype (a bf16 base keeps step 0 equal to bf16 precision only).
-    weight.copy_((weight.float() - layer.delta_weight().to(weight.device)).to(weight.dtype))
+    layer.start_from(*init_factors(grad if rows is None else grad[rows], r, gamma, direction))

@@ -56,17 +56,8 @@ def factors(w: torch.Tensor, r: int, scaling: float, init: str, niter: int = 0) 
 def apply_init(layer, r: int, init: str, niter: int = 0) -> None:
     """Set a LoRALinear's A and B from its base weight and subtract s B A from that weight. A fused qkv layer
     adapted on some rows: the init reads those rows of W only, and B stays 0 elsewhere."""
-    weight = layer.base.weight
-    w = weight.detach().float()
+    w = layer.base.weight.detach().float()
     if isinstance(layer.base, Conv1D):  # Conv1D stores W as (in, out)
         w = w.T
-    rows = None if layer.row_mask is None else layer.row_mask[:, 0].nonzero()[:, 0]
-    a, b = factors(w if rows is None else w[rows], r, layer.scaling, init, niter)
-    layer.lora_A.weight.copy_(a)
-    if rows is None:
-        layer.lora_B.weight.copy_(b)
-    else:
-        layer.lora_B.weight.zero_()
-        layer.lora_B.weight[rows] = b
-    # In fp32, rounded once to the base dtype (a bf16 base keeps step 0 equal to bf16 precision only).
-    weight.copy_((weight.float() - layer.delta_weight().to(weight.device)).to(weight.dtype))
+    rows = layer.adapted_rows()
+    layer.start_from(*factors(w if rows is None else w[rows], r, layer.scaling, init, niter))

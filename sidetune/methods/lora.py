@@ -179,6 +179,25 @@ class LoRALinear(WrappedLinear):
         """DoRA: m = the row norms of W + s B A (so step 0 equals the base, whatever the init put in B A)."""
         self.lora_magnitude_vector.copy_(self.weight_norm())
 
+    def adapted_rows(self) -> torch.Tensor | None:
+        """The output rows the update may touch (a fused qkv layer's query and value rows), or None for all."""
+        return None if self.row_mask is None else self.row_mask[:, 0].nonzero()[:, 0]
+
+    @torch.no_grad()
+    def start_from(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """A data- or weight-derived init (LoRA-GA, PiSSA, OLoRA): A = a, B = b on the adapted rows (0 elsewhere),
+        and s B A subtracted from the float base weight, so that step 0 still equals the base."""
+        rows = self.adapted_rows()
+        self.lora_A.weight.copy_(a)
+        if rows is None:
+            self.lora_B.weight.copy_(b)
+        else:
+            self.lora_B.weight.zero_()
+            self.lora_B.weight[rows] = b
+        weight = self.base.weight
+        # In fp32, rounded once to the base dtype (a bf16 base keeps step 0 equal to bf16 precision only).
+        weight.copy_((weight.float() - self.delta_weight().to(weight.device)).to(weight.dtype))
+
     def dense_weight(self) -> torch.Tensor:
         """The base weight as float32 (out, in), dequantized from 4-bit/8-bit storage; no graph."""
         base = self.base
