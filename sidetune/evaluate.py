@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from sidetune.decoding import GenerationEval
 from sidetune.errors import SidetuneError
+from sidetune.losses import ChunkedLMLoss
 from sidetune.session import Setup, forward_module, mixed_precision
 from sidetune.tasks import Task
 
@@ -126,11 +127,17 @@ def _choice_accuracy(module: nn.Module, loader: DataLoader, gather) -> tuple[flo
     examples it scored."""
     scores: dict[int, dict[int, float]] = {}
     golds: dict[int, int] = {}
+    # The chunked LM loss scores the labelled positions only (a completion is a few tokens of a long prompt), through
+    # its own forward so that a DDP or FSDP wrapper sees the call; any other module computes every position's logits.
+    inner = getattr(module, "module", module)  # under DDP
     for batch in loader:
         labels = batch.pop("labels")
         example, choice, gold = batch.pop("example"), batch.pop("choice"), batch.pop("gold")
-        logits = module(**batch).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none").sum(1)
+        if isinstance(inner, ChunkedLMLoss):
+            nll = module(**batch, labels=labels, per_sequence=True).loss
+        else:
+            logits = module(**batch).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none").sum(1)
         for e, c, g, v in zip(*(gather(x).tolist() for x in (example, choice, gold, -nll))):
             scores.setdefault(e, {})[c] = v
             golds[e] = g

@@ -137,14 +137,36 @@ class ChunkedLMLoss(ShardsLikeInner, nn.Module):
     def _inner(self) -> nn.Module:
         return self.model
 
-    def forward(self, labels: torch.Tensor | None = None, **inputs):
+    def _hidden(self, inputs: dict) -> tuple[torch.Tensor, nn.Module, float | None]:
         if isinstance(self.model, LMHiddenStates):  # a method's own module (LST adds its side network there)
             hidden = self.model.lm_hidden_states(**inputs)
         else:
             hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state
-        head = self.model.get_output_embeddings()
         # Gemma 2 caps its logits in its CausalLM forward, after the head: the chunks must too.
-        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        return hidden, self.model.get_output_embeddings(), getattr(self.model.config, "final_logit_softcapping", None)
+
+    @staticmethod
+    def _sequence_nll(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int,
+                      softcap: float | None) -> torch.Tensor:
+        targets = labels[:, 1:]
+        keep = targets != -100
+        rows, targets, row_of = hidden[:, :-1][keep], targets[keep], keep.nonzero()[:, 0]
+        nll = hidden.new_zeros(labels.shape[0], dtype=torch.float32)
+        for start in range(0, targets.numel(), chunk_size):
+            end = start + chunk_size
+            logits = head(rows[start:end]).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            nll.index_add_(0, row_of[start:end], F.cross_entropy(logits, targets[start:end], reduction="none"))
+        return nll
+
+    def forward(self, labels: torch.Tensor | None = None, per_sequence: bool = False, **inputs):
+        """The mean loss over labelled tokens; with per_sequence (label scoring in eval), each row's summed
+        next-token negative log-likelihood of its labelled tokens as `loss` (B,), the head run on those positions
+        only. Either way the full B x T x V logits never exist; without labels the logits are returned."""
+        hidden, head, softcap = self._hidden(inputs)
+        if per_sequence:
+            return LMOutput(loss=self._sequence_nll(hidden, head, labels, self.chunk_size, softcap), logits=None)
         if labels is None:
             logits = head(hidden)
             return LMOutput(loss=None, logits=torch.tanh(logits / softcap) * softcap if softcap else logits)

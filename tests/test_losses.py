@@ -104,3 +104,32 @@ def test_fused_loss_under_bf16_autocast_matches_the_unfused_head():
         (g,) = torch.autograd.grad(loss, hidden)
     torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(g, g_ref, rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_per_sequence_scores_equal_the_full_logits(softcap):
+    """Eval's label scoring through the chunked loss (only labelled positions through the head) equals each row's
+    summed next-token NLL from the model's own full logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sidetune.losses import ChunkedLMLoss
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, final_logit_softcapping=softcap)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 97, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[2, 8:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[0, 6:9], labels[1, 10], labels[2, 5:8] = ids[0, 6:9], ids[1, 10], ids[2, 5:8]
+    with torch.no_grad():
+        got = ChunkedLMLoss(model, chunk_size=2)(input_ids=ids, attention_mask=mask, labels=labels,
+                                                 per_sequence=True).loss
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        want = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none").sum(1)
+    assert got.shape == (3,)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got > 0).all()
