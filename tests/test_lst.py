@@ -148,6 +148,22 @@ def test_gates_start_at_one_half_and_train():
     assert model.side.alpha.grad.abs().min() > 0
 
 
+@pytest.mark.parametrize("task", ["causal_lm", "classification"])
+def test_lr_ratios_give_each_part_its_own_group(task):
+    cfg = dict(up_lr_ratio=4.0, ladder_lr_ratio=2.0, block_lr_ratio=0.5)
+    model, _, _ = _lst("tiny-llama", task, **cfg)
+    groups = LST(LSTConfig(**cfg)).param_groups(model, 1e-3)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in trainable_parameters(model).values())  # each once, none missed
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert lr_of[id(model.up.weight)] == pytest.approx(4e-3)
+    assert lr_of[id(model.side.alpha)] == lr_of[id(model.side.ladders[1].weight)] == pytest.approx(2e-3)
+    assert lr_of[id(model.side.blocks[0].attn.q.weight)] == lr_of[id(model.side.norm.weight)] == pytest.approx(5e-4)
+    if task == "classification":  # the classifier stays at train.lr
+        assert 1e-3 in [g["lr"] for g in groups]
+    assert LST(LSTConfig()).param_groups(model, 1e-3) is None  # default: one group
+
+
 def test_side_layers_forms_and_errors():
     assert tapped_layers("all", 4) == [0, 1, 2, 3]
     assert tapped_layers("every:2", 4) == [1, 3]

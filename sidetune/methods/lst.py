@@ -84,6 +84,12 @@ class LSTConfig:
         "What each ladder keeps of its B x T x d input for its weight gradient: full (exact) or int8 with one "
         "absmax scale per row (half of bf16; the forward is unchanged, only dW sees the rounded copy).")
     compile: bool = opt(False, "torch.compile each side block: small blocks are launch-bound on a GPU.")
+    up_lr_ratio: float = opt(1.0, "Learning rate of the up-projection (d/r -> d, zero at the start) relative to "
+                                  "train.lr.")
+    ladder_lr_ratio: float = opt(1.0, "Learning rate of the ladders (down-projections and gates) relative to "
+                                      "train.lr.")
+    block_lr_ratio: float = opt(1.0, "Learning rate of the side blocks and the side output norm (pruned from the "
+                                     "backbone's) relative to train.lr.")
     classifier_input: Literal["sum", "side"] = opt(
         "sum",
         "Classification: the classifier reads the backbone's final hidden state plus the side output (sum) or the "
@@ -103,6 +109,9 @@ class LSTConfig:
         if not 0 <= self.dropout < 1:
             raise SidetuneError(f"method.dropout must be in [0, 1), got {self.dropout}")
         check_positive("method.fisher_batches", self.fisher_batches)
+        for key in ("up_lr_ratio", "ladder_lr_ratio", "block_lr_ratio"):
+            if not getattr(self, key) > 0:
+                raise SidetuneError(f"method.{key} must be > 0, got {getattr(self, key)}")
         tapped_layers(self.side_layers, None)  # syntax check now; the range is checked against the model
 
 
@@ -394,6 +403,24 @@ class LST(Method):
         calibration = (list(ctx.batches(self.name, self.cfg.fisher_batches))
                        if self.calibration_batches() and not ctx.reload else [])
         return LSTModel(model, self.cfg, task, calibration).train(model.training)
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict] | None:
+        """The up-projection, the ladders (with their gates) and the side blocks (with the side norms) at their own
+        lr ratios; the rest (a classifier, T5's relative-position bias) at lr."""
+        c = self.cfg
+        if c.up_lr_ratio == c.ladder_lr_ratio == c.block_lr_ratio == 1.0:
+            return None
+        lst = next(m for m in model.modules() if isinstance(m, LSTModel))
+        sides = [s for s in (lst.side_encoder, lst.side) if s is not None]
+        parts = {"up": (list(lst.up.parameters()), c.up_lr_ratio),
+                 "ladders": ([p for s in sides for p in [*s.ladders.parameters(), s.alpha]], c.ladder_lr_ratio),
+                 "blocks": ([p for s in sides for p in [*s.blocks.parameters(), *s.norm.parameters()]],
+                            c.block_lr_ratio)}
+        seen = {id(p) for params, _ in parts.values() for p in params}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+        groups = [{"params": [p for p in params if p.requires_grad], "lr": lr * ratio} for params, ratio in
+                  parts.values()]
+        return [g for g in [*groups, {"params": rest, "lr": lr}] if g["params"]]
 
     def calibration_batches(self) -> int:
         return self.cfg.fisher_batches if self.cfg.init == "pruned_fisher" else 0
