@@ -156,7 +156,11 @@ def main() -> int:
         for label, spec in tries:
             overrides = [*args.common, *[o for o in spec.split(",") if o]]
             for seed in seeds:
-                row = run_one(args.recipe, overrides, seed, args.steps, tmp / f"{label}-{seed}", args.probe)
+                try:
+                    row = run_one(args.recipe, overrides, seed, args.steps, tmp / f"{label}-{seed}", args.probe)
+                except Exception as e:  # one bad try (an override sidetune refuses) must not lose the cache
+                    print(f"{label} seed {seed}: {type(e).__name__}: {e}", flush=True)
+                    continue
                 row.update(label=label, seed=seed, overrides=overrides)
                 results.setdefault(label, []).append(row)
                 print(json.dumps(row), flush=True)
@@ -169,10 +173,12 @@ def main() -> int:
                       tmp / "check", False)
         print(json.dumps({"check_live_backbone": label, **row}), flush=True)
     print(f"\nbackbone cache: {cache.misses} batches run, {cache.hits} read back")
-    key = next((k for k in ("eval_label_accuracy", "eval_accuracy") if k in next(iter(results.values()))[0]), None)
+    key = "eval_accuracy" if results else None
     print(f"| try | overrides | {key} mean ± se | eval_loss mean | seeds |")
     print("|---|---|---|---|---|")
     for label, rows in results.items():
+        if not key:
+            break
         accs = [r.get(key, float("nan")) for r in rows]
         losses = [r.get("eval_loss", float("nan")) for r in rows]
         se = statistics.stdev(accs) / math.sqrt(len(accs)) if len(accs) > 1 else float("nan")
