@@ -3,6 +3,7 @@ generation, memory levers. Tiny random presets of every supported family, also o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -519,3 +520,38 @@ def test_pruned_fisher_needs_calibration_batches():
     with pytest.raises(SidetuneError, match="fisher_batches must be >= 1"):
         LSTConfig(init="pruned_fisher", fisher_batches=0)
     assert LST(LSTConfig()).calibration_batches() == 0
+
+
+@pytest.mark.parametrize("storage", ["full", "int8"])
+def test_ladder_offload_is_exact_and_keeps_the_ladder_inputs_in_host_memory(storage):
+    """ladder_offload (CUDA): what the ladders save for their weight gradients goes to host memory and comes back in
+    backward, gradients the same to the bit. On the CPU it runs as a CUDA prediction runs it (memory.simulating):
+    the copies are made as host memory, which the live tracker counts apart from the device's bytes, and the
+    saved-tensor accounting no longer sees them on the device."""
+    from sidetune import memory as mem
+
+    def run(offload, simulate):
+        model, base, roles = _lst("tiny-llama", "causal_lm", ladder_grad_input=storage, ladder_offload=offload)
+        _randomize_trainable(model)
+        batch = batch_for(base, "causal_lm", seq=32)
+        tracker = mem.LiveTracker()
+        with tracker, mem.simulating("cuda") if simulate else contextlib.nullcontext(), \
+                SavedTensorTracker(model, roles) as saved:
+            model.train()(**batch).loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainable_parameters(model).items()}
+        return grads, tracker.host_peak, saved.by_role()["method"], model, base
+
+    plain, host_plain, method_plain, model, base = run(False, True)
+    b, t, d, taps = 2, 32, base.config.hidden_size, len(model.side.tapped) + 1
+    per_row = 4 * d if storage == "full" else d + 4  # fp32 rows, or int8 rows and one fp32 scale each
+    for offload, simulate in ((True, True), (True, False)):
+        grads, host, method, _, _ = run(offload, simulate)
+        assert grads.keys() == plain.keys()
+        for name, grad in plain.items():
+            assert torch.equal(grads[name], grad), name
+        if simulate:  # a CUDA step: every ladder's saved input in host memory, none on the device
+            assert host == taps * b * t * per_row, (host, taps * b * t * per_row)
+            assert method == method_plain - host
+        else:  # a CPU step: nothing to move
+            assert host == 0 and method == method_plain
+    assert host_plain == 0

@@ -252,6 +252,13 @@ class _Int8SavedLinear(torch.autograd.Function):
         return None, dw.to(ctx.dtypes[0]), (db.to(ctx.dtypes[1]) if db is not None else None)
 
 
+def _offloads(x: torch.Tensor) -> bool:
+    """Is there a host to offload to: a CUDA step, or a prediction standing in for one? (A CPU step has none.)"""
+    from sidetune import memory
+
+    return x.device.type == "cuda" or memory.simulated_target() == "cuda"
+
+
 def _to_host(t: torch.Tensor):
     """Pack hook of `ladder_offload`: a saved tensor that needs no gradient (the ladder input or its int8 copy, not a
     cast of the weight) goes to pinned host memory; the copy is queued on the compute stream (non_blocking), so the
@@ -261,15 +268,12 @@ def _to_host(t: torch.Tensor):
 
     if t.requires_grad:
         return t
-    if t.device.type == "cuda":
-        with memory.host_memory():
+    with memory.host_memory():
+        if t.device.type == "cuda":
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)
-    elif memory.simulated_target() == "cuda":
-        with memory.host_memory():
+            host.copy_(t, non_blocking=True)
+        else:
             host = t.clone()
-    else:
-        return t
     return t.device, host
 
 
@@ -284,7 +288,7 @@ def _from_host(packed):
 def ladder(linear: nn.Linear, x: torch.Tensor, int8_saved: bool, offload: bool = False) -> torch.Tensor:
     """A ladder down-projection of a backbone activation x (which needs no gradient). offload: what it saves for
     its weight gradient is kept in host memory (`_to_host`); the forward and the gradients are unchanged."""
-    if offload and torch.is_grad_enabled():
+    if offload and torch.is_grad_enabled() and _offloads(x):
         with torch.autograd.graph.saved_tensors_hooks(_to_host, _from_host):
             return ladder(linear, x, int8_saved)
     x = to_input(x, linear.weight)
