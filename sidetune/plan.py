@@ -9,6 +9,7 @@ question), and, for a method that does not fit, predicts the changes that cut me
 - quantize the frozen base to 4-bit (model.quantize=nf4),
 - the chunked LM loss (train.loss_chunk_size), which never holds the B x T x V logits,
 - gradient checkpointing (train.gradient_checkpointing), for methods that backpropagate through the backbone,
+- the frozen backbone's MLPs in token chunks (train.mlp_chunk_size), for methods that do not,
 - a method's own options: `Method.plan_options`, a description mapped to method-config overrides (e.g. LST:
   {"a side layer on every 2nd layer": {...}}),
 - all of these together.
@@ -35,6 +36,7 @@ from sidetune.tasks import get_task
 
 ONE_PROCESS = Sharding()
 CHUNK = 1024  # loss chunk the planner proposes: at most 1024 positions of logits at a time
+MLP_CHUNK = 4096  # tokens per frozen-MLP chunk the planner proposes (train.mlp_chunk_size)
 # Measured on an H200 (torch 2.11, CUDA 13; 2026-12-04; a 1.1B Llama, bf16, fused AdamW, batch 4/8/16 x 512): the
 # process held 0.75 GiB outside the caching allocator (context, cuBLAS), and the allocator reserved 3.9%, 3.4% and
 # 13.4% more than max_memory_allocated.
@@ -187,6 +189,9 @@ def changes(spec: RowSpec, task: str, trains_backbone_weights: bool = False,
         out.append(("chunked LM loss", [f"train.loss_chunk_size={chunk}"]))
     if cls.backbone_trains and not cfg.train.gradient_checkpointing:
         out.append(("gradient checkpointing", ["train.gradient_checkpointing=true"]))
+    if not cls.backbone_trains and not cfg.train.mlp_chunk_size and cfg.data.max_length * cfg.train.batch_size > MLP_CHUNK:
+        # The frozen backbone's forward is the step's largest transient at long context: its MLPs in token chunks.
+        out.append((f"frozen MLPs in chunks of {MLP_CHUNK} tokens", [f"train.mlp_chunk_size={MLP_CHUNK}"]))
     for description, fields in cls.plan_options.items():
         out.append((description, [f"method.{k}={json.dumps(v)}" for k, v in fields.items()]))
     if len(out) > 1:

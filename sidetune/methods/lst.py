@@ -15,10 +15,11 @@ frozen features at step 0) or pool(out) alone (`side`, the LST paper's setting).
 to the side encoder. The side blocks start as a structurally pruned copy of the backbone blocks (`_lst_prune.py`).
 
 The backbone runs under torch.no_grad and in eval mode: nothing in it requires grad, autograd saves nothing inside it
-and backward never enters it. What a training step still stores: one B x T x d ladder input per tapped block (down_i
-needs it for its weight gradient; `ladder_grad_input: int8` keeps an int8 copy with a row scale instead), the side
-blocks' inputs (side-only recomputation, on by default) or all their activations, and the LM head's logits (chunk
-those with train.loss_chunk_size). The side network is read from the model's own config and modules
+and backward never enters it. Each tap is projected by its ladder as the backbone emits it (a hook), so no B x T x d
+tap outlives its block. What a training step still stores: one B x T x d ladder input per tapped block (down_i
+needs it for its weight gradient; `ladder_grad_input: int8` keeps an int8 copy with a row scale instead, and
+`ladder_offload` keeps it in host memory on CUDA), the side blocks' inputs (side-only recomputation, on by default)
+or all their activations, and the LM head's logits (chunk those with train.loss_chunk_size). The side network is read from the model's own config and modules
 (`_lst_blocks.py`), so any decoder with the usual layout works. `generate` keeps transformers' KV cache for the
 backbone and a K/V cache per side block, so a new token costs one token's forward through both.
 """
@@ -382,6 +383,7 @@ class LST(Method):
         "a side block on every 2nd layer": {"side_layers": "every:2"},
         "side width d/16": {"r": 16},
         "ladder inputs kept in int8 for the weight gradient": {"ladder_grad_input": "int8"},
+        "ladder inputs kept in host memory (CUDA)": {"ladder_offload": True},
     }
 
     def __init__(self, cfg: LSTConfig) -> None:
