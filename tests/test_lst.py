@@ -555,3 +555,23 @@ def test_ladder_offload_is_exact_and_keeps_the_ladder_inputs_in_host_memory(stor
         else:  # a CPU step: nothing to move
             assert host == 0 and method == method_plain
     assert host_plain == 0
+
+
+def test_ladder_offload_prediction_for_cuda_counts_host_bytes():
+    """The profile's CUDA prediction (fake tensors on the CPU) of the lean Q-LST settings: with ladder_offload the int8
+    ladder inputs are host bytes (one int8 row and one fp32 scale per token and ladder) and the device peak drops."""
+    from sidetune.profile import measure
+
+    b, t = 2, 64
+    rows = {}
+    for offload in (False, True):
+        # r=2: side head dim 8, so the CUDA prediction and its side recompute both run the fused attention kernel
+        cfg = load_config(None, ["model.name=tiny-llama", "data.task=causal_lm", "method.name=lst", "method.r=2",
+                                 "method.ladder_grad_input=int8", f"method.ladder_offload={str(offload).lower()}",
+                                 f"train.batch_size={b}", f"data.max_length={t}", "train.loss_chunk_size=32"])
+        rows[offload] = measure(cfg, True, "cuda", fake=True)
+    d, taps = 64, 4 + 1  # tiny-llama: width 64, 4 blocks all tapped, and the embeddings
+    assert rows[False]["host_bytes"] == 0
+    assert rows[True]["host_bytes"] == taps * b * t * (d + 4)
+    assert rows[True]["act_method_bytes"] == rows[False]["act_method_bytes"] - rows[True]["host_bytes"]
+    assert rows[True]["peak_bytes"] < rows[False]["peak_bytes"]

@@ -264,25 +264,28 @@ def _to_host(t: torch.Tensor):
     cast of the weight) goes to pinned host memory; the copy is queued on the compute stream (non_blocking), so the
     device block it leaves is only reused by kernels queued after it. On the CPU nothing moves, except in a
     prediction standing in for a CUDA step (`memory.simulating`), where a copy made as host memory stands for it."""
+    from torch._subclasses.fake_tensor import is_fake
+
     from sidetune import memory
 
     if t.requires_grad:
         return t
+    real = t.device.type == "cuda" and not is_fake(t)
     with memory.host_memory():
-        if t.device.type == "cuda":
+        if real:
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t, non_blocking=True)
-        else:
+        else:  # a prediction (fake tensors): a copy counted as host memory stands for the transfer
             host = t.clone()
-    return t.device, host
+    return t.device, host, real
 
 
 def _from_host(packed):
     if isinstance(packed, torch.Tensor):
         return packed
-    device, host = packed
+    device, host, real = packed
     # A prediction's host copy comes back as a new device tensor too (clone), as the real H2D copy does.
-    return host.to(device, non_blocking=True) if device.type == "cuda" else host.clone()
+    return host.to(device, non_blocking=True) if real else host.clone()
 
 
 def ladder(linear: nn.Linear, x: torch.Tensor, int8_saved: bool, offload: bool = False) -> torch.Tensor:
