@@ -575,3 +575,31 @@ def test_ladder_offload_prediction_for_cuda_counts_host_bytes():
     assert rows[True]["host_bytes"] == taps * b * t * (d + 4)
     assert rows[True]["act_method_bytes"] == rows[False]["act_method_bytes"] - rows[True]["host_bytes"]
     assert rows[True]["peak_bytes"] < rows[False]["peak_bytes"]
+
+
+@pytest.mark.parametrize("storage", ["full", "int8"])
+def test_ladders_projecting_in_the_hooks_equal_projecting_after_the_backbone(storage):
+    """Each tap is projected in its hook, while the backbone runs: the loss and every gradient are those of the
+    order it replaced (the whole backbone first, holding every tap, then the ladders), to the bit."""
+    from sidetune.methods._lst_blocks import capture
+
+    model, base, _ = _lst("tiny-llama", "causal_lm", side_layers="every:2", ladder_grad_input=storage)
+    _randomize_trainable(model)
+    model.train()
+    batch = batch_for(base, "causal_lm")
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainable_parameters(model).items()}
+    model.zero_grad()
+    side = model.side
+    with torch.no_grad(), capture(model.stacks[0].layers, side.tapped) as taps:
+        final = base.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                use_cache=False).last_hidden_state
+    assert len(taps) == len(side.tapped) + 1  # held at once: what the hooks now spare
+    downs = [side.project(0, taps[-1])] + [side.project(j + 1, taps[i]) for j, i in enumerate(side.tapped)]
+    hidden = model._merge(final, side(downs[0], downs[1:], batch["attention_mask"]))
+    after = model.head(hidden, batch["labels"], batch["attention_mask"]).loss
+    after.backward()
+    assert torch.equal(after, loss)
+    for name, p in trainable_parameters(model).items():
+        assert torch.equal(p.grad, grads[name]), name
