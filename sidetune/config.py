@@ -162,6 +162,13 @@ class TrainConfig:
         "Causal LM: compute the loss over the vocabulary in chunks of this many tokens so the B x T x V logits "
         "are never held at once (each chunk's logits are recomputed in backward). 0 = one shot.",
     )
+    mlp_chunk_size: int = opt(
+        0,
+        "Forwards without gradient (LST's frozen backbone, evaluation, the profile's floor): run each block's MLP on "
+        "at most this many tokens at a time, so its B x T x ff intermediates never exist at once (at long context "
+        "the largest tensors of a forward). Same numbers, per token; ignored where the backbone computes "
+        "gradients. 0 = off.",
+    )
     eval_every: int = opt(100, "Evaluate every N optimizer steps (0 = only at the end).")
     log_every: int = opt(10, "Log a training row every N optimizer steps.")
     save_every: int = opt(
@@ -390,6 +397,7 @@ def _check_ranges(cfg: Config) -> None:
         "train.save_every": (t.save_every, 0), "train.save_total_limit": (t.save_total_limit, 1),
         "train.warmup_steps": (t.warmup_steps, 0), "train.num_workers": (t.num_workers, 0),
         "train.loss_chunk_size": (t.loss_chunk_size, 0), "train.seed": (t.seed, 0),
+        "train.mlp_chunk_size": (t.mlp_chunk_size, 0),
         "data.max_train_samples": (d.max_train_samples, 1), "data.max_eval_samples": (d.max_eval_samples, 1),
         "data.num_labels": (d.num_labels, 2),
     }

@@ -277,6 +277,38 @@ class _Storage:
     __slots__ = ("category", "nbytes", "ref", "weightlike")
 
 
+# Host offload (LST's ladder_offload): tensors a step keeps in host memory instead of on the device. The code that
+# offloads makes its host copies inside `host_memory()`; every LiveTracker running then files the storages made
+# there as host bytes, outside the device's count. A prediction for a CUDA step runs on fake tensors on the CPU,
+# where nothing can move: `simulating("cuda")` says so, and the offloading code makes a copy there instead.
+_SIMULATED: list[str] = []
+_HOST: list[bool] = []
+
+
+@contextlib.contextmanager
+def simulating(target: str):
+    """Inside: the step runs on stand-in tensors for a `target` step (a fake CUDA step on the CPU)."""
+    _SIMULATED.append(target)
+    try:
+        yield
+    finally:
+        _SIMULATED.pop()
+
+
+def simulated_target() -> str | None:
+    return _SIMULATED[-1] if _SIMULATED else None
+
+
+@contextlib.contextmanager
+def host_memory():
+    """Inside: the tensors made are host memory, not the step's device memory (a tracker counts them apart)."""
+    _HOST.append(True)
+    try:
+        yield
+    finally:
+        _HOST.pop()
+
+
 class LiveTracker(TorchDispatchMode):
     """Follow the live tensor storages through forward, backward and optimizer steps; record the peak.
 
@@ -309,6 +341,7 @@ class LiveTracker(TorchDispatchMode):
         self.fwd_flops = 0
         self.bwd_flops = {(r, k): 0 for r in ROLES for k in ("dx", "dw")}
         self.recompute_flops = 0  # forward FLOPs run again in backward (activation checkpointing)
+        self.host = self.host_peak = 0  # bytes made in `host_memory()` and alive, outside the device's count
         self._hooks: list = []
 
     # -- bookkeeping ---------------------------------------------------------------------------------------------
@@ -325,17 +358,24 @@ class LiveTracker(TorchDispatchMode):
         rec.category, rec.nbytes, rec.weightlike = category, self._nbytes(st), weightlike
         rec.ref = weakref.ref(st, lambda _, rec=rec: self._free(rec))
         self._storages[st] = rec
+        if category == "host":
+            self.host += rec.nbytes
+            self.host_peak = max(self.host_peak, self.host)
+            return rec
         self.current[category] += rec.nbytes
         self.total += rec.nbytes
         return rec
 
     def _free(self, rec: _Storage) -> None:
+        if rec.category == "host":
+            self.host -= rec.nbytes
+            return
         self.current[rec.category] -= rec.nbytes
         self.total -= rec.nbytes
 
     def _relabel(self, t: torch.Tensor, category: str) -> None:
         rec = self._storages.get(t.untyped_storage())
-        if rec is not None and rec.category != category:
+        if rec is not None and rec.category not in (category, "host"):
             self.current[rec.category] -= rec.nbytes
             self.current[category] += rec.nbytes
             rec.category = category
@@ -438,7 +478,7 @@ class LiveTracker(TorchDispatchMode):
             # matrix, a transposed or dequantized 4-bit weight): its gradient is dL/dW.
             weightlike = self.phase == "forward" and bool(ins) and all(self._weightlike(t) for t in ins)
             before = self.total
-            category = PHASE_CATEGORY[self.phase]
+            category = "host" if _HOST else PHASE_CATEGORY[self.phase]
             for t in outs:
                 self._add(t, category, weightlike)
             scratch = OP_SCRATCH.get(func._schema.name)

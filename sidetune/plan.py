@@ -3,11 +3,13 @@
 Every number is a prediction from `sidetune profile`'s accounting on fake tensors (the live storages of one
 steady-state training step; nothing is allocated), so a 70B plan runs on a laptop. For each method (and the aliases
 qlora / qlst) the planner predicts the peak at the requested batch, searches the largest batch that fits (a handful of
-predictions, `largest_batch`) and, for a method that does not fit, predicts the changes that cut memory:
+predictions, `largest_batch`) and the longest sequence that fits at that batch (`largest_seq`, the long-context
+question), and, for a method that does not fit, predicts the changes that cut memory:
 
 - quantize the frozen base to 4-bit (model.quantize=nf4),
 - the chunked LM loss (train.loss_chunk_size), which never holds the B x T x V logits,
 - gradient checkpointing (train.gradient_checkpointing), for methods that backpropagate through the backbone,
+- the frozen backbone's MLPs in token chunks (train.mlp_chunk_size), for methods that do not,
 - a method's own options: `Method.plan_options`, a description mapped to method-config overrides (e.g. LST:
   {"a side layer on every 2nd layer": {...}}),
 - all of these together.
@@ -34,6 +36,7 @@ from sidetune.tasks import get_task
 
 ONE_PROCESS = Sharding()
 CHUNK = 1024  # loss chunk the planner proposes: at most 1024 positions of logits at a time
+MLP_CHUNK = 4096  # tokens per frozen-MLP chunk the planner proposes (train.mlp_chunk_size)
 # Measured on an H200 (torch 2.11, CUDA 13; 2026-12-04; a 1.1B Llama, bf16, fused AdamW, batch 4/8/16 x 512): the
 # process held 0.75 GiB outside the caching allocator (context, cuBLAS), and the allocator reserved 3.9%, 3.4% and
 # 13.4% more than max_memory_allocated.
@@ -63,57 +66,45 @@ def smallest_gpu(peak: int) -> str | None:
 
 
 def _measure(spec: RowSpec, target: str, extra: list[str] = (), batch: int | None = None,
-             sharding: Sharding = ONE_PROCESS) -> dict[str, Any]:
+             sharding: Sharding = ONE_PROCESS, seq: int | None = None) -> dict[str, Any]:
     """The predicted step; its `peak_bytes` is the per-GPU peak under `sharding` (one process by default)."""
     from sidetune.config import load_config
 
-    overrides = [*spec.overrides, *extra, *([f"train.batch_size={batch}"] if batch else [])]
+    overrides = [*spec.overrides, *extra, *([f"train.batch_size={batch}"] if batch else []),
+                 *([f"data.max_length={seq}"] if seq else [])]
     step = measure(load_config(None, overrides), spec.method is not None, target, fake=True)
     step["peak_bytes"], step["per_gpu_note"] = per_gpu_peak(step, sharding)
     return step
 
 
 def _peak(spec: RowSpec, target: str, extra: list[str] = (), batch: int | None = None,
-          sharding: Sharding = ONE_PROCESS) -> int:
-    return _measure(spec, target, extra, batch, sharding)["peak_bytes"]
+          sharding: Sharding = ONE_PROCESS, seq: int | None = None) -> int:
+    return _measure(spec, target, extra, batch, sharding, seq)["peak_bytes"]
 
 
-def largest_batch(spec: RowSpec, target: str, vram: int, batch: int, peak_at_batch: int,
-                  extra: list[str] = (), sharding: Sharding = ONE_PROCESS, *, known: dict[int, int] | None = None,
-                  log=None) -> int:
-    """The largest batch whose predicted peak fits `vram` (0 if not even batch 1 fits).
+def _largest(peak, vram: int, start: int, cap: int) -> int:
+    """The largest n in 1..cap with peak(n) <= vram (0 if not even n = 1 fits), peak(start) known or cheap.
 
-    The peak grows with the batch but is not one straight line: it is the largest of several (the forward's end, the
-    backward's start, the loss chunks, the optimizer step), each affine in the batch, and the one on top changes with
-    the batch. So: bracket the boundary (secant jumps, doubling), then close in alternating secant and bisection
-    steps; each step is one prediction.
-    """
-    known = {} if known is None else known  # batch -> predicted peak; the caller may read it back (batch 1's)
-    known[batch] = peak_at_batch
-
-    def peak(b: int) -> int:
-        if b not in known:
-            known[b] = _peak(spec, target, extra, b, sharding)
-            if log is not None:  # each prediction takes seconds on a large model: say what is happening
-                log(f"sidetune: plan:   {spec.label} at batch {b}: {known[b] / GiB:.2f} GiB")
-        return known[b]
-
-    if peak_at_batch <= vram:
-        lo, hi = batch, None
+    The peak grows with n but is not one straight line: it is the largest of several (the forward's end, the
+    backward's start, the loss chunks, the optimizer step), each affine (attention scores: quadratic) in n, and the
+    one on top changes with n. So: bracket the boundary (secant jumps, doubling), then close in alternating secant
+    and bisection steps; each step is one prediction."""
+    if peak(start) <= vram:
+        lo, hi = start, None
         while hi is None:
-            step = peak(2 * lo) - peak(lo)  # per lo samples
-            jump = int(lo + (vram - peak(lo)) * lo / step) if step > 0 else 4 * lo
-            cand = max(lo + 1, min(jump, 64 * lo))
+            if lo >= cap:
+                return cap
+            step = peak(min(2 * lo, cap)) - peak(lo)  # per min(lo, cap - lo) more
+            jump = int(lo + (vram - peak(lo)) * (min(2 * lo, cap) - lo) / step) if step > 0 else 4 * lo
+            cand = min(cap, max(lo + 1, min(jump, 64 * lo)))
             if peak(cand) <= vram:
                 lo = cand
-                if cand > 1 << 24:
-                    return lo  # memory no longer grows with the batch
             else:
                 hi = cand
     else:
         if peak(1) > vram:
             return 0
-        lo, hi = 1, batch
+        lo, hi = 1, start
     secant = True
     while hi - lo > 1:
         if secant and peak(hi) > peak(lo):
@@ -127,6 +118,55 @@ def largest_batch(spec: RowSpec, target: str, vram: int, batch: int, peak_at_bat
         else:
             hi = mid
     return lo
+
+
+def largest_batch(spec: RowSpec, target: str, vram: int, batch: int, peak_at_batch: int,
+                  extra: list[str] = (), sharding: Sharding = ONE_PROCESS, *, known: dict[int, int] | None = None,
+                  log=None) -> int:
+    """The largest batch whose predicted peak fits `vram` (0 if not even batch 1 fits), by `_largest`. Beyond 2**24
+    samples memory no longer grows with the batch in any way that matters: the search stops there."""
+    known = {} if known is None else known  # batch -> predicted peak; the caller may read it back (batch 1's)
+    known[batch] = peak_at_batch
+
+    def peak(b: int) -> int:
+        if b not in known:
+            known[b] = _peak(spec, target, extra, b, sharding)
+            if log is not None:  # each prediction takes seconds on a large model: say what is happening
+                log(f"sidetune: plan:   {spec.label} at batch {b}: {known[b] / GiB:.2f} GiB")
+        return known[b]
+
+    return _largest(peak, vram, batch, max(batch, 1 << 24))
+
+
+SEQ_CEILING = 1 << 20  # the longest sequence the search tries where the model's positions set no limit (RoPE)
+
+
+def seq_unit(seq: int) -> int:
+    """The resolution of the sequence search: 1/128 of the requested length, a power of two (1024 at 131072)."""
+    return max(1, 1 << max(0, (seq // 128).bit_length() - 1))
+
+
+def largest_seq(spec: RowSpec, target: str, vram: int, batch: int, seq: int, peak_at_seq: int,
+                sharding: Sharding = ONE_PROCESS, *, log=None) -> int:
+    """The longest sequence, in steps of `seq_unit(seq)`, whose predicted peak at `batch` fits `vram` (0 if not even
+    one step does), up to the positions the model can read (`checks.max_positions`) or SEQ_CEILING."""
+    from sidetune.checks import max_positions, model_config
+    from sidetune.config import load_config
+
+    unit = seq_unit(seq)
+    config = model_config(load_config(None, spec.overrides).model)
+    limit = max_positions(config) if config is not None else None
+    cap = max(1, (limit or SEQ_CEILING) // unit)
+    known = {seq // unit: peak_at_seq} if seq % unit == 0 else {}
+
+    def peak(n: int) -> int:
+        if n not in known:
+            known[n] = _peak(spec, target, batch=batch, sharding=sharding, seq=n * unit)
+            if log is not None:
+                log(f"sidetune: plan:   {spec.label} at seq {n * unit}: {known[n] / GiB:.2f} GiB")
+        return known[n]
+
+    return unit * _largest(peak, vram, max(1, min(seq // unit, cap)), cap)
 
 
 def changes(spec: RowSpec, task: str, trains_backbone_weights: bool = False,
@@ -149,6 +189,9 @@ def changes(spec: RowSpec, task: str, trains_backbone_weights: bool = False,
         out.append(("chunked LM loss", [f"train.loss_chunk_size={chunk}"]))
     if cls.backbone_trains and not cfg.train.gradient_checkpointing:
         out.append(("gradient checkpointing", ["train.gradient_checkpointing=true"]))
+    if not cls.backbone_trains and not cfg.train.mlp_chunk_size and cfg.data.max_length * cfg.train.batch_size > MLP_CHUNK:
+        # The frozen backbone's forward is the step's largest transient at long context: its MLPs in token chunks.
+        out.append((f"frozen MLPs in chunks of {MLP_CHUNK} tokens", [f"train.mlp_chunk_size={MLP_CHUNK}"]))
     for description, fields in cls.plan_options.items():
         out.append((description, [f"method.{k}={json.dumps(v)}" for k, v in fields.items()]))
     if len(out) > 1:
@@ -186,6 +229,8 @@ def plan(model: str, vram: int, batch: int, seq: int, task: str = "causal_lm", m
                                  "changes": []}
         # Batch 1's peak: what "does not fit even at batch 1" needs (the search predicted it when batch 1 failed).
         entry["peak_bytes_batch_1"] = known.get(1)
+        # The longest sequence that fits at this batch (long context: where memory grows with tokens, not samples).
+        entry["largest_seq"] = largest_seq(spec, target, budget, batch, seq, peak, sharding, log=log)
         entry["smallest_gpu"] = smallest_gpu(peak) if sharding.single and target == "cuda" else None
         # Most parameters trainable: the method trains the backbone itself (full fine-tuning).
         trains_backbone = base["params_trainable"] > base["params_total"] / 2
@@ -223,14 +268,14 @@ def render(entries: list[dict], vram: int, batch: int, seq: int, sharding: Shard
                    f"context and {100 * HEADROOM_FRACTION:.0f}% for the allocator's fragmentation are kept free")
     gpu_column = sharding.single and any(e.get("target") == "cuda" for e in entries)
     lines = [f"Budget {vram / scale:.2f} {unit}{where}, batch {batch} x seq {seq} (predicted peaks){usable_note}:", "",
-             f"| method | peak {unit} | fits | largest batch | changes that make it fit: their peak {unit} |"
-             + (" smallest GPU for this batch |" if gpu_column else ""),
-             "|---|---|---|---|---|" + ("---|" if gpu_column else "")]
+             f"| method | peak {unit} | fits | largest batch | longest seq at batch {batch} | changes that make it "
+             f"fit: their peak {unit} |" + (" smallest GPU for this batch |" if gpu_column else ""),
+             "|---|---|---|---|---|---|" + ("---|" if gpu_column else "")]
     for e in entries:
         fixes = [f"{c['change']}" + (f" `{' '.join(c['overrides'])}`" if not c["change"].startswith("all together") else "")
                  + f": {c['peak_bytes'] / scale:.2f}" for c in e["changes"] if c["fits"]]
         if e.get("refused"):
-            lines.append(f"| {e['label']} | – | refused | – | {e['refused']}: sidetune train refuses this launch; "
+            lines.append(f"| {e['label']} | – | refused | – | – | {e['refused']}: sidetune train refuses this launch; "
                          f"plan it with `--shard ddp` |" + (" – |" if gpu_column else ""))
             continue
         at_one = e.get("peak_bytes_batch_1")
@@ -251,8 +296,10 @@ def render(entries: list[dict], vram: int, batch: int, seq: int, sharding: Shard
         gpu = ""
         if gpu_column:
             gpu = f" {e.get('smallest_gpu') or 'none: more than one ' + str(GPUS[-1][0]) + ' GiB GPU'} |"
+        longest = e.get("largest_seq")
+        longest = "–" if longest is None else (str(longest) if longest else "none")
         lines.append(f"| {e['label']} | {e['peak_bytes'] / scale:.2f} | {'yes' if e['fits'] else 'no'} | "
-                     f"{largest} | {advice} |{gpu}")
+                     f"{largest} | {longest} | {advice} |{gpu}")
     if not sharding.single:
         lines += ["", "How the per-GPU peaks were derived (sidetune/profiling/shard.py):"]
         lines += [f"- {e['label']}: {e['how']}" for e in entries]

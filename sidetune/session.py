@@ -90,6 +90,10 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
     ctx = Context(task, lambda: load_tokenizer(cfg.model),
                   cfg.data.label_names or (data.label_names if data is not None else None),
                   calibration=calibration, reload=reload, _tokenizer=tokenizer)
+    if cfg.train.mlp_chunk_size:
+        from sidetune.mlp_chunks import chunk_frozen_mlps
+
+        chunk_frozen_mlps(base, cfg.train.mlp_chunk_size)  # the loaded model, before a method wraps its modules
     model = apply(base) if apply is not None else method.apply(base, ctx)
     if not trainable_parameters(model):
         raise SidetuneError(f"method {cfg.method.name!r} left no trainable parameter on this model")

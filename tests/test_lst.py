@@ -3,6 +3,7 @@ generation, memory levers. Tiny random presets of every supported family, also o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -535,3 +536,86 @@ def test_pruned_fisher_needs_calibration_batches():
     with pytest.raises(SidetuneError, match="fisher_batches must be >= 1"):
         LSTConfig(init="pruned_fisher", fisher_batches=0)
     assert LST(LSTConfig()).calibration_batches() == 0
+
+
+@pytest.mark.parametrize("storage", ["full", "int8"])
+def test_ladder_offload_is_exact_and_keeps_the_ladder_inputs_in_host_memory(storage):
+    """ladder_offload (CUDA): what the ladders save for their weight gradients goes to host memory and comes back in
+    backward, gradients the same to the bit. On the CPU it runs as a CUDA prediction runs it (memory.simulating):
+    the copies are made as host memory, which the live tracker counts apart from the device's bytes, and the
+    saved-tensor accounting no longer sees them on the device."""
+    from sidetune import memory as mem
+
+    def run(offload, simulate):
+        model, base, roles = _lst("tiny-llama", "causal_lm", ladder_grad_input=storage, ladder_offload=offload)
+        _randomize_trainable(model)
+        batch = batch_for(base, "causal_lm", seq=32)
+        tracker = mem.LiveTracker()
+        with tracker, mem.simulating("cuda") if simulate else contextlib.nullcontext(), \
+                SavedTensorTracker(model, roles) as saved:
+            model.train()(**batch).loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainable_parameters(model).items()}
+        return grads, tracker.host_peak, saved.by_role()["method"], model, base
+
+    plain, host_plain, method_plain, model, base = run(False, True)
+    b, t, d, taps = 2, 32, base.config.hidden_size, len(model.side.tapped) + 1
+    per_row = 4 * d if storage == "full" else d + 4  # fp32 rows, or int8 rows and one fp32 scale each
+    for offload, simulate in ((True, True), (True, False)):
+        grads, host, method, _, _ = run(offload, simulate)
+        assert grads.keys() == plain.keys()
+        for name, grad in plain.items():
+            assert torch.equal(grads[name], grad), name
+        if simulate:  # a CUDA step: every ladder's saved input in host memory, none on the device
+            assert host == taps * b * t * per_row, (host, taps * b * t * per_row)
+            assert method == method_plain - host
+        else:  # a CPU step: nothing to move
+            assert host == 0 and method == method_plain
+    assert host_plain == 0
+
+
+def test_ladder_offload_prediction_for_cuda_counts_host_bytes():
+    """The profile's CUDA prediction (fake tensors on the CPU) of the lean Q-LST settings: with ladder_offload the int8
+    ladder inputs are host bytes (one int8 row and one fp32 scale per token and ladder) and the device peak drops."""
+    from sidetune.profile import measure
+
+    b, t = 2, 64
+    rows = {}
+    for offload in (False, True):
+        # r=2: side head dim 8, so the CUDA prediction and its side recompute both run the fused attention kernel
+        cfg = load_config(None, ["model.name=tiny-llama", "data.task=causal_lm", "method.name=lst", "method.r=2",
+                                 "method.ladder_grad_input=int8", f"method.ladder_offload={str(offload).lower()}",
+                                 f"train.batch_size={b}", f"data.max_length={t}", "train.loss_chunk_size=32"])
+        rows[offload] = measure(cfg, True, "cuda", fake=True)
+    d, taps = 64, 4 + 1  # tiny-llama: width 64, 4 blocks all tapped, and the embeddings
+    assert rows[False]["host_bytes"] == 0
+    assert rows[True]["host_bytes"] == taps * b * t * (d + 4)
+    assert rows[True]["act_method_bytes"] == rows[False]["act_method_bytes"] - rows[True]["host_bytes"]
+    assert rows[True]["peak_bytes"] < rows[False]["peak_bytes"]
+
+
+@pytest.mark.parametrize("storage", ["full", "int8"])
+def test_ladders_projecting_in_the_hooks_equal_projecting_after_the_backbone(storage):
+    """Each tap is projected in its hook, while the backbone runs: the loss and every gradient are those of the
+    order it replaced (the whole backbone first, holding every tap, then the ladders), to the bit."""
+    from sidetune.methods._lst_blocks import capture
+
+    model, base, _ = _lst("tiny-llama", "causal_lm", side_layers="every:2", ladder_grad_input=storage)
+    _randomize_trainable(model)
+    model.train()
+    batch = batch_for(base, "causal_lm")
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainable_parameters(model).items()}
+    model.zero_grad()
+    side = model.side
+    with torch.no_grad(), capture(model.stacks[0].layers, side.tapped) as taps:
+        final = base.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                use_cache=False).last_hidden_state
+    assert len(taps) == len(side.tapped) + 1  # held at once: what the hooks now spare
+    downs = [side.project(0, taps[-1])] + [side.project(j + 1, taps[i]) for j, i in enumerate(side.tapped)]
+    hidden = model._merge(final, side(downs[0], downs[1:], batch["attention_mask"]))
+    after = model.head(hidden, batch["labels"], batch["attention_mask"]).loss
+    after.backward()
+    assert torch.equal(after, loss)
+    for name, p in trainable_parameters(model).items():
+        assert torch.equal(p.grad, grads[name]), name

@@ -261,6 +261,24 @@ def test_plan_largest_batch_is_the_boundary():
     assert tight["largest_batch"] == 1 and _peak(spec, "cpu", batch=1) <= at2 - 1
 
 
+def test_plan_largest_seq_is_the_boundary():
+    from sidetune.plan import _peak, largest_seq, plan, seq_unit
+
+    assert (seq_unit(131072), seq_unit(8192), seq_unit(SEQ)) == (1024, 64, 1)
+    spec = _spec("lora")
+    at = {s: _peak(spec, "cpu", batch=BATCH, seq=s) for s in (SEQ, 40, 41)}
+    assert at[SEQ] < at[40] < at[41]
+    assert largest_seq(spec, "cpu", (at[40] + at[41]) // 2, BATCH, SEQ, at[SEQ]) == 40  # searched up from SEQ
+    assert largest_seq(spec, "cpu", at[SEQ] - 1, BATCH, 40, at[40]) < SEQ  # and down from 40
+    assert largest_seq(spec, "cpu", 1, BATCH, SEQ, at[SEQ]) == 0
+    # A learned position table caps the search: GPT-2's 512 positions, however large the budget.
+    gpt2 = next(s for s in resolve_rows("lora", "tiny-gpt2", "causal_lm", 1, 64, []) if s.label == "lora")
+    assert largest_seq(gpt2, "cpu", 1 << 40, 1, 64, _peak(gpt2, "cpu", batch=1, seq=64)) == 512
+    [entry] = plan("tiny-llama", (at[40] + at[41]) // 2, BATCH, SEQ, methods="lora", target="cpu",
+                   log=lambda *_: None)
+    assert entry["largest_seq"] == 40 and entry["fits"]
+
+
 def test_plan_headroom_and_the_smallest_gpu():
     from sidetune.plan import HEADROOM_BYTES, HEADROOM_FRACTION, GiB, smallest_gpu, usable
 
@@ -295,7 +313,7 @@ def test_plan_for_cuda_keeps_headroom_and_names_a_gpu():
                 "how": ""}]
     table = render(entries, 24 * GiB, 4, 1024)
     assert "a step may fill 20.60 GiB of it: 1 GiB for the CUDA context and 10% for the allocator's fragmentation" in table
-    assert "| lora | 21.92 | no | 3 | nothing tried fits at this batch: batch 3 does | 40 GiB (A100-40GB) |" in table
+    assert "| lora | 21.92 | no | 3 | – | nothing tried fits at this batch: batch 3 does | 40 GiB (A100-40GB) |" in table
 
 
 def test_plan_cli(tmp_path):

@@ -73,16 +73,21 @@ def tapped_layers(spec: str | list[int], n: int | None) -> list[int]:
 
 
 @contextlib.contextmanager
-def capture(layers: nn.ModuleList, tapped: list[int]):
-    """Record the input of the first block (the embeddings) as taps[-1] and the outputs of the tapped blocks."""
+def capture(layers: nn.ModuleList, tapped: list[int], project=None):
+    """Record the input of the first block (the embeddings) as taps[-1] and the outputs of the tapped blocks.
+
+    project(key, h) (key -1 or the block index), when given, is applied in the hook and its result recorded instead
+    of h: LST's ladders project each tap as the backbone emits it, so no B x T x d tap outlives its block (at long
+    context 17 bf16 taps held until the backbone's last block were the step's peak)."""
     taps: dict[int, torch.Tensor] = {}
+    keep = project or (lambda key, h: h)
 
     def first(module, args, kwargs):
-        taps[-1] = args[0] if args else kwargs["hidden_states"]
+        taps[-1] = keep(-1, args[0] if args else kwargs["hidden_states"])
 
     def output(i):
         def hook(module, args, out):
-            taps[i] = out[0] if isinstance(out, tuple) else out
+            taps[i] = keep(i, out[0] if isinstance(out, tuple) else out)
         return hook
 
     handles = [layers[0].register_forward_pre_hook(first, with_kwargs=True)]
@@ -247,17 +252,69 @@ class _Int8SavedLinear(torch.autograd.Function):
         return None, dw.to(ctx.dtypes[0]), (db.to(ctx.dtypes[1]) if db is not None else None)
 
 
-def ladder(linear: nn.Linear, x: torch.Tensor, int8_saved: bool) -> torch.Tensor:
-    """A ladder down-projection of a backbone activation x (which needs no gradient)."""
+def _offloads(x: torch.Tensor) -> bool:
+    """Is there a host to offload to: a CUDA step, or a prediction standing in for one? (A CPU step has none.)"""
+    from sidetune import memory
+
+    return x.device.type == "cuda" or memory.simulated_target() == "cuda"
+
+
+def _to_host(t: torch.Tensor):
+    """Pack hook of `ladder_offload`: a saved tensor that needs no gradient (the ladder input or its int8 copy, not a
+    cast of the weight) goes to pinned host memory; the copy is queued on the compute stream (non_blocking), so the
+    device block it leaves is only reused by kernels queued after it. On the CPU nothing moves, except in a
+    prediction standing in for a CUDA step (`memory.simulating`), where a copy made as host memory stands for it."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    from sidetune import memory
+
+    if t.requires_grad:
+        return t
+    real = t.device.type == "cuda" and not is_fake(t)
+    with memory.host_memory():
+        if real:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+        else:  # a prediction (fake tensors): a copy counted as host memory stands for the transfer
+            host = t.clone()
+    return t.device, host, real
+
+
+def _from_host(packed):
+    if isinstance(packed, torch.Tensor):
+        return packed
+    device, host, real = packed
+    # A prediction's host copy comes back as a new device tensor too (clone), as the real H2D copy does.
+    return host.to(device, non_blocking=True) if real else host.clone()
+
+
+def ladder(linear: nn.Linear, x: torch.Tensor, int8_saved: bool, offload: bool = False) -> torch.Tensor:
+    """A ladder down-projection of a backbone activation x (which needs no gradient). offload: what it saves for
+    its weight gradient is kept in host memory (`_to_host`); the forward and the gradients are unchanged."""
+    if offload and torch.is_grad_enabled() and _offloads(x):
+        with torch.autograd.graph.saved_tensors_hooks(_to_host, _from_host):
+            return ladder(linear, x, int8_saved)
     x = to_input(x, linear.weight)
     if not int8_saved or not torch.is_grad_enabled() or x.requires_grad:
-        return linear(x)
+        return linear(x) if type(linear) is nn.Linear else F.linear(x, linear.weight, linear.bias)
     if torch.is_autocast_enabled(x.device.type):  # the matmul in the compute dtype, as autocast would run it
         dtype = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             return _Int8SavedLinear.apply(x.to(dtype), linear.weight.to(dtype),
                                           linear.bias.to(dtype) if linear.bias is not None else None)
     return _Int8SavedLinear.apply(x, linear.weight, linear.bias)
+
+
+class Ladder(nn.Linear):
+    """A ladder's down-projection d -> d/r, called as a module (so the memory accounting files what it saves under
+    the side network) with LSTConfig's storage settings for its input: int8 (`ladder_grad_input`) and host
+    offload (`ladder_offload`)."""
+
+    int8_saved: bool = False
+    offload: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ladder(self, x, self.int8_saved, self.offload)
 
 
 @dataclass
@@ -281,14 +338,13 @@ class SideStack(nn.Module):
         self.tapped, self.temperature, self.causal = tapped, temperature, side.causal
         d = stack.shape.d
         # ladders[0] reads the embeddings, ladders[j + 1] the output of backbone block tapped[j].
-        self.ladders = nn.ModuleList(nn.Linear(d, side.d) for _ in range(len(tapped) + 1))
+        self.ladders = nn.ModuleList(Ladder(d, side.d) for _ in range(len(tapped) + 1))
         self.alpha = nn.Parameter(torch.full((len(tapped),), float(gate_init)))
         self.blocks = nn.ModuleList(SideBlock(side, dropout) for _ in tapped)
         self.norm = SideNorm(side.d, side.norm, side.eps)
         self.rel_bias = nn.Embedding(side.rel_bias[0], side.heads) if side.rel_bias else None
         self.rel_spec = side.rel_bias
         self.checkpointing = False
-        self.int8_ladders = False  # LSTConfig.ladder_grad_input == "int8"
         inv_freq = None
         if side.rope:
             # A fixed, evenly spaced subset of the backbone's rotary frequencies: the kept query/key dims rotate as
@@ -298,10 +354,20 @@ class SideStack(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_scaling = stack.rope_scaling
 
-    def forward(self, emb: torch.Tensor, taps: list[torch.Tensor], attention_mask: torch.Tensor | None,
+    def project(self, j: int, h: torch.Tensor) -> torch.Tensor:
+        """Ladder j's down-projection of its backbone input h (j = 0: the embeddings; j + 1: tapped block j)."""
+        return self.ladders[j](h)
+
+    def set_ladder_storage(self, int8: bool, offload: bool) -> None:
+        for lad in self.ladders:
+            lad.int8_saved, lad.offload = int8, offload
+
+    def forward(self, emb: torch.Tensor, downs: list[torch.Tensor], attention_mask: torch.Tensor | None,
                 enc: torch.Tensor | None = None, enc_mask: torch.Tensor | None = None,
                 cache: SideCache | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """cache (generation, no grad): emb and taps are the new positions only; keys and values of the earlier
+        """emb, downs: the ladders' projections (`project`) of the embeddings and of the tapped blocks' outputs,
+        B x T x d/r each (LSTModel projects them as the backbone emits them).
+        cache (generation, no grad): emb and downs are the new positions only; keys and values of the earlier
         ones come from the cache, and attention_mask (if any) covers all positions.
         position_ids (B x T): the backbone's positions, for RoPE; without an attention mask, positions that restart
         at 0 mark packed examples (data.packing), each of which attends only to itself, as in the backbone."""
@@ -314,12 +380,10 @@ class SideStack(nn.Module):
         mask, is_causal = self._self_mask(attention_mask, t, emb.device, past, packed)
         rope = self._rope(t, emb.device, past, position_ids) if self.inv_freq is not None else None
         cross_mask = enc_mask.bool()[:, None, None, :] if enc_mask is not None else None
-        s = ladder(self.ladders[0], emb, self.int8_ladders)
+        s = emb
         gates = torch.sigmoid(self.alpha / self.temperature)
         for j, block in enumerate(self.blocks):
-            # The ladder input h_i is the one backbone tensor autograd keeps: down_i needs it for its weight grad.
-            down = ladder(self.ladders[j + 1], taps[j], self.int8_ladders)
-            s = gates[j] * s + (1 - gates[j]) * down
+            s = gates[j] * s + (1 - gates[j]) * downs[j]
             if cache is not None:
                 s = block(s, mask, is_causal, rope, enc, cross_mask, cache.blocks[j])
             elif self.checkpointing and self.training:

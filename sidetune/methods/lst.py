@@ -15,10 +15,11 @@ frozen features at step 0) or pool(out) alone (`side`, the LST paper's setting).
 to the side encoder. The side blocks start as a structurally pruned copy of the backbone blocks (`_lst_prune.py`).
 
 The backbone runs under torch.no_grad and in eval mode: nothing in it requires grad, autograd saves nothing inside it
-and backward never enters it. What a training step still stores: one B x T x d ladder input per tapped block (down_i
-needs it for its weight gradient; `ladder_grad_input: int8` keeps an int8 copy with a row scale instead), the side
-blocks' inputs (side-only recomputation, on by default) or all their activations, and the LM head's logits (chunk
-those with train.loss_chunk_size). The side network is read from the model's own config and modules
+and backward never enters it. Each tap is projected by its ladder as the backbone emits it (a hook), so no B x T x d
+tap outlives its block. What a training step still stores: one B x T x d ladder input per tapped block (down_i
+needs it for its weight gradient; `ladder_grad_input: int8` keeps an int8 copy with a row scale instead, and
+`ladder_offload` keeps it in host memory on CUDA), the side blocks' inputs (side-only recomputation, on by default)
+or all their activations, and the LM head's logits (chunk those with train.loss_chunk_size). The side network is read from the model's own config and modules
 (`_lst_blocks.py`), so any decoder with the usual layout works. `generate` keeps transformers' KV cache for the
 backbone and a K/V cache per side block, so a new token costs one token's forward through both.
 """
@@ -83,6 +84,12 @@ class LSTConfig:
         "full",
         "What each ladder keeps of its B x T x d input for its weight gradient: full (exact) or int8 with one "
         "absmax scale per row (half of bf16; the forward is unchanged, only dW sees the rounded copy).")
+    ladder_offload: bool = opt(
+        False,
+        "On CUDA, keep what the ladders save for their weight gradients (the B x T x d ladder inputs, or their int8 "
+        "copies) in pinned host memory, copied back in backward: exact, and the GPU then holds no ladder input, "
+        "the cost that grows with tokens (8.5 GiB of int8 at 128k tokens on Llama-3-8B, every:2). Costs one copy "
+        "each way over PCIe per step; host memory holds them instead. A CPU run ignores it.")
     compile: bool = opt(False, "torch.compile each side block: small blocks are launch-bound on a GPU.")
     up_lr_ratio: float = opt(1.0, "Learning rate of the up-projection (d/r -> d, zero at the start) relative to "
                                   "train.lr.")
@@ -196,7 +203,7 @@ class LSTModel(ShardsLikeInner, nn.Module):
         if cfg.gradient_checkpointing:
             self.gradient_checkpointing_enable()
         for side in sides:
-            side.int8_ladders = cfg.ladder_grad_input == "int8"
+            side.set_ladder_storage(cfg.ladder_grad_input == "int8", cfg.ladder_offload)
         if cfg.compile:
             for side in sides:
                 for block in side.blocks:
@@ -276,38 +283,47 @@ class LSTModel(ShardsLikeInner, nn.Module):
         """The merged final hidden state (the chunked LM loss applies the LM head to it itself)."""
         if self.side_encoder is not None:
             raise SidetuneError("lm_hidden_states is for decoder-only models; T5 goes through forward()")
-        final, taps = self._backbone(0, self.backbone.base_model,
-                                     dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs))
+        final, downs = self._backbone(0, self.backbone.base_model,
+                                      dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs))
         # Packed rows (data.packing) carry position_ids and no mask: the side blocks read the same examples there.
-        side = self.side(taps[0], taps[1:], attention_mask, position_ids=kwargs.get("position_ids"))
+        side = self.side(downs[0], downs[1:], attention_mask, position_ids=kwargs.get("position_ids"))
         return self._merge(final, side)
 
     def encode(self, input_ids, attention_mask):
         """T5: the backbone encoder's output and the side encoder's."""
-        final, taps = self._backbone(0, self.backbone.encoder, dict(input_ids=input_ids, attention_mask=attention_mask))
-        return final, self.side_encoder(taps[0], taps[1:], attention_mask)
+        final, downs = self._backbone(0, self.backbone.encoder, dict(input_ids=input_ids, attention_mask=attention_mask))
+        return final, self.side_encoder(downs[0], downs[1:], attention_mask)
 
     def decode(self, decoder_input_ids, enc, side_enc, attention_mask, decoder_attention_mask):
         """T5: the merged decoder hidden state; the side decoder cross-attends to the side encoder."""
-        final, taps = self._backbone(1, self.backbone.decoder, dict(
+        final, downs = self._backbone(1, self.backbone.decoder, dict(
             input_ids=decoder_input_ids, attention_mask=decoder_attention_mask, encoder_hidden_states=enc,
             encoder_attention_mask=attention_mask))
-        side = self.side(taps[0], taps[1:], decoder_attention_mask, enc=side_enc, enc_mask=attention_mask)
+        side = self.side(downs[0], downs[1:], decoder_attention_mask, enc=side_enc, enc_mask=attention_mask)
         return self._merge(final, side)
 
     def _backbone(self, k: int, body: nn.Module, inputs: dict,
                   state: dict | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The backbone body's final hidden state and the ladder inputs [embeddings, tapped blocks' outputs].
-        state (generation): the body runs on the new tokens only, with transformers' KV cache state["past"] (None
-        at first: the body makes one), which is updated."""
+        """The backbone body's final hidden state and the ladders' projections [down_0(embeddings), down_i(h_i) for
+        the tapped blocks]. Each tap is projected in its hook, as the backbone emits it, with the caller's grad mode:
+        what a ladder keeps for its weight gradient is its own choice (full, int8, offloaded), and no B x T x d tap
+        outlives its block. state (generation): the body runs on the new tokens only, with transformers' KV cache
+        state["past"] (None at first: the body makes one), which is updated."""
         side = self.side if self.side_encoder is None or k == 1 else self.side_encoder
+        ladder_of = {-1: 0, **{i: j + 1 for j, i in enumerate(side.tapped)}}
+        grad = torch.is_grad_enabled()
+
+        def project(key: int, h: torch.Tensor) -> torch.Tensor:
+            with torch.set_grad_enabled(grad):
+                return side.project(ladder_of[key], h)
+
         # no_grad, not inference_mode: the ladder inputs must stay usable as saved tensors of down_i.
         extra = dict(use_cache=True, **cache_kwargs(state["past"])) if state is not None else dict(use_cache=False)
-        with torch.no_grad(), capture(self.stacks[k].layers, side.tapped) as taps:
+        with torch.no_grad(), capture(self.stacks[k].layers, side.tapped, project) as downs:
             out = body(**inputs, **extra)
         if state is not None:
             state["past"] = returned_cache(out)
-        return out.last_hidden_state, [taps[-1]] + [taps[i] for i in side.tapped]
+        return out.last_hidden_state, [downs[-1]] + [downs[i] for i in side.tapped]
 
     def _merge(self, final: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
         out = self.up(side)
@@ -357,12 +373,12 @@ class _CachedStep:
         m, new = self.model, seq[:, self.seen:]
         self.seen = seq.shape[1]
         if self.enc is None:
-            final, taps = m._backbone(0, m.backbone.base_model, dict(input_ids=new), self.state)
-            side = m.side(taps[0], taps[1:], None, cache=self.side)
+            final, downs = m._backbone(0, m.backbone.base_model, dict(input_ids=new), self.state)
+            side = m.side(downs[0], downs[1:], None, cache=self.side)
         else:
-            final, taps = m._backbone(1, m.backbone.decoder, dict(input_ids=new, encoder_hidden_states=self.enc),
-                                      self.state)
-            side = m.side(taps[0], taps[1:], None, enc=self.side_enc, cache=self.side)
+            final, downs = m._backbone(1, m.backbone.decoder, dict(input_ids=new, encoder_hidden_states=self.enc),
+                                       self.state)
+            side = m.side(downs[0], downs[1:], None, enc=self.side_enc, cache=self.side)
         return m.head(m._merge(final[:, -1:], side[:, -1:]), None, None).logits[:, -1]
 
 
@@ -376,6 +392,7 @@ class LST(Method):
         "a side block on every 2nd layer": {"side_layers": "every:2"},
         "side width d/16": {"r": 16},
         "ladder inputs kept in int8 for the weight gradient": {"ladder_grad_input": "int8"},
+        "ladder inputs kept in host memory (CUDA)": {"ladder_offload": True},
     }
 
     def __init__(self, cfg: LSTConfig) -> None:

@@ -233,7 +233,9 @@ def measure(cfg, train: bool, target: str, fake: bool, timed_steps: int = 0, app
         baseline = tracker.live_bytes()  # weights and batch: allocated before, alive throughout
         allocator = mem.CPUAllocatorPeak() if device.type == "cpu" and not fake else contextlib.nullcontext()
         saved = mem.SavedTensorTracker(module, roles)
-        with allocator, tracker:
+        # A fake step on the CPU for a CUDA target: what a CUDA step would move to host memory is marked so.
+        stand_in = mem.simulating(target) if fake and device.type != target else contextlib.nullcontext()
+        with allocator, tracker, stand_in:
             step(saved)
         tracker.remove_hooks()
         if isinstance(allocator, mem.CPUAllocatorPeak):
@@ -257,6 +259,7 @@ def measure(cfg, train: bool, target: str, fake: bool, timed_steps: int = 0, app
             bwd_dw_flops=sum(tracker.bwd_flops[(r, "dw")] for r in mem.ROLES),
             recompute_flops=tracker.recompute_flops,
             peak_bytes=tracker.peak, peak_phase=tracker.peak_phase, peak_breakdown=tracker.peak_breakdown,
+            host_bytes=tracker.host_peak,
             optimizer=cfg.train.optimizer if train else None,
         )
         if times:

@@ -56,6 +56,10 @@ def markdown_table(rows: list[dict]) -> str:
             "–" if r.get("step_time_s") is None else f"{1000 * r['step_time_s']:.1f}",
             "–" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}", ratio,
         ]) + " |")
+    hosted = [r for r in rows if r.get("host_bytes")]
+    if hosted:
+        lines += ["", "Kept in host memory, outside the peaks above: " + ", ".join(
+            f"{r['label']} {_fmt(r['host_bytes'], scale)}" for r in hosted) + " (LST's method.ladder_offload)."]
     return "\n".join(lines)
 
 

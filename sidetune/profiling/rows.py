@@ -167,6 +167,9 @@ class Row:
     predicted_breakdown: dict | None = opt(None, "The predicted peak split by category.")
     predicted_on: str | None = opt(None, "What the prediction ran on.")
     prediction_error: float | None = opt(None, "predicted / measured - 1.")
+    host_bytes: int | None = opt(
+        None, "Peak bytes the step kept in host memory instead of on the device (LST's method.ladder_offload); "
+              "outside every peak above.")
     block_bytes: int | None = opt(None, "Weight bytes of the largest transformer block (FSDP's unit of all-gather).")
     processes: int | None = opt(None, "--processes the per-GPU prediction is for (1: a single process).")
     shard: str | None = opt(None, "--shard: ddp or fsdp.")
