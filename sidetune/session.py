@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import os
 from collections.abc import Callable, Iterable
@@ -26,7 +27,8 @@ from sidetune.config import Config, TrainConfig
 from sidetune.errors import SidetuneError
 from sidetune.losses import ChunkedLMLoss
 from sidetune.methods import Context, Method, build_method, trainable_parameters
-from sidetune.models import load_model, load_tokenizer
+from sidetune.methods._inject import is_quantized_linear
+from sidetune.models import load_model, load_tokenizer, quantize_linears, quantizer
 from sidetune.tasks import Task, get_task
 
 
@@ -81,7 +83,11 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
         cfg.data.num_labels = data.num_labels  # resolved into the recorded config, so a reload needs no data
     pad_id = tokenizer.pad_token_id if tokenizer is not None else None
     device = build_device(device)  # the optimizer below is still made for the device the run steps on
-    base = load_model(cfg.model, method.model_task(task), cfg.data.num_labels, device, pad_id, seed=cfg.train.seed,
+    # LoftQ reads the 16-bit weights before anything is quantized: the base loads in float, and is quantized after
+    # `apply` with the same quantizer the init fitted to (a reload reads the stored 4-bit base instead).
+    float_first = cfg.model.quantize is not None and not reload and method.reads_float_base()
+    load_cfg = dataclasses.replace(cfg.model, quantize=None) if float_first else cfg.model
+    base = load_model(load_cfg, method.model_task(task), cfg.data.num_labels, device, pad_id, seed=cfg.train.seed,
                       fake=fake)
     if cfg.data.packing:
         _allow_packed_rows(base)
@@ -89,8 +95,12 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
     calibration = [] if reload else _calibration(method, data, task, tokenizer, cfg, device)
     ctx = Context(task, lambda: load_tokenizer(cfg.model),
                   cfg.data.label_names or (data.label_names if data is not None else None),
-                  calibration=calibration, reload=reload, _tokenizer=tokenizer)
+                  calibration=calibration, reload=reload, _tokenizer=tokenizer,
+                  quantize=quantizer(cfg.model, device, fake) if float_first else None)
     model = apply(base) if apply is not None else method.apply(base, ctx)
+    if float_first:  # the frozen linears the init left in float; the new 4-bit layers are backbone
+        base_modules |= {id(m) for m in quantize_linears(model, cfg.model, device, frozen_only=True, fake=fake)}
+        base_modules |= {id(m) for m in model.modules() if is_quantized_linear(m)}
     if not trainable_parameters(model):
         raise SidetuneError(f"method {cfg.method.name!r} left no trainable parameter on this model")
     module = training_module(model, cfg, method)
