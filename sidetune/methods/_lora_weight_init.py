@@ -92,6 +92,7 @@ def check_loftq(names: list[str], model: nn.Module, quantize: Callable | None) -
                                 f"{type(model.get_submodule(name)).__name__}); set method.targets to linear layers")
 
 
+@torch.no_grad()
 def loftq_fit(w: torch.Tensor, base: nn.Linear, r: int, scaling: float, iters: int, quantize: Callable,
               rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, nn.Module, list[float]]:
     """(A, B, the quantized layer Q, ||W - Q - s B A|| after each step) for a float32 weight w (out x in) of the

@@ -95,7 +95,7 @@ class LoRAConfig:
         "fitted to W by alternating quantization and rank-r SVD).",
     )
     loftq_iter: int = opt(1, "loftq: alternating steps (quantize W - s B A, refit B A to W - Q); PEFT's default 1, "
-                             "the paper uses up to 5."),
+                             "the paper uses up to 5.")
     pissa_niter: int = opt(0, "pissa: 0 = exact SVD; K > 0 = randomized SVD with K subspace iterations (PEFT's "
                               "pissa_niter_K; much faster on large layers).")
     dora: bool = opt(False, "DoRA: a trained magnitude per output row times the normalised direction W + s B A "
