@@ -53,7 +53,8 @@ class Setup:
 
 
 def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, with_optimizer: bool = False,
-          fake: bool = False, reload: bool = False, apply: Callable[[nn.Module], nn.Module] | None = None) -> Setup:
+          fake: bool = False, reload: bool = False, apply: Callable[[nn.Module], nn.Module] | None = None,
+          watch_apply: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None) -> Setup:
     """Build a run's model and method (and data, optimizer) on `device`.
 
     `cfg` is never changed: the build works on a copy, and what it resolves (the label names and count read from
@@ -66,6 +67,8 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
         init computes (`sidetune.rundir`), so a data-dependent init (LoRA-GA, Fisher pruning) is skipped: a reload
         needs no training data.
     apply: replaces the method's apply (bench/memory.py profiles PEFT's models on the same build).
+    watch_apply: given the loaded model, a context entered around the method's apply alone (`sidetune profile`
+        measures an init's one-time time and memory with it).
     """
     cfg = copy.deepcopy(cfg)
     device = step_device = torch.device(device)
@@ -97,7 +100,8 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
                   cfg.data.label_names or (data.label_names if data is not None else None),
                   calibration=calibration, reload=reload, _tokenizer=tokenizer,
                   quantize=quantizer(cfg.model, device, fake) if float_first else None)
-    model = apply(base) if apply is not None else method.apply(base, ctx)
+    with watch_apply(base) if watch_apply is not None else contextlib.nullcontext():
+        model = apply(base) if apply is not None else method.apply(base, ctx)
     if float_first:  # the frozen linears the init left in float; the new 4-bit layers are backbone
         base_modules |= {id(m) for m in quantize_linears(model, cfg.model, device, frozen_only=True, fake=fake)}
         base_modules |= {id(m) for m in model.modules() if is_quantized_linear(m)}

@@ -5,6 +5,7 @@ trained runs round-trip through `export --peft` / `--merge` / sidetune.load with
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 
 import peft
@@ -368,7 +369,7 @@ def test_loftq_error_falls_with_iterations_and_scales_b_a():
     for double_quant in (False, True):
         a, b, q, errors = wi.loftq_fit(w, lin, 8, 2.0, 5, _nf4(double_quant))
         assert errors[0] < 0.95 * plain and errors[-1] < 0.9 * plain, (errors, plain)
-        assert all(e2 < e1 for e1, e2 in zip(errors, errors[1:])), errors
+        assert all(e2 < e1 for e1, e2 in itertools.pairwise(errors)), errors
         assert_close(float(torch.linalg.norm(w - _dequantized(q) - 2.0 * b @ a)), errors[-1], rtol=1e-4, atol=0)
     _, _, _, other_alpha = wi.loftq_fit(w, lin, 8, 0.5, 5, _nf4())
     assert_close(other_alpha, wi.loftq_fit(w, lin, 8, 2.0, 5, _nf4())[3], rtol=1e-4, atol=0)
@@ -429,9 +430,8 @@ def test_a_loftq_run_round_trips_through_reload_merge_and_peft(double_quant, tmp
     import sidetune.methods._lora_weight_init as wi
     from sidetune.export import export_merged
     from sidetune.peft_io import export_peft
-    from sidetune.train import train
-
     from sidetune.session import build
+    from sidetune.train import train
 
     run = tmp_path / "run"
     cfg = load_config(None, [
