@@ -94,7 +94,9 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
                       fake=fake)
     if cfg.data.packing:
         _allow_packed_rows(base)
-    base_modules = {id(m) for m in base.modules()}
+    # Held until the method has applied: a module it replaces stays alive, so no module it creates can take its id.
+    loaded = list(base.modules())
+    base_modules = {id(m) for m in loaded}
     calibration = [] if reload else _calibration(method, data, task, tokenizer, cfg, device)
     ctx = Context(task, lambda: load_tokenizer(cfg.model),
                   cfg.data.label_names or (data.label_names if data is not None else None),
@@ -103,8 +105,11 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
     with watch_apply(base) if watch_apply is not None else contextlib.nullcontext():
         model = apply(base) if apply is not None else method.apply(base, ctx)
     if float_first:  # the frozen linears the init left in float; the new 4-bit layers are backbone
-        base_modules |= {id(m) for m in quantize_linears(model, cfg.model, device, frozen_only=True, fake=fake)}
-        base_modules |= {id(m) for m in model.modules() if is_quantized_linear(m)}
+        quantize_linears(model, cfg.model, device, frozen_only=True, fake=fake)
+        present = {id(m) for m in model.modules()}
+        base_modules = {i for i in base_modules if i in present} | {
+            id(m) for m in model.modules() if is_quantized_linear(m)}
+    del loaded
     if not trainable_parameters(model):
         raise SidetuneError(f"method {cfg.method.name!r} left no trainable parameter on this model")
     module = training_module(model, cfg, method)
