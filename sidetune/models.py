@@ -508,6 +508,17 @@ def is_quantized(model: nn.Module) -> bool:
     return any(not p.is_floating_point() for p in model.parameters())
 
 
+def strip_quantization(model) -> None:
+    """Forget that the model was loaded quantized, so that save_pretrained writes (and from_pretrained reads) a plain
+    float checkpoint."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized", "quantization_method"):
+        if attr in vars(model):
+            delattr(model, attr)
+
+
 @contextlib.contextmanager
 def _quiet_transformers():
     """Silence transformers' load report and progress bar (a missing task head is expected: methods train it)."""

@@ -91,8 +91,8 @@ def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
 def _dequantized_base(model):
     """The run's model without its adapters, every quantized linear dequantized to float32 (in place: the trainable
     set was read first), saved as a plain float checkpoint."""
-    from sidetune.export import _strip_quantization
     from sidetune.methods._inject import WrappedLinear, float32_linear, is_quantized_linear, replace_module
+    from sidetune.models import strip_quantization
 
     with torch.no_grad():
         for name, module in list(model.named_modules()):
@@ -101,7 +101,7 @@ def _dequantized_base(model):
         for name, module in list(model.named_modules()):
             if is_quantized_linear(module):
                 replace_module(model, name, float32_linear(module))
-    _strip_quantization(model)
+    strip_quantization(model)
     return model
 
 
