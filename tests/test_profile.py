@@ -38,7 +38,12 @@ def _backbone_gets_grad(label: str) -> bool:
     cfg = _cfg(label)
     model = tiny("tiny-llama", "causal_lm")
     backbone = [m for m in model.modules() if m is not model and m is not model.get_output_embeddings()]
-    trained = build_method(cfg.method).apply(model, ctx(model)).train()
+    method, c = build_method(cfg.method), ctx(model)
+    if method.reads_float_base():  # LoftQ: its targets quantized by its own fit (the rest stay float here)
+        from sidetune.models import quantizer
+
+        c.quantize = quantizer(cfg.model, torch.device("cpu"))
+    trained = method.apply(model, c).train()
     seen = []
     hooks = [m.register_forward_hook(lambda m, a, out: seen.append(
         any(t.requires_grad for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor))))
