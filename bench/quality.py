@@ -54,6 +54,7 @@ VARIANTS = {
     "dora": ("lora", ["method.dora=true"]),
     "pissa": ("lora", ["method.init=pissa"]),
     "olora": ("lora", ["method.init=olora"]),
+    "loftq": ("lora", ["model.quantize=nf4", "method.init=loftq"]),
 }
 # A recipe that names another model than the bench's (PET needs an LM head: the offline MiniLM has none, so
 # sst2_pet.yaml runs SmolLM2) runs at its own budget, few-shot as written and zero-shot (no step), and its rows
@@ -136,7 +137,9 @@ COMPARE = [("lora_ga", "lora", "LoRA-GA >= standard init"), ("lora", "lora_a_zer
            ("qlst", "qlora", "Q-LST >= QLoRA - 0.03"), ("loraplus", "lora", "LoRA+ vs LoRA"),
            # The papers' claims, on their own tasks: DoRA above LoRA (about +1-4 points on commonsense reasoning,
            # LLaMA), PiSSA above LoRA (faster convergence, higher GSM8K/MATH), OLoRA converging faster than LoRA.
-           ("dora", "lora", "DoRA >= LoRA"), ("pissa", "lora", "PiSSA >= LoRA"), ("olora", "lora", "OLoRA >= LoRA")]
+           ("dora", "lora", "DoRA >= LoRA"), ("pissa", "lora", "PiSSA >= LoRA"), ("olora", "lora", "OLoRA >= LoRA"),
+           # LoftQ: at 4 bits about QLoRA's level, far above it at 2-3 bits (where QLoRA can fail to train).
+           ("loftq", "qlora", "LoftQ >= QLoRA")]
 
 
 def comparisons(results: list[dict]) -> list[str]:

@@ -61,7 +61,7 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "auto", ove
     import torch
 
     from sidetune.methods._inject import float32_linear, is_quantized_linear, replace_module
-    from sidetune.models import _quiet_transformers
+    from sidetune.models import _quiet_transformers, strip_quantization
     from sidetune.rundir import export_target, open_run
 
     run = open_run(run_dir)
@@ -76,7 +76,7 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "auto", ove
         model = s.method.merge(model)  # one line and no output for a method whose update is not in the weights
     # After the merge: a method's wrapper (prefix, LST, PET) need not expose the input embeddings, and it refuses above.
     save_dtype = model.get_input_embeddings().weight.dtype if dtype == "auto" else getattr(torch, dtype)
-    _strip_quantization(model)
+    strip_quantization(model)
     model.to(save_dtype)
     model.config.dtype = save_dtype
     out.mkdir(parents=True, exist_ok=True)
@@ -84,14 +84,3 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "auto", ove
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
-
-
-def _strip_quantization(model) -> None:
-    """Forget that the model was loaded quantized, so that save_pretrained writes (and from_pretrained reads) a plain
-    float checkpoint."""
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized", "quantization_method"):
-        if attr in vars(model):
-            delattr(model, attr)

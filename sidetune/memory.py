@@ -425,8 +425,6 @@ class LiveTracker(TorchDispatchMode):
         return torch.is_grad_enabled() or bool(modes and modes[-1])
 
     def _count_flops(self, func, args, kwargs, out) -> None:
-        if not torch.is_grad_enabled():
-            return  # under no_grad (DoRA's detached norm) autograd records nothing: no backward FLOPs
         name = func._schema.name
         operands = None
         if name in _MATMULS:
@@ -463,7 +461,13 @@ class LiveTracker(TorchDispatchMode):
         role = self.flops_from._role()[0]
         for t, f in zip(operands, per_operand):
             if f and isinstance(t, torch.Tensor) and t.requires_grad:
-                self.bwd_flops[(role, "dw" if self._weightlike(t) else "dx")] += f
+                weight = self._weightlike(t)
+                # Grad mode off inside a module that runs with it on: either a custom autograd Function's forward
+                # (bitsandbytes' MatMul4Bit, differentiated for its input: dL/dx) or a no_grad block on weights
+                # (DoRA's detached norm, B A: never differentiated). Its forward FLOPs count either way.
+                if weight and not torch.is_grad_enabled():
+                    continue
+                self.bwd_flops[(role, "dw" if weight else "dx")] += f
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

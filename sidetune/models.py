@@ -436,39 +436,68 @@ def unquantized_names(model: nn.Module) -> set[str]:
     return {*HEAD_NAMES, "lm_head", *(getattr(model, "_keep_in_fp32_modules", None) or ())}
 
 
-def quantize_linears(model: nn.Module, cfg: ModelConfig, device: torch.device) -> None:
-    """Replace every nn.Linear except heads with a bitsandbytes 4-bit or 8-bit layer holding the same weights.
+def quantize_linears(model: nn.Module, cfg: ModelConfig, device: torch.device, frozen_only: bool = False,
+                     fake: bool = False) -> list[nn.Module]:
+    """Replace every nn.Linear except heads with a bitsandbytes 4-bit or 8-bit layer holding the same weights, and
+    return the new layers.
 
-    Used for random-init presets, which transformers cannot quantize at load time. One layer is converted at a time, so
-    the peak is the full-precision model plus one layer.
+    Used for random-init presets, which transformers cannot quantize at load time, and after `Method.apply` for a
+    method that reads the float weights first (`Method.reads_float_base`, LoftQ): there `frozen_only` leaves the
+    trainable linears (LoRA's A and B) and the layers the method already quantized alone. One layer is converted
+    at a time, so the peak is the full-precision model plus one layer. `fake`: stand-ins for a prediction.
     """
-    import bitsandbytes as bnb
-
     if device.type == "meta":
-        return  # accounting on meta counts quantized bytes analytically (memory.py)
+        return []  # accounting on meta counts quantized bytes analytically (memory.py)
     skip = unquantized_names(model)
-    compute, storage = _compute_dtype(cfg, device), quant_storage(cfg, device)
+    quantize = quantizer(cfg, device, fake)
+    new_layers = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name.rsplit(".", 1)[-1] in skip:
             continue
-        has_bias = module.bias is not None
-        if cfg.quantize == "int8":
-            new = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=has_bias, has_fp16_weights=False,
-                                      device="meta")
-            new.weight = bnb.nn.Int8Params(module.weight.data.to("cpu", torch.float16), requires_grad=False,
-                                           has_fp16_weights=False)
-        else:
-            new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=has_bias, compute_dtype=compute,
-                                    compress_statistics=cfg.double_quant, quant_type=cfg.quantize,
-                                    quant_storage=storage, device="meta")
-            new.weight = bnb.nn.Params4bit(module.weight.data.to(compute), requires_grad=False,
-                                           compress_statistics=cfg.double_quant, quant_type=cfg.quantize,
-                                           quant_storage=storage)
-        if has_bias:
-            new.bias = nn.Parameter(module.bias.data.to(compute), requires_grad=False)
+        if frozen_only and (module.weight.requires_grad or not module.weight.is_floating_point()):
+            continue
+        new = quantize(module)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new.to(device))  # .to() quantizes
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        new_layers.append(new)
         del module
+    return new_layers
+
+
+def quantizer(cfg: ModelConfig, device: torch.device, fake: bool = False):
+    """The run's quantizer of one float nn.Linear (model.quantize, double_quant, compute dtype, storage): a new
+    bitsandbytes layer on `device` (fake stand-ins under a prediction). LoftQ quantizes with it inside its fit, so
+    that the 4-bit base it fits to is exactly the one the run trains on."""
+    compute = _compute_dtype(cfg, device)
+    if fake:
+        return lambda module: fake_quantize_linear(module, cfg.quantize, cfg.double_quant, compute, device)
+    return lambda module: quantize_linear(module, cfg, device)
+
+
+def quantize_linear(module: nn.Linear, cfg: ModelConfig, device: torch.device) -> nn.Module:
+    """One nn.Linear as a bitsandbytes Linear4bit / Linear8bitLt on `device` (the module itself is left as it was)."""
+    import bitsandbytes as bnb
+
+    compute, storage = _compute_dtype(cfg, device), quant_storage(cfg, device)
+    has_bias = module.bias is not None
+    if cfg.quantize == "int8":
+        new = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=has_bias, has_fp16_weights=False,
+                                  device="meta")
+        new.weight = bnb.nn.Int8Params(module.weight.data.to("cpu", torch.float16), requires_grad=False,
+                                       has_fp16_weights=False)
+    else:
+        new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=has_bias, compute_dtype=compute,
+                                compress_statistics=cfg.double_quant, quant_type=cfg.quantize,
+                                quant_storage=storage, device="meta")
+        new.weight = bnb.nn.Params4bit(module.weight.data.to(compute), requires_grad=False,
+                                       compress_statistics=cfg.double_quant, quant_type=cfg.quantize,
+                                       quant_storage=storage)
+    if has_bias:
+        new.bias = nn.Parameter(module.bias.data.to(compute), requires_grad=False)
+    new = new.to(device)  # .to() quantizes
+    if hasattr(new, "support_avx512bf16_for_cpu"):
+        new.support_avx512bf16_for_cpu = False  # one kernel in every mode (_one_4bit_kernel)
+    return new
 
 
 def fake_quantize_linears(model: nn.Module, quantize: str, double_quant: bool, compute: torch.dtype,
@@ -477,43 +506,63 @@ def fake_quantize_linears(model: nn.Module, quantize: str, double_quant: bool, c
     exactly the shapes and dtypes bitsandbytes' quantizer produces (packed uint8 weight, per-64-block absmax,
     nested 8-bit absmax with per-256-block fp32 scales), so that the 4-bit bytes are counted from tensors and the
     forward/backward run bitsandbytes' own autograd function on them (its ops have fake implementations)."""
+    if quantize not in ("nf4", "fp4"):
+        raise NotImplementedError(f"prediction of model.quantize={quantize} is not supported (nf4, fp4 are)")
+    skip = unquantized_names(model)
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear) or name.rsplit(".", 1)[-1] in skip:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                fake_quantize_linear(module, quantize, double_quant, compute, device))
+
+
+def fake_quantize_linear(module: nn.Linear, quantize: str, double_quant: bool, compute: torch.dtype,
+                         device: torch.device) -> nn.Module:
+    """One linear as a Linear4bit of fake tensors (`fake_quantize_linears`)."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import QuantState
     from torch.utils._python_dispatch import _disable_current_modes
 
     if quantize not in ("nf4", "fp4"):
         raise NotImplementedError(f"prediction of model.quantize={quantize} is not supported (nf4, fp4 are)")
-    skip = unquantized_names(model)
     blocksize = 64
 
     def empty(*shape, dtype=torch.float32):
         return torch.empty(shape, dtype=dtype, device=device)
 
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, torch.nn.Linear) or name.rsplit(".", 1)[-1] in skip:
-            continue
-        n, k = module.out_features, module.in_features
-        blocks = -(-n * k // blocksize)
-        if double_quant:
-            state2 = QuantState(absmax=empty(-(-blocks // 256)), code=empty(256), blocksize=256, dtype=torch.float32)
-            absmax, offset = empty(blocks, dtype=torch.uint8), empty()
-        else:
-            state2, absmax, offset = None, empty(blocks), None
-        with _disable_current_modes():  # bitsandbytes wraps its meta placeholder weight in Params4bit: not fake
-            new = bnb.nn.Linear4bit(k, n, bias=module.bias is not None, compute_dtype=compute,
-                                    compress_statistics=double_quant, quant_type=quantize, device="meta")
-        weight = torch.nn.Parameter(empty((n * k + 1) // 2, 1, dtype=torch.uint8), requires_grad=False)
-        weight.quant_state = QuantState(absmax=absmax, shape=torch.Size([n, k]), code=empty(16), blocksize=blocksize,
-                                        quant_type=quantize, dtype=compute, offset=offset, state2=state2)
-        new.weight = weight
-        if module.bias is not None:
-            new.bias = torch.nn.Parameter(module.bias.detach().to(compute), requires_grad=False)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+    n, k = module.out_features, module.in_features
+    blocks = -(-n * k // blocksize)
+    if double_quant:
+        state2 = QuantState(absmax=empty(-(-blocks // 256)), code=empty(256), blocksize=256, dtype=torch.float32)
+        absmax, offset = empty(blocks, dtype=torch.uint8), empty()
+    else:
+        state2, absmax, offset = None, empty(blocks), None
+    with _disable_current_modes():  # bitsandbytes wraps its meta placeholder weight in Params4bit: not fake
+        new = bnb.nn.Linear4bit(k, n, bias=module.bias is not None, compute_dtype=compute,
+                                compress_statistics=double_quant, quant_type=quantize, device="meta")
+    weight = torch.nn.Parameter(empty((n * k + 1) // 2, 1, dtype=torch.uint8), requires_grad=False)
+    weight.quant_state = QuantState(absmax=absmax, shape=torch.Size([n, k]), code=empty(16), blocksize=blocksize,
+                                    quant_type=quantize, dtype=compute, offset=offset, state2=state2)
+    new.weight = weight
+    if module.bias is not None:
+        new.bias = torch.nn.Parameter(module.bias.detach().to(compute), requires_grad=False)
+    return new
 
 
 def is_quantized(model: nn.Module) -> bool:
     return any(not p.is_floating_point() for p in model.parameters())
+
+
+def strip_quantization(model) -> None:
+    """Forget that the model was loaded quantized, so that save_pretrained writes (and from_pretrained reads) a plain
+    float checkpoint."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized", "quantization_method"):
+        if attr in vars(model):
+            delattr(model, attr)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,8 @@ whole; PEFT calls that `modules_to_save` and stores it under the same prefix.
 
 Which methods export: those whose `Method.peft_config` says how (LoRA / QLoRA); the others refuse in one line. A run
 whose init changed the frozen base (LoRA-GA, `Method.changed_base`) is converted to a plain rank-2r LoRA on the
-original base, as PEFT itself converts LoRA-GA and PiSSA adapters (`_plain_lora`).
+original base, as PEFT itself converts LoRA-GA and PiSSA adapters (`_plain_lora`); a changed 4-bit base (LoftQ) is
+saved, dequantized, as the adapter's base instead (`_dequantized_base`), as PEFT's LoftQ models are published.
 
 The base. `base_model_name_or_path` names a directory `from_pretrained` loads: the local checkpoint of a model
 directory or of an alias (smollm2-135m: the converted copy in sidetune's cache). A preset (tiny-llama, ...) is random
@@ -53,17 +54,22 @@ def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
         raise SidetuneError(f"method {cfg.method.name!r} has no PEFT format (PEFT serves LoRA-style updates); serve "
                             f"the run with sidetune.load(RUN_DIR) instead")
     changed = s.method.changed_base(s.model)
+    # A changed 4-bit base (LoftQ's Q): W - Q is not low-rank, so no LoRA on W reproduces the run. The adapter's
+    # base is then Q itself, dequantized, as PEFT's LoftQ models are published; a 4-bit load of it requantizes to Q.
+    own_base = any(not s.model.get_parameter(n).is_floating_point() for n in changed)
     base = None
-    if cfg.model.name in PRESETS or changed:
+    if not own_base and (cfg.model.name in PRESETS or changed):
         # The base exactly as loaded before the method: a preset's random weights exist nowhere else (same seed),
         # and a changed base (LoRA-GA) is converted against it.
         base = load_model(cfg.model, s.method.model_task(s.task), cfg.data.num_labels, "cpu",
                           s.tokenizer.pad_token_id, seed=cfg.train.seed)
     state = {n: p.detach().to("cpu", torch.float32).contiguous() for n, p in trainable_parameters(s.model).items()}
-    if changed:
+    if own_base:
+        base = _dequantized_base(s.model)
+    elif changed:
         state, config = _plain_lora(s.model, base, changed, state, config)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.model.name in PRESETS:
+    if cfg.model.name in PRESETS or own_base:
         base_dir = out / "base"
         with _quiet_transformers():
             base.save_pretrained(base_dir)
@@ -80,6 +86,23 @@ def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     if cfg.data.label_names:
         (out / "label_names.json").write_text(json.dumps(cfg.data.label_names) + "\n")
     return out
+
+
+def _dequantized_base(model):
+    """The run's model without its adapters, every quantized linear dequantized to float32 (in place: the trainable
+    set was read first), saved as a plain float checkpoint."""
+    from sidetune.methods._inject import WrappedLinear, float32_linear, is_quantized_linear, replace_module
+    from sidetune.models import strip_quantization
+
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if isinstance(module, WrappedLinear):
+                replace_module(model, name, module.base)
+        for name, module in list(model.named_modules()):
+            if is_quantized_linear(module):
+                replace_module(model, name, float32_linear(module))
+    strip_quantization(model)
+    return model
 
 
 def _plain_lora(model, base, changed: list[str], state: dict[str, torch.Tensor],

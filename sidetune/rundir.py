@@ -74,7 +74,24 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def changed_state(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     """The frozen tensors the method's init changed (`Method.changed_base`), whole, on the CPU (every process)."""
-    return _gather({n: model.get_parameter(n) for n in names})
+    return _gather(_changed_tensors(model, names))
+
+
+def _changed_tensors(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """The changed parameters, and for a quantized one (LoftQ's 4-bit Q) the quantization state its values live in
+    beside the packed bytes: the per-block scales (and, double-quantized, their own scales and offset; an 8-bit
+    weight's per-row SCB). The rest of the state (code book, shape, block size) follows from the run's config."""
+    tensors = {}
+    for name in names:
+        p = tensors[name] = model.get_parameter(name)
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            tensors[f"{name}.absmax"] = state.absmax
+            if state.nested:
+                tensors[f"{name}.nested_absmax"], tensors[f"{name}.offset"] = state.state2.absmax, state.offset
+        elif getattr(p, "SCB", None) is not None:
+            tensors[f"{name}.SCB"] = p.SCB
+    return tensors
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -106,7 +123,7 @@ def _copy_into(params: dict[str, torch.Tensor], state: dict[str, torch.Tensor], 
 
                 p.copy_(distribute_tensor(tensor.to(p.device, p.dtype), p.device_mesh, p.placements))
             else:
-                p.copy_(tensor)
+                p.data.copy_(tensor)  # .data: a bitsandbytes 4-bit weight is a Parameter subclass
 
 
 def load_trainable(model: nn.Module, path: Path) -> None:
@@ -126,7 +143,7 @@ def restore(model: nn.Module, method, saved: Path) -> None:
             raise SidetuneError(f"{saved} has no {checkpoint.CHANGED_BASE}: the base weights this run's init "
                                 f"changed (method.init) were not stored (saved by an older sidetune); train the run "
                                 f"again to reload it")
-        _copy_into({n: model.get_parameter(n) for n in names}, _read_safetensors(path), path)
+        _copy_into(_changed_tensors(model, names), _read_safetensors(path), path)
 
 
 def _tensor_writers(weights: dict[str, torch.Tensor], changed: dict[str, torch.Tensor], method: str) -> dict:

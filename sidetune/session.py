@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import os
 from collections.abc import Callable, Iterable
@@ -26,7 +27,8 @@ from sidetune.config import Config, TrainConfig
 from sidetune.errors import SidetuneError
 from sidetune.losses import ChunkedLMLoss
 from sidetune.methods import Context, Method, build_method, trainable_parameters
-from sidetune.models import load_model, load_tokenizer
+from sidetune.methods._inject import is_quantized_linear
+from sidetune.models import load_model, load_tokenizer, quantize_linears, quantizer
 from sidetune.tasks import Task, get_task
 
 
@@ -51,7 +53,8 @@ class Setup:
 
 
 def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, with_optimizer: bool = False,
-          fake: bool = False, reload: bool = False, apply: Callable[[nn.Module], nn.Module] | None = None) -> Setup:
+          fake: bool = False, reload: bool = False, apply: Callable[[nn.Module], nn.Module] | None = None,
+          watch_apply: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None) -> Setup:
     """Build a run's model and method (and data, optimizer) on `device`.
 
     `cfg` is never changed: the build works on a copy, and what it resolves (the label names and count read from
@@ -64,6 +67,8 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
         init computes (`sidetune.rundir`), so a data-dependent init (LoRA-GA, Fisher pruning) is skipped: a reload
         needs no training data.
     apply: replaces the method's apply (bench/memory.py profiles PEFT's models on the same build).
+    watch_apply: given the loaded model, a context entered around the method's apply alone (`sidetune profile`
+        measures an init's one-time time and memory with it).
     """
     cfg = copy.deepcopy(cfg)
     device = step_device = torch.device(device)
@@ -81,20 +86,34 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
         cfg.data.num_labels = data.num_labels  # resolved into the recorded config, so a reload needs no data
     pad_id = tokenizer.pad_token_id if tokenizer is not None else None
     device = build_device(device)  # the optimizer below is still made for the device the run steps on
-    base = load_model(cfg.model, method.model_task(task), cfg.data.num_labels, device, pad_id, seed=cfg.train.seed,
+    # LoftQ reads the 16-bit weights before anything is quantized: the base loads in float, and is quantized after
+    # `apply` with the same quantizer the init fitted to (a reload reads the stored 4-bit base instead).
+    float_first = cfg.model.quantize is not None and not reload and method.reads_float_base()
+    load_cfg = dataclasses.replace(cfg.model, quantize=None) if float_first else cfg.model
+    base = load_model(load_cfg, method.model_task(task), cfg.data.num_labels, device, pad_id, seed=cfg.train.seed,
                       fake=fake)
     if cfg.data.packing:
         _allow_packed_rows(base)
-    base_modules = {id(m) for m in base.modules()}
+    # Held until the method has applied: a module it replaces stays alive, so no module it creates can take its id.
+    loaded = list(base.modules())
+    base_modules = {id(m) for m in loaded}
     calibration = [] if reload else _calibration(method, data, task, tokenizer, cfg, device)
     ctx = Context(task, lambda: load_tokenizer(cfg.model),
                   cfg.data.label_names or (data.label_names if data is not None else None),
-                  calibration=calibration, reload=reload, _tokenizer=tokenizer)
+                  calibration=calibration, reload=reload, _tokenizer=tokenizer,
+                  quantize=quantizer(cfg.model, device, fake) if float_first else None)
     if cfg.train.mlp_chunk_size:
         from sidetune.mlp_chunks import chunk_frozen_mlps
 
         chunk_frozen_mlps(base, cfg.train.mlp_chunk_size)  # the loaded model, before a method wraps its modules
-    model = apply(base) if apply is not None else method.apply(base, ctx)
+    with watch_apply(base) if watch_apply is not None else contextlib.nullcontext():
+        model = apply(base) if apply is not None else method.apply(base, ctx)
+    if float_first:  # the frozen linears the init left in float; the new 4-bit layers are backbone
+        quantize_linears(model, cfg.model, device, frozen_only=True, fake=fake)
+        present = {id(m) for m in model.modules()}
+        base_modules = {i for i in base_modules if i in present} | {
+            id(m) for m in model.modules() if is_quantized_linear(m)}
+    del loaded
     if not trainable_parameters(model):
         raise SidetuneError(f"method {cfg.method.name!r} left no trainable parameter on this model")
     module = training_module(model, cfg, method)

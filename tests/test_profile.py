@@ -16,10 +16,11 @@ from sidetune import memory as mem
 from sidetune.config import load_config
 from sidetune.methods import METHODS, build_method
 from sidetune.profile import ALIASES, measure, profile_row, resolve_rows
+from sidetune.profiling.report import markdown_table
 
 # Every method that trains a causal LM (the profiled task here), and the aliases.
 LABELS = [*(m for m, cls in METHODS.items() if "causal_lm" in cls.tasks),
-          *(a for a, (m, _) in ALIASES.items() if m in METHODS)]
+          *(a for a, (m, *_) in ALIASES.items() if m in METHODS)]
 BATCH, SEQ = 2, 32
 
 
@@ -37,7 +38,12 @@ def _backbone_gets_grad(label: str) -> bool:
     cfg = _cfg(label)
     model = tiny("tiny-llama", "causal_lm")
     backbone = [m for m in model.modules() if m is not model and m is not model.get_output_embeddings()]
-    trained = build_method(cfg.method).apply(model, ctx(model)).train()
+    method, c = build_method(cfg.method), ctx(model)
+    if method.reads_float_base():  # LoftQ: its targets quantized by its own fit (the rest stay float here)
+        from sidetune.models import quantizer
+
+        c.quantize = quantizer(cfg.model, torch.device("cpu"))
+    trained = method.apply(model, c).train()
     seen = []
     hooks = [m.register_forward_hook(lambda m, a, out: seen.append(
         any(t.requires_grad for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor))))
@@ -64,7 +70,7 @@ def cpu_profile(tmp_path_factory):
 
 def test_profile_writes_json_markdown_png(cpu_profile):
     out, rows = cpu_profile
-    floors = {"floor", *(f"floor-{ALIASES[a][1]}" for a in LABELS if a in ALIASES)}
+    floors = {"floor", *(f"floor-{ALIASES[a][1]}" for a in LABELS if a in ALIASES and ALIASES[a][1])}
     assert set(rows) == {*LABELS, *floors}
     for r in rows.values():
         assert r["error"] is None, r
@@ -351,3 +357,56 @@ def test_cuda_prediction_within_10_percent_of_max_memory_allocated(label):
     spec = next(s for s in resolve_rows(label, "tiny-llama", "causal_lm", 4, 128, []) if s.label == label)
     row = profile_row(spec, "cuda", "cuda", 1)
     assert abs(row["prediction_error"]) <= 0.10, row
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The LoRA variants' own costs: DoRA's magnitude and norm, the inits' one-time work
+
+
+def _targets_qv():
+    """(out, in) of tiny-llama's default LoRA targets (q_proj and v_proj of each block)."""
+    model = tiny("tiny-llama", "causal_lm")
+    return [(m.out_features, m.in_features) for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))]
+
+
+def test_dora_row_counts_its_magnitude_norm_flops_and_activations():
+    """The dora row against the lora row on the same step (fake tensors): the magnitude vector is one trainable
+    number per output row (its gradient and two Adam moments with it); the norm ||W + s B A|| costs the B A product
+    in the forward (2 out r in FLOPs a layer) and nothing in the backward (detached); m's gradient keeps W x and
+    s B A x (two tokens x out fp32 activations a layer) and a few out-sized vectors."""
+    lora, dora = (measure(_cfg(label), True, "cpu", fake=True) for label in ("lora", "dora"))
+    shapes, r, tokens = _targets_qv(), load_config(None, _spec("lora").overrides).method.r, BATCH * SEQ
+    outs = sum(o for o, _ in shapes)
+    assert dora["params_trainable"] - lora["params_trainable"] == outs
+    # two Adam moments per number, and a float32 step count per tensor
+    assert dora["optimizer_bytes"] - lora["optimizer_bytes"] == 2 * 4 * outs + 4 * len(shapes)
+    assert dora["grads_bytes"] - lora["grads_bytes"] == 4 * outs
+    assert dora["fwd_flops"] - lora["fwd_flops"] == sum(2 * o * r * i for o, i in shapes)
+    assert dora["bwd_dw_flops"] == lora["bwd_dw_flops"] and dora["bwd_dx_flops"] == lora["bwd_dx_flops"]
+    extra = dora["act_method_bytes"] - lora["act_method_bytes"]
+    assert 2 * tokens * outs * 4 <= extra <= 2 * tokens * outs * 4 + 4 * outs * 4, extra
+    assert dora["act_backbone_bytes"] == lora["act_backbone_bytes"]
+
+
+def test_init_one_time_cost_predicted_and_measured():
+    """The method's apply, around which the profile watches: plain LoRA and DoRA allocate exactly A and B (and m)
+    plus DoRA's norm, predicted to the byte; PiSSA adds at least its SVD's U, S, V of the largest layer, OLoRA its
+    QR, LoftQ its quantized copies; the prediction counts tensors, not the kernels' scratch (LAPACK's workspace,
+    bitsandbytes' quantizer buffers), so it is at most the measured peak."""
+    shapes = _targets_qv()
+    r = load_config(None, _spec("lora").overrides).method.r
+    ab = 4 * sum(r * i + o * r for o, i in shapes)
+    rows = {label: profile_row(_spec(label, seq=8), "cpu", "cpu", 0)
+            for label in ("lora", "dora", "pissa", "olora", "loftq")}
+    assert rows["lora"]["init_peak_bytes"] == rows["lora"]["predicted_init_peak_bytes"] == ab
+    assert rows["dora"]["init_peak_bytes"] == rows["dora"]["predicted_init_peak_bytes"] > ab + 4 * sum(
+        o for o, _ in shapes)
+    o, i = max(shapes)
+    k = min(o, i)
+    assert rows["pissa"]["predicted_init_peak_bytes"] >= ab + 4 * (o * k + k + k * i)  # U, S, Vh of the largest
+    assert rows["olora"]["predicted_init_peak_bytes"] >= ab + 4 * (o * k + k * i)  # Q, R
+    for label in ("pissa", "olora", "loftq"):
+        row = rows[label]
+        assert row["init_s"] > 0 and row.get("prediction_failed") is None
+        assert rows["lora"]["init_peak_bytes"] < row["predicted_init_peak_bytes"] <= row["init_peak_bytes"] * 1.01
+    assert "| dora |" in markdown_table(list(rows.values()))

@@ -116,8 +116,9 @@ def float32_linear(layer):
         weight = bnb.functional.int8_vectorwise_dequant(w.data, scb)
     new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device,
                     dtype=torch.float32)
-    new.weight.copy_(weight.reshape(layer.out_features, layer.in_features).float())
-    if layer.bias is not None:
-        new.bias.copy_(layer.bias.float())
+    with torch.no_grad():
+        new.weight.copy_(weight.reshape(layer.out_features, layer.in_features).float())
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias.float())
     new.requires_grad_(False)
     return new

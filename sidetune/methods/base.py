@@ -35,6 +35,9 @@ class Context:
     # A reload of a finished run or checkpoint: the trainable set and `Method.changed_base` are loaded over whatever
     # `apply` initialises, so a data-dependent init is skipped (there is no calibration data then).
     reload: bool = False
+    # The run's quantizer of one float nn.Linear (models.quantizer), given when the base is quantized after `apply`
+    # (`Method.reads_float_base`); None when the base loaded as the run trains it.
+    quantize: Callable[[nn.Module], nn.Module] | None = None
     _tokenizer: Any = field(default=None, repr=False)
 
     @classmethod
@@ -97,6 +100,14 @@ class Method(Protocol):
         (`Context.reload`) copies them back instead of recomputing the init, which would need the training data and
         whose SVD depends on the device. Default none."""
         return []
+
+    def reads_float_base(self) -> bool:
+        """True when `apply`'s init must read the 16-bit weights of a quantized base (LoftQ fits A, B to the
+        quantization error of W, which the 4-bit bytes no longer hold). The build then loads the base unquantized,
+        hands `apply` the run's quantizer (`Context.quantize`), and quantizes the frozen linears `apply` left in
+        float after it. A reload reads the stored 4-bit base (`changed_base`) and loads quantized as usual.
+        Default False."""
+        return False
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict] | None:
         """Optimizer parameter groups (LoRA+ gives B a larger lr). Default None: one group at `lr`."""

@@ -10,7 +10,8 @@ With the standard init (A Kaiming-uniform, B = 0) the update is zero, so step 0 
 sets A and B from the SVD of the full-weight gradient on a few training batches and subtracts the initial B A from
 the frozen weight, so that the first steps follow full fine-tuning's gradient (`_lora_ga.py`). `pissa` (arXiv
 2404.02948) and `olora` (arXiv 2406.01775) read A and B from the weight itself (its top-r SVD, its QR) and keep the
-residual as the frozen weight (`_lora_weight_init.py`).
+residual as the frozen weight, and `loftq` (arXiv 2310.08659, a quantized base) fits the 4-bit base and B A to the
+16-bit weight together (`_lora_weight_init.py`).
 
 DoRA (arXiv 2402.09353, `dora: true`) splits the adapted weight into a direction and a trained magnitude m (one per
 output row, initialised to the row norms of W + s B A, as PEFT does):
@@ -69,7 +70,7 @@ from sidetune.methods.base import Context, Method
 
 # Inits that move the frozen weight (declared through `changed_base`), and those that read it.
 WEIGHT_INITS = ("pissa", "olora")
-CHANGES_BASE = ("lora_ga", *WEIGHT_INITS)
+CHANGES_BASE = ("lora_ga", "loftq", *WEIGHT_INITS)
 
 
 @dataclass
@@ -85,13 +86,16 @@ class LoRAConfig:
     alpha: float = opt(16.0, "Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora).")
     dropout: float = opt(0.0, "Dropout on the LoRA branch's input.")
     rslora: bool = opt(False, "Rank-stabilised scaling alpha / sqrt(r).")
-    init: Literal["standard", "a_zero", "gaussian", "lora_ga", "pissa", "olora"] = opt(
+    init: Literal["standard", "a_zero", "gaussian", "lora_ga", "pissa", "olora", "loftq"] = opt(
         "standard",
         "standard (A Kaiming-uniform, B = 0), a_zero (A = 0, B Kaiming-uniform), gaussian (A ~ N(0, 1/r), B = 0), "
         "lora_ga (A, B from the SVD of the weight gradient on calibration batches), pissa (A, B from the top-r SVD "
-        "of W, the residual frozen), olora (A, B from the QR of W, the residual frozen); the last three change the "
-        "frozen weight, so float bases only.",
+        "of W, the residual frozen), olora (A, B from the QR of W, the residual frozen): these three change the "
+        "frozen weight, so float bases only; loftq (a quantized base, model.quantize: the 4-bit base and A, B "
+        "fitted to W by alternating quantization and rank-r SVD).",
     )
+    loftq_iter: int = opt(1, "loftq: alternating steps (quantize W - s B A, refit B A to W - Q); PEFT's default 1, "
+                             "the paper uses up to 5.")
     pissa_niter: int = opt(0, "pissa: 0 = exact SVD; K > 0 = randomized SVD with K subspace iterations (PEFT's "
                               "pissa_niter_K; much faster on large layers).")
     dora: bool = opt(False, "DoRA: a trained magnitude per output row times the normalised direction W + s B A "
@@ -115,6 +119,7 @@ class LoRAConfig:
         check_positive("method.r", self.r)
         check_dropout("method.dropout", self.dropout)
         check_positive("method.calibration_batches", self.calibration_batches)
+        check_positive("method.loftq_iter", self.loftq_iter)
         if self.pissa_niter < 0:
             raise SidetuneError(f"method.pissa_niter must be >= 0 (0 = exact SVD), got {self.pissa_niter}")
         if self.dora and self.init_from is not None:
@@ -184,9 +189,10 @@ class LoRALinear(WrappedLinear):
         return None if self.row_mask is None else self.row_mask[:, 0].nonzero()[:, 0]
 
     @torch.no_grad()
-    def start_from(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """A data- or weight-derived init (LoRA-GA, PiSSA, OLoRA): A = a, B = b on the adapted rows (0 elsewhere),
-        and s B A subtracted from the float base weight, so that step 0 still equals the base."""
+    def start_from(self, a: torch.Tensor, b: torch.Tensor, offset_base: bool = True) -> None:
+        """A data- or weight-derived init (LoRA-GA, PiSSA, OLoRA, LoftQ): A = a, B = b on the adapted rows (0
+        elsewhere), and (`offset_base`) s B A subtracted from the float base weight, so that step 0 still equals
+        the base (LoftQ sets its own base)."""
         rows = self.adapted_rows()
         self.lora_A.weight.copy_(a)
         if rows is None:
@@ -194,6 +200,8 @@ class LoRALinear(WrappedLinear):
         else:
             self.lora_B.weight.zero_()
             self.lora_B.weight[rows] = b
+        if not offset_base:
+            return
         weight = self.base.weight
         # In fp32, rounded once to the base dtype (a bf16 base keeps step 0 equal to bf16 precision only).
         weight.copy_((weight.float() - self.delta_weight().to(weight.device)).to(weight.dtype))
@@ -325,6 +333,8 @@ class LoRA(Method):
         if from_weight:
             for name in names:  # refused before any layer is touched
                 _weight_init.check_float_base(name, model.get_submodule(name), c.init)
+        if c.init == "loftq" and not ctx.reload:
+            _weight_init.check_loftq(names, model, ctx.quantize)
         for name in names:
             if c.dora and targets[name] is not None:  # the rows of a fused qkv: DoRA's norm is of whole rows of W
                 raise SidetuneError(f"method.dora adapts whole layers, but {name} is a fused qkv layer adapted on its "
@@ -336,6 +346,8 @@ class LoRA(Method):
                 _lora_ga.apply_init(layer, grads.pop(name), c.r, c.ga_gamma, c.ga_direction)
             elif from_weight and not ctx.reload:  # a reload copies the stored A, B and residual base
                 _weight_init.apply_init(layer, c.r, c.init, c.pissa_niter)
+            elif c.init == "loftq" and not ctx.reload:  # a reload reads the stored 4-bit base
+                _weight_init.apply_loftq(layer, c.r, c.loftq_iter, ctx.quantize)
             if layer.lora_magnitude_vector is not None:
                 layer.reset_magnitude()  # after the init: m = ||W_res + s B A|| = ||W||
             replace_module(model, name, layer)
@@ -351,8 +363,13 @@ class LoRA(Method):
                                         f"[{name.rsplit('.', 1)[-1]}] to adapt the whole layer as the adapter does")
         return model
 
+    def reads_float_base(self) -> bool:
+        """LoftQ fits A, B to the error of quantizing W: it needs W itself, before the base is quantized."""
+        return self.cfg.init == "loftq"
+
     def changed_base(self, model: nn.Module) -> list[str]:
-        """The base weights an init moved: LoRA-GA's W - s B0 A0, PiSSA's and OLoRA's residual W - s B A."""
+        """The base weights an init moved: LoRA-GA's W - s B0 A0, PiSSA's and OLoRA's residual W - s B A, LoftQ's
+        4-bit Q (its bytes and block scales: `rundir.changed_state`)."""
         if self.cfg.init not in CHANGES_BASE:
             return []
         return [f"{n}.base.weight" for n, m in model.named_modules() if isinstance(m, LoRALinear)]

@@ -168,8 +168,13 @@ def measure(cfg, train: bool, target: str, fake: bool, timed_steps: int = 0, app
             stack.enter_context(mem.AllTrueMasks())
             stack.enter_context(mem.fake_as_data())
         # The floor builds the bare model (every weight then frozen); a method row builds exactly what `train` does.
+        init = InitWatch(device, fake)
         s = build(cfg, device, with_data=False, with_optimizer=train and apply is None, fake=fake,
-                  apply=(lambda m: m) if not train else apply)
+                  apply=(lambda m: m) if not train else apply, watch_apply=init)
+        if train:
+            out["init_peak_bytes"] = init.peak
+            if not fake:
+                out["init_s"] = init.seconds
         trained = s.model
         if train:
             module, optimizer = s.module, s.optimizer
@@ -271,6 +276,54 @@ def measure(cfg, train: bool, target: str, fake: bool, timed_steps: int = 0, app
     return out
 
 
+class InitWatch:
+    """Around `Method.apply`: its one-time cost (PiSSA's SVD, OLoRA's QR, LoftQ's alternating fit, LoRA-GA's
+    calibration gradients; for other methods, creating the trainable parts). `peak`: the most bytes it allocated
+    that were live at once (what it adds to the build's peak), from the CPU allocator or CUDA's peak counter on a
+    real device, from the live-storage tracker on fake tensors (a prediction); `seconds`: its wall time."""
+
+    def __init__(self, device, fake: bool) -> None:
+        self.device, self.fake = device, fake
+        self.peak, self.seconds = 0, 0.0
+        self._model = None
+
+    def __call__(self, model) -> InitWatch:
+        self._model = model  # its weights exist before: a view or detached alias of one allocates nothing
+        return self
+
+    def __enter__(self) -> InitWatch:
+        import torch
+
+        from sidetune import memory as mem
+
+        self._inner = None
+        if self.fake:
+            self._inner = mem.LiveTracker()
+            self._inner.track(mem.weight_tensors(self._model) if self._model is not None else [], "weights")
+            self._baseline = self._inner.live_bytes()
+        elif self.device.type == "cpu":
+            self._inner = mem.CPUAllocatorPeak()
+        elif self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        if self._inner is not None:
+            self._inner.__enter__()
+        self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.device.type == "cuda" and not self.fake:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._start
+        self.seconds = time.perf_counter() - self._t
+        if self._inner is not None:
+            self._inner.__exit__(*exc)
+            self.peak = self._inner.peak - (self._baseline if self.fake else 0)
+
+
 def _blocks(model) -> list:
     """The transformer blocks of a model: the longest ModuleList (what FSDP wraps one unit each)."""
     from torch import nn
@@ -308,7 +361,12 @@ def profile_row(spec: RowSpec, device: str, target: str, steps: int) -> dict[str
     if source is None:
         row["error"] = row.get("error") or row.get("prediction_failed")
         return Row.from_dict(row).to_dict()
-    row.update({k: v for k, v in source.items() if k not in ("peak_bytes", "peak_phase", "peak_breakdown")})
+    row.update({k: v for k, v in source.items() if k not in ("peak_bytes", "peak_phase", "peak_breakdown",
+                                                             "init_peak_bytes")})
+    if real is not None and "init_peak_bytes" in real:
+        row.update(init_peak_bytes=real["init_peak_bytes"], init_s=real["init_s"])
+    if pred is not None and "init_peak_bytes" in pred:
+        row["predicted_init_peak_bytes"] = pred["init_peak_bytes"]
     if real is not None:
         row.update(tracked_peak_bytes=real["peak_bytes"], peak_phase=real["peak_phase"],
                    peak_breakdown=real["peak_breakdown"])

@@ -36,8 +36,8 @@ def markdown_table(rows: list[dict]) -> str:
     scale, unit = _unit(rows)
     floors = {r.get("quantize"): r for r in rows if r.get("method") is None and peak_of(r)}
     head = ("| row | trainable params | weights | grads + optim | act: backbone (grad-to-input) | act: method | "
-            "act: head | bwd dL/dx backbone | bwd dL/dW | measured peak | predicted peak | error | step ms | "
-            "tokens/s | x floor |")
+            "act: head | fwd FLOPs | bwd dL/dx backbone | bwd dL/dW | measured peak | predicted peak | error | "
+            "step ms | tokens/s | x floor | init once: s, measured / predicted |")
     lines = [f"Memory in {unit}; FLOPs per step.", "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if r.get("error") and not peak_of(r):
@@ -50,17 +50,25 @@ def markdown_table(rows: list[dict]) -> str:
             r["label"], f"{r['params_trainable']:,}",
             _fmt(r["weights_bytes"], scale), _fmt(r["grads_bytes"] + r["optimizer_bytes"], scale),
             _fmt(r["act_backbone_bytes"], scale), _fmt(r["act_method_bytes"], scale), _fmt(r["act_head_bytes"], scale),
-            _flops(r["bwd_dx_flops_backbone"]), _flops(r["bwd_dw_flops"]),
+            _flops(r["fwd_flops"]), _flops(r["bwd_dx_flops_backbone"]), _flops(r["bwd_dw_flops"]),
             _fmt(r.get("measured_peak_bytes"), scale), _fmt(r.get("predicted_peak_bytes"), scale),
             "–" if err is None else f"{100 * err:+.1f}%",
             "–" if r.get("step_time_s") is None else f"{1000 * r['step_time_s']:.1f}",
-            "–" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}", ratio,
+            "–" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}", ratio, _init(r, scale),
         ]) + " |")
     hosted = [r for r in rows if r.get("host_bytes")]
     if hosted:
         lines += ["", "Kept in host memory, outside the peaks above: " + ", ".join(
             f"{r['label']} {_fmt(r['host_bytes'], scale)}" for r in hosted) + " (LST's method.ladder_offload)."]
     return "\n".join(lines)
+
+
+def _init(r: dict, scale: float) -> str:
+    """The method's one-time apply (its init): seconds, and its peak measured / predicted."""
+    if r.get("method") is None or (r.get("init_peak_bytes") is None and r.get("predicted_init_peak_bytes") is None):
+        return "–"
+    secs = "–" if r.get("init_s") is None else f"{r['init_s']:.2f} s"
+    return f"{secs}, {_fmt(r.get('init_peak_bytes'), scale)} / {_fmt(r.get('predicted_init_peak_bytes'), scale)}"
 
 
 def reading(rows: list[dict], vram: int | None) -> str:

@@ -13,7 +13,29 @@ from typing import Any
 from sidetune.errors import SidetuneError
 from sidetune.fields import opt
 
-ALIASES = {"qlora": ("lora", "nf4"), "qlst": ("lst", "nf4")}  # alias -> (method, model.quantize)
+# alias -> (method, model.quantize, method settings): a 4-bit base, or a LoRA variant profiled under its own name
+# (a DoRA row's magnitude vector and norm, an init's one-time SVD / QR / LoftQ fit).
+ALIASES: dict[str, tuple[str, str | None, dict[str, object]]] = {
+    "qlora": ("lora", "nf4", {}), "qlst": ("lst", "nf4", {}), "dora": ("lora", None, {"dora": True}),
+    "pissa": ("lora", None, {"init": "pissa"}), "olora": ("lora", None, {"init": "olora"}),
+    "loftq": ("lora", "nf4", {"init": "loftq"}),
+}
+
+
+def alias_overrides(alias: str) -> list[str]:
+    """The config overrides an alias stands for, beyond method.name."""
+    import json
+
+    _, quantize, settings = ALIASES[alias]
+    return [*([f"model.quantize={quantize}"] if quantize else []),
+            *(f"method.{k}={json.dumps(v)}" for k, v in settings.items())]
+
+
+def label_for(method_cfg, quantize: str | None) -> str:
+    """A config's row label: the most specific alias it is an instance of, else its method's name."""
+    matches = [(len(settings), a) for a, (m, q, settings) in ALIASES.items() if m == method_cfg.name and
+               q == quantize and all(getattr(method_cfg, k, None) == v for k, v in settings.items())]
+    return max(matches)[1] if matches else method_cfg.name
 GiB, MiB = 1024**3, 1024**2
 
 
@@ -36,9 +58,9 @@ def resolve_rows(methods: str, model: str, task: str, batch: int, seq: int, sets
     from sidetune.config import load_config
     from sidetune.methods import METHODS
 
-    available = {**{m: (m, None) for m in METHODS}, **{a: v for a, v in ALIASES.items() if v[0] in METHODS}}
+    available = {**{m: m for m in METHODS}, **{a: v[0] for a, v in ALIASES.items() if v[0] in METHODS}}
     if methods.strip() == "all":  # every method that trains this task (PET classifies only, ...)
-        names = [n for n, (m, _) in available.items() if task in METHODS[m].tasks]
+        names = [n for n, m in available.items() if task in METHODS[m].tasks]
     else:
         names = [m.strip() for m in methods.split(",") if m.strip()]
     for name in names:
@@ -65,10 +87,9 @@ def resolve_rows(methods: str, model: str, task: str, batch: int, seq: int, sets
     rows = []
     quantized = set()
     for name in names:
-        method, quantize = available[name]
-        overrides = [*common, *global_sets, f"method.name={method}"]
-        if quantize:
-            overrides.append(f"model.quantize={quantize}")
+        method = available[name]
+        overrides = [*common, *global_sets, f"method.name={method}", *(alias_overrides(name) if name in ALIASES
+                                                                        else [])]
         for item in scoped:
             scope, _, rest = item.partition(".")
             if scope in (name, method, "method"):
@@ -104,7 +125,7 @@ def recipe_rows(path: str, model: str | None, batch: int | None, seq: int | None
     own = [f"method.{k}={json.dumps(v)}" for k, v in (raw.get("method") or {}).items()]
     own += [s for s in sets if s.startswith("method.")]  # --set method.r=32: the recipe row's own method
     quantize = load_config(None, shared).model.quantize
-    label = next((a for a, (m, q) in ALIASES.items() if m == cfg.method.name and q == quantize), cfg.method.name)
+    label = label_for(cfg.method, quantize)
     rows = [RowSpec("floor" if quantize is None else f"floor-{quantize}", None, shared),
             RowSpec(f"{label} (recipe)", cfg.method.name, [*shared, *own])]
     if methods:
@@ -170,6 +191,11 @@ class Row:
     host_bytes: int | None = opt(
         None, "Peak bytes the step kept in host memory instead of on the device (LST's method.ladder_offload); "
               "outside every peak above.")
+    init_s: float | None = opt(None, "Seconds the method's apply took, once per run (its init: PiSSA's SVD, OLoRA's QR, "
+                                     "LoftQ's fit; real devices).")
+    init_peak_bytes: int | None = opt(None, "Most bytes the method's apply had allocated at once (its init's one-time "
+                                            "memory, over the loaded model), measured on the real device.")
+    predicted_init_peak_bytes: int | None = opt(None, "The same on fake tensors (the live-storage tracker).")
     block_bytes: int | None = opt(None, "Weight bytes of the largest transformer block (FSDP's unit of all-gather).")
     processes: int | None = opt(None, "--processes the per-GPU prediction is for (1: a single process).")
     shard: str | None = opt(None, "--shard: ddp or fsdp.")
