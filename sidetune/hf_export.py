@@ -1,0 +1,147 @@
+"""`sidetune export RUN_DIR --hf OUT`: any run as a self-contained transformers directory that loads without sidetune:
+
+    AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)      (a classifier run: ...ForSequenceClassification)
+
+OUT holds config.json (the base model's config as `text_config`, the method's forward-time settings as `sidetune`,
+and `auto_map` naming the modeling code), model.safetensors, the modeling code (sidetune/portable/: the very modules
+sidetune trains with, which import nothing of sidetune), the tokenizer with its chat template and the base model's
+generation config. A method that cannot merge says what it adds at forward time (`Method.hf_export`); a method whose
+update lives in the weights (LoRA, IA3, BitFit, full) is merged instead and OUT is a plain transformers directory.
+
+The base model's weights: a 4-bit or 8-bit base is dequantized (the weights the run trained against, as `--merge`
+does) and saved in `--dtype`. The method's own parts stay float32, as they trained. The directory is written beside
+OUT and renamed into place, so a failure leaves nothing behind, and OUT is replaced only if it is empty or an earlier
+`--hf` export.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sidetune.errors import SidetuneError
+
+MARK = "sidetune_export.json"  # written last into OUT: says that sidetune wrote the directory (and may replace it)
+MODEL_TYPE = "sidetune"
+
+
+def check_target(out: str | Path, overwrite: bool) -> Path:
+    """OUT may be new, empty, or (with --overwrite) an earlier --hf export; anything else is refused in one line."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SidetuneError(f"export target {str(out)!r} is a file; pick a new directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARK).is_file():
+            raise SidetuneError(f"export target {str(out)!r} holds files sidetune did not write; pick a new or an "
+                                f"empty directory")
+        if not overwrite:
+            raise SidetuneError(f"export target {str(out)!r} holds an earlier export; pick a new directory or pass "
+                                f"--overwrite to replace it")
+    return out
+
+
+def export_hf(run_dir: str | Path, out: str | Path, dtype: str = "auto", overwrite: bool = False) -> tuple[Path, str]:
+    """Write the run as a self-contained transformers directory at `out`. Returns (out, one line saying what the
+    base weights are and how large the directory is)."""
+    from sidetune.methods._inject import float32_linear, is_quantized_linear, replace_module
+    from sidetune.rundir import open_run
+
+    out = check_target(out, overwrite)
+    run = open_run(run_dir)
+    s = run.load("cpu")
+    exported = s.method.hf_export(s.model)
+    if exported is None:  # the update is in the weights: the merged model is a plain transformers directory
+        from sidetune.export import merge_model
+
+        model = merge_model(s, dtype)
+        size = _commit(out, lambda d: (model.save_pretrained(d), s.tokenizer.save_pretrained(d)),
+                       {"method": run.cfg.method.name, "kind": "merged"})
+        return out, f"merged model written to {out} ({model.dtype}, {size / 2**20:.1f} MiB)"
+
+    backbone = exported.backbone
+    quantized = [n for n, m in backbone.named_modules() if is_quantized_linear(m)]
+    with torch.no_grad():
+        for name in quantized:
+            replace_module(backbone, name, float32_linear(backbone.get_submodule(name)))
+    save_dtype = backbone.get_input_embeddings().weight.dtype if dtype == "auto" else getattr(torch, dtype)
+    if dtype == "auto" and quantized:  # 4-bit storage has no float dtype of its own: the compute dtype's
+        save_dtype = torch.float32 if s.cfg.model.dtype in (None, "auto", "float32") else getattr(torch,
+                                                                                                   s.cfg.model.dtype)
+    model = _build(backbone, exported, s.cfg.data.task, save_dtype)
+    model.generation_config = backbone.generation_config
+
+    def write(d: Path) -> None:
+        from sidetune.models import _quiet_transformers
+
+        with _quiet_transformers():
+            model.save_pretrained(d)
+        s.tokenizer.save_pretrained(d)
+
+    size = _commit(out, write, {"method": run.cfg.method.name, "kind": exported.spec["kind"]})
+    base = (f"4-bit base dequantized to {str(save_dtype).removeprefix('torch.')}" if quantized
+            else f"base in {str(save_dtype).removeprefix('torch.')}")
+    return out, (f"{run.cfg.method.name} run written to {out}: {base}, {size / 2**20:.1f} MiB; load it with "
+                 f"trust_remote_code=True")
+
+
+def _build(backbone: torch.nn.Module, exported, task: str, dtype: torch.dtype):
+    """The exported transformers model (sidetune/portable/modeling_sidetune.py) holding the run's tensors: the
+    backbone's in `dtype`, the method's own in float32."""
+    from sidetune.portable.modeling_sidetune import (
+        SidetuneConfig,
+        SidetuneForCausalLM,
+        SidetuneForSequenceClassification,
+    )
+
+    text = backbone.config.to_dict()
+    text.pop("quantization_config", None)
+    text["dtype"] = str(dtype).removeprefix("torch.")
+    for key in ("_name_or_path", "architectures", "auto_map"):
+        text.pop(key, None)
+    cls = SidetuneForSequenceClassification if task == "classification" else SidetuneForCausalLM
+    config = SidetuneConfig(text_config=text, sidetune=exported.spec, architectures=[cls.__name__])
+    config.text_config._attn_implementation = backbone.config._attn_implementation
+    model = cls(config).eval()
+    state = {f"backbone.{k}": (v.to(dtype) if v.is_floating_point() else v)
+             for k, v in backbone.state_dict().items()}
+    state |= {k: v.detach().float() for k, v in exported.tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:  # a method's hf_export and the modeling code disagree: a sidetune bug, not user input
+        raise RuntimeError(f"export --hf: the exported model does not fit the run (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
+    model.to(dtype)
+    for name in cls._keep_in_fp32_modules_strict:  # the method's parts, as they trained
+        for n, t in list(model.named_parameters()):
+            if n == name or n.startswith(f"{name}.") or f".{name}." in n:
+                t.data = t.data.float()
+    config.dtype = dtype
+    SidetuneConfig.register_for_auto_class()
+    cls.register_for_auto_class("AutoModelForSequenceClassification" if task == "classification"
+                                else "AutoModelForCausalLM")
+    return model
+
+
+def _commit(out: Path, write, mark: dict) -> int:
+    """Write into a temporary directory beside `out`, then swap it in (an earlier export at `out` is removed only
+    after the new one is complete). Returns the bytes written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        write(tmp)
+        (tmp / MARK).write_text(json.dumps({"written_by": "sidetune", **mark}) + "\n")
+        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old)
+        return size
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
