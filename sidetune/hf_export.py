@@ -72,7 +72,8 @@ def export_hf(run_dir: str | Path, out: str | Path, dtype: str = "auto", overwri
         save_dtype = torch.float32 if s.cfg.model.dtype in (None, "auto", "float32") else getattr(torch,
                                                                                                    s.cfg.model.dtype)
     model = _build(backbone, exported, s.cfg.data.task, save_dtype)
-    model.generation_config = backbone.generation_config
+    if getattr(backbone, "generation_config", None) is not None:  # a causal LM's defaults (eos, sampling)
+        model.generation_config = backbone.generation_config
 
     def write(d: Path) -> None:
         from sidetune.models import _quiet_transformers

@@ -257,10 +257,11 @@ def _wrap_adapters(model: nn.Module, adapters: list[dict]) -> None:
         parent_name, _, child = a["name"].rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
-        kw = dict(dim=a["dim"], width=a["width"], activation=a["activation"], dropout=0.0, scaling=a["scaling"])
         if a["kind"] == "ffn_input":
-            new = FFNInput(base, slots.setdefault(a["name"], {}))
-        elif a["kind"] == "parallel_output":
+            setattr(parent, child, FFNInput(base, slots.setdefault(a["name"], {})))
+            continue
+        kw = dict(dim=a["dim"], width=a["width"], activation=a["activation"], dropout=0.0, scaling=a["scaling"])
+        if a["kind"] == "parallel_output":
             new = ParallelOutputAdapter(base, slots.setdefault(a["input"], {}), **kw)
         elif a["kind"] == "parallel":
             new = ParallelAdapter(base, **kw)
