@@ -17,6 +17,7 @@ OUT and renamed into place, so a failure leaves nothing behind, and OUT is repla
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,8 +37,8 @@ def check_target(out: str | Path, overwrite: bool) -> Path:
         raise SidetuneError(f"export target {str(out)!r} is a file; pick a new directory")
     if out.is_dir() and any(out.iterdir()):
         if not (out / MARK).is_file():
-            raise SidetuneError(f"export target {str(out)!r} holds files sidetune did not write; pick a new or an "
-                                f"empty directory")
+            raise SidetuneError(f"export target {str(out)!r} holds files that are not an earlier `sidetune export "
+                                f"--hf`; pick a new or an empty directory")
         if not overwrite:
             raise SidetuneError(f"export target {str(out)!r} holds an earlier export; pick a new directory or pass "
                                 f"--overwrite to replace it")
@@ -115,10 +116,10 @@ def _build(backbone: torch.nn.Module, exported, task: str, dtype: torch.dtype):
         raise RuntimeError(f"export --hf: the exported model does not fit the run (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]})")
     model.to(dtype)
-    for name in cls._keep_in_fp32_modules_strict:  # the method's parts, as they trained
-        for n, t in list(model.named_parameters()):
-            if n == name or n.startswith(f"{name}.") or f".{name}." in n:
-                t.data = t.data.float()
+    fp32 = cls._keep_in_fp32_modules_strict
+    for name, t in model.named_parameters():  # the method's parts, as they trained
+        if any(part in name for part in fp32):
+            t.data = t.data.float()
     config.dtype = dtype
     SidetuneConfig.register_for_auto_class()
     cls.register_for_auto_class("AutoModelForSequenceClassification" if task == "classification"
@@ -131,6 +132,9 @@ def _commit(out: Path, write, mark: dict) -> int:
     after the new one is complete). Returns the bytes written."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; OUT gets the permissions a plain mkdir would give
     try:
         write(tmp)
         (tmp / MARK).write_text(json.dumps({"written_by": "sidetune", **mark}) + "\n")

@@ -157,7 +157,7 @@ class SoftPromptModel(ShardsLikeInner, nn.Module):
         virtual = self.prompt().float()
         self.train(was)
         spec = {"kind": "soft_prompt", "before": self.before, "after": self.after, "d": virtual.shape[-1]}
-        return HFExport(spec, self.model, {"virtual": virtual})
+        return HFExport(spec, self.model, {"soft_prompt": virtual})
 
     def _inner(self) -> nn.Module:
         return self.model

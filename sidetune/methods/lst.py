@@ -416,5 +416,5 @@ class LST(Method):
                 "classifier_input": self.cfg.classifier_input if classifies else None,
                 "pooling": model.head.pooling if classifies else None,
                 "classifier": classifier_name(model.backbone) if classifies else None}
-        tensors = {f"side.{k}": v for k, v in side.state_dict().items()} | {"up.weight": model.up.weight}
+        tensors = {f"side_network.{k}": v for k, v in side.state_dict().items()} | {"side_up.weight": model.up.weight}
         return HFExport(spec, model.backbone, tensors)

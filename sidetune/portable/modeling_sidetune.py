@@ -71,7 +71,9 @@ class SidetunePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     # The method's parts were trained in fp32 beside a maybe-bf16 base: they stay fp32 whatever dtype loads.
-    _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["side", "up", "adapter", "prefix_kv", "virtual"]
+    # (transformers matches these as substrings of parameter names: hence the distinctive names.)
+    _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["side_network", "side_up", ".adapter.", "prefix_kv",
+                                                         "soft_prompt"]
 
     def __init__(self, config: SidetuneConfig, auto_class) -> None:
         super().__init__(config)
@@ -84,14 +86,14 @@ class SidetunePreTrainedModel(PreTrainedModel):
             inv_freq = torch.tensor(stack["inv_freq"], dtype=torch.float32) if stack["inv_freq"] else None
             shape = SimpleNamespace(**{**stack["shape"], "biases": frozenset(stack["shape"]["biases"]),
                                        "rel_bias": None})
-            self.side = SideStack(stack["d"], shape, stack["tapped"], stack["gate_temperature"], 0.0, 0.0, inv_freq,
+            self.side_network = SideStack(stack["d"], shape, stack["tapped"], stack["gate_temperature"], 0.0, 0.0, inv_freq,
                                   stack["rope_scaling"])
-            self.up = nn.Linear(shape.d, spec["d_out"], bias=False)
+            self.side_up = nn.Linear(shape.d, spec["d_out"], bias=False)
         elif self.kind == "prefix":
             layers, heads, head_dim = spec["kv_layout"]
             self.prefix_kv = nn.Parameter(torch.zeros(layers, 2, heads, spec["num_virtual_tokens"], head_dim))
         elif self.kind == "soft_prompt":
-            self.virtual = nn.Parameter(torch.zeros(spec["before"] + spec["after"], spec["d"]))
+            self.soft_prompt = nn.Parameter(torch.zeros(spec["before"] + spec["after"], spec["d"]))
         elif self.kind == "adapter":
             _wrap_adapters(self.backbone, spec["adapters"])
         else:
@@ -144,7 +146,7 @@ class SidetunePreTrainedModel(PreTrainedModel):
                 attention_mask = torch.ones(b, seen + t, dtype=torch.long, device=ref.device)
             mask = torch.cat([attention_mask.new_ones(b, p), attention_mask], dim=1)
             if fresh:
-                embeds = torch.cat([self.virtual.to(embeds.dtype).expand(b, -1, -1), embeds], dim=1)
+                embeds = torch.cat([self.soft_prompt.to(embeds.dtype).expand(b, -1, -1), embeds], dim=1)
             # Positions that skip pads, as sidetune's soft prompt numbers them.
             positions = (mask.long().cumsum(1) - 1).clamp(min=0)[:, -embeds.shape[1]:]
             inputs.update(input_ids=None, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
@@ -162,12 +164,13 @@ class SidetunePreTrainedModel(PreTrainedModel):
                 raise ValueError("the side network's cache and the backbone's disagree (a cropped or reordered "
                                  "cache); generate again from the start")
         layers = self.backbone.get_submodule(self.spec["layers"])
-        with capture(layers, self.side.tapped) as taps:
+        with capture(layers, self.side_network.tapped) as taps:
             out = self.backbone.base_model(**inputs, **{CACHE: cache})
         final = out.last_hidden_state
-        side = self.side(taps[-1], [taps[i] for i in self.side.tapped], inputs.get("attention_mask"),
-                         cache=side_cache, position_ids=inputs.get("position_ids"))
-        up = self.up(side)
+        tapped = self.side_network.tapped
+        side = self.side_network(taps[-1], [taps[i] for i in tapped], inputs.get("attention_mask"), cache=side_cache,
+                                 position_ids=inputs.get("position_ids"))
+        up = self.side_up(side)
         if self.spec.get("classifier_input") == "side":
             return up
         return final + up.to(final.dtype)
