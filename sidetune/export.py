@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
 def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "auto", overwrite: bool = False) -> Path:
     """Merge the run's trained weights into its base model and save model + tokenizer to `out`. Returns `out`.
     A run whose init changed the base (LoRA-GA) merges into that changed base, as it trained: W - s B0 A0 + s B A."""
+    from sidetune.hf_export import merge_model
     from sidetune.models import _quiet_transformers
     from sidetune.rundir import export_target, open_run
 
@@ -80,35 +81,3 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "auto", ove
         model.save_pretrained(out)
     s.tokenizer.save_pretrained(out)
     return out
-
-
-def merge_model(s, dtype: str = "auto"):
-    """The loaded run `s` (a session.Setup) as a plain transformers model: quantized layers dequantized, the method's
-    update merged (one line and no output for a method whose update is not in the weights), cast to `dtype`."""
-    import torch
-
-    from sidetune.methods._inject import float32_linear, is_quantized_linear, replace_module
-
-    model = s.model
-    with torch.no_grad():
-        for name, module in list(model.named_modules()):
-            if is_quantized_linear(module):  # every layer of a 4/8-bit base, trained around or not
-                replace_module(model, name, float32_linear(module))
-        model = s.method.merge(model)
-    # After the merge: a method's wrapper (prefix, LST, PET) need not expose the input embeddings, and it refuses above.
-    save_dtype = model.get_input_embeddings().weight.dtype if dtype == "auto" else getattr(torch, dtype)
-    _strip_quantization(model)
-    model.to(save_dtype)
-    model.config.dtype = save_dtype
-    return model
-
-
-def _strip_quantization(model) -> None:
-    """Forget that the model was loaded quantized, so that save_pretrained writes (and from_pretrained reads) a plain
-    float checkpoint."""
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized", "quantization_method"):
-        if attr in vars(model):
-            delattr(model, attr)

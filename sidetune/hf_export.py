@@ -56,8 +56,6 @@ def export_hf(run_dir: str | Path, out: str | Path, dtype: str = "auto", overwri
     s = run.load("cpu")
     exported = s.method.hf_export(s.model)
     if exported is None:  # the update is in the weights: the merged model is a plain transformers directory
-        from sidetune.export import merge_model
-
         model = merge_model(s, dtype)
         size = _commit(out, lambda d: (model.save_pretrained(d), s.tokenizer.save_pretrained(d)),
                        {"method": run.cfg.method.name, "kind": "merged"})
@@ -150,3 +148,35 @@ def _commit(out: Path, write, mark: dict) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def merge_model(s, dtype: str = "auto"):
+    """The loaded run `s` (a session.Setup) as a plain transformers model: quantized layers dequantized, the method's
+    update merged (one line and no output for a method whose update is not in the weights), cast to `dtype`."""
+    import torch
+
+    from sidetune.methods._inject import float32_linear, is_quantized_linear, replace_module
+
+    model = s.model
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if is_quantized_linear(module):  # every layer of a 4/8-bit base, trained around or not
+                replace_module(model, name, float32_linear(module))
+        model = s.method.merge(model)
+    # After the merge: a method's wrapper (prefix, LST, PET) need not expose the input embeddings, and it refuses above.
+    save_dtype = model.get_input_embeddings().weight.dtype if dtype == "auto" else getattr(torch, dtype)
+    _strip_quantization(model)
+    model.to(save_dtype)
+    model.config.dtype = save_dtype
+    return model
+
+
+def _strip_quantization(model) -> None:
+    """Forget that the model was loaded quantized, so that save_pretrained writes (and from_pretrained reads) a plain
+    float checkpoint."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized", "quantization_method"):
+        if attr in vars(model):
+            delattr(model, attr)
