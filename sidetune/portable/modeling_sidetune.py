@@ -167,8 +167,10 @@ class SidetunePreTrainedModel(PreTrainedModel):
         with capture(layers, self.side_network.tapped) as taps:
             out = self.backbone.base_model(**inputs, **{CACHE: cache})
         final = out.last_hidden_state
-        tapped = self.side_network.tapped
-        side = self.side_network(taps[-1], [taps[i] for i in tapped], inputs.get("attention_mask"), cache=side_cache,
+        tapped, mask = self.side_network.tapped, inputs.get("attention_mask")
+        if mask is not None and bool(mask.all()):  # generate's all-ones mask: SDPA's own causal path, no mask tensor
+            mask = None
+        side = self.side_network(taps[-1], [taps[i] for i in tapped], mask, cache=side_cache,
                                  position_ids=inputs.get("position_ids"))
         up = self.side_up(side)
         if self.spec.get("classifier_input") == "side":
