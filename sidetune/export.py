@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sidetune.errors import SidetuneError
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -38,7 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            "tokenizer) that peft.PeftModel.from_pretrained(base, OUT) loads; LoRA / QLoRA runs")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="dtype of the saved weights; auto = the dtype of the run's unquantized weights")
-    p.add_argument("--overwrite", action="store_true", help="write into OUT even if it is not empty")
+    p.add_argument("--base-ref", action="store_true",
+                   help="--hf: do not copy the base model's weights; OUT refers to the base model's directory and "
+                        "loads it as the run did (a 4-bit run: with bitsandbytes)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into OUT even if it is not empty (--hf: only over an earlier --hf export)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,10 +60,12 @@ def run(args: argparse.Namespace) -> int:
             print("sidetune: note: a DoRA adapter: PEFT loads it, but vLLM does not serve DoRA adapters; for vLLM "
                   "use `sidetune export RUN_DIR --merge OUT`")
         return 0
+    if args.base_ref and args.hf is None:
+        raise SidetuneError("--base-ref applies to --hf only; add --hf OUT, or drop --base-ref")
     if args.hf is not None:
         from sidetune.hf_export import export_hf
 
-        _, line = export_hf(args.run_dir, args.hf, args.dtype, args.overwrite)
+        _, line = export_hf(args.run_dir, args.hf, args.dtype, args.overwrite, args.base_ref)
         print(f"sidetune: {line}")
         return 0
     out = export_merged(args.run_dir, args.merge, args.dtype, args.overwrite)

@@ -45,17 +45,38 @@ def check_target(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def export_hf(run_dir: str | Path, out: str | Path, dtype: str = "auto", overwrite: bool = False) -> tuple[Path, str]:
+def export_hf(run_dir: str | Path, out: str | Path, dtype: str = "auto", overwrite: bool = False,
+              base_ref: bool = False) -> tuple[Path, str]:
     """Write the run as a self-contained transformers directory at `out`. Returns (out, one line saying what the
-    base weights are and how large the directory is)."""
+    base weights are and how large the directory is).
+
+    base_ref: store only what the run changed (the method's tensors, a trained head, adapters) and refer to the base
+    model's directory, which the exported model loads as the run did (4-bit with bitsandbytes for a Q-LST run, so
+    the loading Python needs bitsandbytes then)."""
     from sidetune.methods._inject import float32_linear, is_quantized_linear, replace_module
+    from sidetune.models import PRESETS, resolve_path
     from sidetune.rundir import open_run
 
     out = check_target(out, overwrite)
     run = open_run(run_dir)
+    base_dir = None
+    if base_ref:
+        if dtype != "auto":
+            raise SidetuneError("--dtype sets the dtype of copied base weights; with --base-ref the base loads from "
+                                "its directory as the run loaded it: drop one of the two")
+        if run.cfg.model.name in PRESETS:
+            raise SidetuneError(f"--base-ref: model.name={run.cfg.model.name} is a random-init preset, not a "
+                                f"directory to refer to; export the weights (drop --base-ref)")
+        base_dir = resolve_path(run.cfg.model.name).resolve()
     s = run.load("cpu")
     exported = s.method.hf_export(s.model)
+    if exported is not None and base_dir is not None:
+        return out, _export_base_ref(s, exported, out, base_dir, run.cfg.method.name)
     if exported is None:  # the update is in the weights: the merged model is a plain transformers directory
+        if base_dir is not None:
+            raise SidetuneError(f"--base-ref writes methods that cannot merge; a {run.cfg.method.name} run merges "
+                                f"into its base: use --hf without --base-ref, or --peft for an adapter that refers "
+                                f"to the base")
         model = merge_model(s, dtype)
         size = _commit(out, lambda d: (model.save_pretrained(d), s.tokenizer.save_pretrained(d)),
                        {"method": run.cfg.method.name, "kind": "merged"})
@@ -88,7 +109,45 @@ def export_hf(run_dir: str | Path, out: str | Path, dtype: str = "auto", overwri
                  f"trust_remote_code=True")
 
 
-def _build(backbone: torch.nn.Module, exported, task: str, dtype: torch.dtype):
+def _export_base_ref(s, exported, out: Path, base_dir: Path, method: str) -> str:
+    """--base-ref: config.json names the base directory and how the run loaded it; model.safetensors holds the
+    method's tensors and the backbone's parameters the run trained or changed (a task head, adapters, a changed
+    base), nothing else of the base."""
+    from sidetune.methods._inject import head_module_names
+    from sidetune.models import _bnb_config
+
+    backbone = exported.backbone
+    keep = {id(p) for p in s.model.parameters() if p.requires_grad}
+    keep |= {id(s.model.get_parameter(n)) for n in s.method.changed_base(s.model)}
+    keep |= {id(p) for name in head_module_names(backbone) for p in backbone.get_submodule(name).parameters()}
+    saved = [n for n, p in backbone.named_parameters() if id(p) in keep]
+    quant = _bnb_config(s.cfg.model, torch.device("cpu"))
+    dtype = backbone.get_input_embeddings().weight.dtype
+    exported.spec["base_ref"] = {
+        "path": str(base_dir), "dtype": str(dtype).removeprefix("torch."), "saved": saved,
+        "quantization": quant.to_dict() if quant is not None else None}
+    model = _build(backbone, exported, s.cfg.data.task, dtype, state_only=saved)
+    if getattr(backbone, "generation_config", None) is not None:
+        model.generation_config = backbone.generation_config
+    state = {f"backbone.{n}": backbone.get_parameter(n).detach().float() for n in saved}
+    state |= {k: v.detach().float().contiguous() for k, v in exported.tensors.items()}
+
+    def write(d: Path) -> None:
+        from sidetune.models import _quiet_transformers
+
+        with _quiet_transformers():
+            model.save_pretrained(d, state_dict=state)
+        s.tokenizer.save_pretrained(d)
+
+    size = _commit(out, write, {"method": method, "kind": exported.spec["kind"], "base_ref": str(base_dir)})
+    how = "4-bit with bitsandbytes, as the run did" if quant is not None else str(dtype).removeprefix("torch.")
+    weights = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    return (f"{method} run written to {out}: base referred to at {base_dir} (loaded {how}), the run's own tensors "
+            f"{weights / 2**20:.2f} MiB ({size / 2**20:.1f} MiB with tokenizer and code); load it with "
+            f"trust_remote_code=True")
+
+
+def _build(backbone: torch.nn.Module, exported, task: str, dtype: torch.dtype, state_only: list[str] | None = None):
     """The exported transformers model (sidetune/portable/modeling_sidetune.py) holding the run's tensors: the
     backbone's in `dtype`, the method's own in float32."""
     from sidetune.portable.modeling_sidetune import (
@@ -103,9 +162,14 @@ def _build(backbone: torch.nn.Module, exported, task: str, dtype: torch.dtype):
     for key in ("_name_or_path", "architectures", "auto_map"):
         text.pop(key, None)
     cls = SidetuneForSequenceClassification if task == "classification" else SidetuneForCausalLM
+    auto = "AutoModelForSequenceClassification" if task == "classification" else "AutoModelForCausalLM"
     config = SidetuneConfig(text_config=text, sidetune=exported.spec, architectures=[cls.__name__])
     config.text_config._attn_implementation = backbone.config._attn_implementation
     model = cls(config).eval()
+    if state_only is not None:  # --base-ref: the config and code only; the caller saves its own state dict
+        SidetuneConfig.register_for_auto_class()
+        cls.register_for_auto_class(auto)
+        return model
     state = {f"backbone.{k}": (v.to(dtype) if v.is_floating_point() else v)
              for k, v in backbone.state_dict().items()}
     state |= {k: v.detach().float() for k, v in exported.tensors.items()}
@@ -120,8 +184,7 @@ def _build(backbone: torch.nn.Module, exported, task: str, dtype: torch.dtype):
             t.data = t.data.float()
     config.dtype = dtype
     SidetuneConfig.register_for_auto_class()
-    cls.register_for_auto_class("AutoModelForSequenceClassification" if task == "classification"
-                                else "AutoModelForCausalLM")
+    cls.register_for_auto_class(auto)
     return model
 
 

@@ -8,6 +8,9 @@ matters inside the backbone (attention soft-capping, sliding windows, ALiBi, lea
 scaling: the ladders carry those signals in). Nothing here changes the backbone, so step 0 is the frozen model
 whatever the side looks like.
 
+The side modules themselves (ladders, gates, blocks, their KV cache) live in `sidetune/portable/side_network.py`,
+which imports nothing of sidetune: `sidetune export --hf` ships it, so an exported run computes with the same code.
+
 When a block's modules cannot be mapped to these roles (names that do not say q/k/v, an unusual count of norms), the
 shape falls back to a plain pre-norm block from the config and `Stack.unmapped` says why: LST then starts the side
 network from random init instead of pruned weights.

@@ -33,6 +33,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutput
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from .adapters import FFNInput, ParallelAdapter, ParallelOutputAdapter, SequentialAdapter
 from .common import head_logits, pool
@@ -98,7 +99,51 @@ class SidetunePreTrainedModel(PreTrainedModel):
             _wrap_adapters(self.backbone, spec["adapters"])
         else:
             raise ValueError(f"unknown sidetune export kind {self.kind!r}; export the run again with this sidetune")
+        if spec.get("base_ref"):  # the base's weights come from its own directory (from_pretrained below)
+            self._keys_to_ignore_on_load_missing = [r"^backbone\."]
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        config = kwargs.get("config")
+        if not isinstance(config, SidetuneConfig):
+            config = SidetuneConfig.from_pretrained(*args[:1], **{k: v for k, v in kwargs.items()
+                                                                   if k in ("trust_remote_code", "revision")})
+        if not config.sidetune.get("base_ref"):
+            return super().from_pretrained(*args, **kwargs)
+        # The base's weights are absent here by design, and the base's task head (if any) comes from here:
+        # transformers' reports of missing weights would only mislead.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = super().from_pretrained(*args, **kwargs)
+            model._attach_base(config.sidetune["base_ref"])
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        return model
+
+    def _attach_base(self, ref: dict) -> None:
+        """An export that refers to its base (`sidetune export --base-ref`): load the base from its directory as the
+        run loaded it (4-bit with bitsandbytes for a Q-LST run), wrap the adapters again, and put the run's own
+        backbone tensors (a task head, adapters), loaded from this directory, into it."""
+        kwargs: dict[str, Any] = {"dtype": getattr(torch, ref["dtype"])}
+        if ref.get("quantization"):
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig.from_dict(ref["quantization"])
+            kwargs["device_map"] = {"": next(self.parameters()).device}
+        base = type(self.backbone).from_pretrained(ref["path"], config=self.config.text_config, **kwargs)
+        for module in base.modules():
+            # bitsandbytes repacks 4-bit weights for a bf16 CPU kernel in eval mode: keep the kernel the run used.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+        if self.kind == "adapter":
+            _wrap_adapters(base, self.spec["adapters"])
+        with torch.no_grad():
+            for name in ref["saved"]:
+                target = base.get_parameter(name)
+                target.data = self.backbone.get_parameter(name).data.to(target.device)
+        self.backbone = base.eval()
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
