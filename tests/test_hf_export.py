@@ -231,3 +231,37 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert (tmp_path / "again" / MARK).is_file()
     assert main(["export", str(run), "--hf", str(tmp_path / "again")]) == 2
     _export(run, tmp_path / "again", "--overwrite")
+
+
+def test_base_ref_stores_only_the_runs_tensors_and_loads_the_base_as_the_run_did(tmp_path, capsys):
+    from sidetune.models import load_model
+
+    base = tmp_path / "base"
+    load_model(load_config(None, ["model.name=tiny-llama"]).model, "causal_lm").save_pretrained(base)
+    model_args = [f"model.name={base}", "model.tokenizer=smollm2-135m"]
+    for name, task, extra in (("qlst", "causal_lm", ["model.quantize=nf4"]), ("adapter", "causal_lm", []),
+                              ("cls", "classification", [])):
+        method = "adapter" if name == "adapter" else "lst"
+        run = _run(tmp_path / name, method, str(base), task, *model_args[1:], *extra)
+        out = tmp_path / name / "hf"
+        _export(run, out, "--base-ref")
+        line = capsys.readouterr().out
+        assert f"base referred to at {base}" in line
+        assert ("4-bit with bitsandbytes" in line) == (name == "qlst")
+        config = json.loads((out / "config.json").read_text())
+        assert config["sidetune"]["base_ref"]["path"] == str(base)
+        weights = load_file(out / "model.safetensors")
+        assert "backbone.model.embed_tokens.weight" not in weights  # the base stays in its directory
+        assert (out / "model.safetensors").stat().st_size < 0.05 * (base / "model.safetensors").stat().st_size
+        auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+        model = auto.from_pretrained(out, trust_remote_code=True).eval()
+        ref, _ = load_run(run)
+        assert_close(_logits(model, IDS[:1], MASK[:1]), _logits(ref, IDS[:1], MASK[:1]), rtol=1e-5, atol=1e-5)
+
+    assert main(["export", str(tmp_path / "qlst" / "run"), "--hf", str(tmp_path / "x"), "--base-ref", "--dtype",
+                 "bfloat16"]) == 2
+    preset = _run(tmp_path / "preset", "lst", "tiny-llama")
+    assert main(["export", str(preset), "--hf", str(tmp_path / "y"), "--base-ref"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("sidetune: error:") == 2 and "random-init preset" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
