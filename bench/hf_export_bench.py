@@ -78,7 +78,7 @@ def main() -> None:
     print(f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or 'cpu'}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; run {run}")
     print(f"max |logit difference| on {len(PROMPTS)} prompts: {worst:.3g}; greedy tokens equal: {same}")
-    print("| generate, batch 1, greedy | ms / token (median of %d) |\n|---|---|" % args.reps)
+    print(f"| generate, batch 1, greedy | ms / token (median of {args.reps}) |\n|---|---|")
     for k, v in med.items():
         print(f"| {k} | {v:.2f} |")
     print(f"ratio exported / sidetune.load: {med['exported generate'] / med['sidetune.load generate']:.2f}x")
