@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sidetune.errors import SidetuneError
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -29,12 +31,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--merge", metavar="OUT",
                       help="write the merged model + tokenizer here (a plain Hugging Face directory)")
+    what.add_argument("--hf", metavar="OUT",
+                      help="write a self-contained transformers directory here (config, safetensors, modeling code, "
+                           "tokenizer) that AutoModelFor*.from_pretrained(OUT, trust_remote_code=True) loads without "
+                           "sidetune; every method (LST, Q-LST, adapters, prefix and prompt methods; LoRA merged)")
     what.add_argument("--peft", metavar="OUT",
                       help="write a PEFT adapter here (adapter_config.json + adapter_model.safetensors, and the "
                            "tokenizer) that peft.PeftModel.from_pretrained(base, OUT) loads; LoRA / QLoRA runs")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="dtype of the saved weights; auto = the dtype of the run's unquantized weights")
-    p.add_argument("--overwrite", action="store_true", help="write into OUT even if it is not empty")
+    p.add_argument("--base-ref", action="store_true",
+                   help="--hf: do not copy the base model's weights; OUT refers to the base model's directory and "
+                        "loads it as the run did (a 4-bit run: with bitsandbytes)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into OUT even if it is not empty (--hf: only over an earlier --hf export)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,6 +60,14 @@ def run(args: argparse.Namespace) -> int:
             print("sidetune: note: a DoRA adapter: PEFT loads it, but vLLM does not serve DoRA adapters; for vLLM "
                   "use `sidetune export RUN_DIR --merge OUT`")
         return 0
+    if args.base_ref and args.hf is None:
+        raise SidetuneError("--base-ref applies to --hf only; add --hf OUT, or drop --base-ref")
+    if args.hf is not None:
+        from sidetune.hf_export import export_hf
+
+        _, line = export_hf(args.run_dir, args.hf, args.dtype, args.overwrite, args.base_ref)
+        print(f"sidetune: {line}")
+        return 0
     out = export_merged(args.run_dir, args.merge, args.dtype, args.overwrite)
     print(f"sidetune: merged model written to {out}")
     return 0
@@ -58,29 +76,16 @@ def run(args: argparse.Namespace) -> int:
 def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "auto", overwrite: bool = False) -> Path:
     """Merge the run's trained weights into its base model and save model + tokenizer to `out`. Returns `out`.
     A run whose init changed the base (LoRA-GA) merges into that changed base, as it trained: W - s B0 A0 + s B A."""
-    import torch
-
-    from sidetune.methods._inject import float32_linear, is_quantized_linear, replace_module
-    from sidetune.models import _quiet_transformers, strip_quantization
+    from sidetune.hf_export import merge_model
+    from sidetune.models import _quiet_transformers
     from sidetune.rundir import export_target, open_run
 
     run = open_run(run_dir)
     out = export_target(out, overwrite)
     s = run.load("cpu")
-    model, tokenizer = s.model, s.tokenizer
-
-    with torch.no_grad():
-        for name, module in list(model.named_modules()):
-            if is_quantized_linear(module):  # every layer of a 4/8-bit base, trained around or not
-                replace_module(model, name, float32_linear(module))
-        model = s.method.merge(model)  # one line and no output for a method whose update is not in the weights
-    # After the merge: a method's wrapper (prefix, LST, PET) need not expose the input embeddings, and it refuses above.
-    save_dtype = model.get_input_embeddings().weight.dtype if dtype == "auto" else getattr(torch, dtype)
-    strip_quantization(model)
-    model.to(save_dtype)
-    model.config.dtype = save_dtype
+    model = merge_model(s, dtype)
     out.mkdir(parents=True, exist_ok=True)
     with _quiet_transformers():
         model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    s.tokenizer.save_pretrained(out)
     return out

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from sidetune.anatomy import LINEAR_TYPES, linear_features
+from sidetune.portable.common import WrappedLinear, to_input
 
 __all__ = ["LINEAR_TYPES", "WrappedLinear", "find_targets", "float32_linear", "freeze", "head_module_names",
            "linear_features", "module_device", "replace_module", "to_input"]
@@ -29,29 +30,6 @@ def freeze(model: nn.Module) -> None:
 
 def head_module_names(model: nn.Module) -> list[str]:
     return list(getattr(model, "sidetune_head", ()))
-
-
-def to_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The input of a trainable fp32 layer beside a frozen (maybe bf16) model: without autocast it must be cast to
-    the layer's dtype; under autocast the matmul casts for itself."""
-    return x if torch.is_autocast_enabled(x.device.type) else x.to(weight.dtype)
-
-
-class WrappedLinear(nn.Module):
-    """Base of a module that replaces a linear layer and keeps it as `self.base` (LoRA, a sequential adapter).
-
-    Some modeling code reads a projection's weight directly (T5 checks `wo.weight.dtype`): answer for the wrapped layer.
-    """
-
-    base: nn.Module
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
 
 def find_targets(model: nn.Module, targets: list[str]) -> list[str]:

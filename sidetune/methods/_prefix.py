@@ -51,6 +51,7 @@ from sidetune.fields import check_dropout, check_positive
 from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
 from sidetune.methods._inject import freeze
 from sidetune.methods._readout import POOLINGS, classifier_name, classify, pool
+from sidetune.methods.base import HFExport
 from sidetune.tasks import Task
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -302,6 +303,24 @@ class PrefixModel(ShardsLikeInner, nn.Module):
             block.gradient_checkpointing = True
             block._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False, **kwargs)
             block._can_checkpoint_with_cache = True  # the replay reads the same prefix: nothing is appended
+
+
+@torch.no_grad()
+def hf_export_prefix(model: PrefixModel) -> HFExport:
+    """The prefix, computed once (the reparameterization MLP run, no dropout), as the keys and values a fresh KV cache
+    starts with in sidetune/portable/modeling_sidetune.py (kind "prefix")."""
+    if (model.config._attn_implementation or "").startswith("sidetune_prefix_"):
+        raise SidetuneError(f"sidetune export --hf cannot write a {model.method} run with zero_init_attention (its "
+                            f"separate prefix softmax is sidetune's own attention function); serve it with "
+                            f"sidetune.load(RUN_DIR)")
+    was = model.training
+    model.eval()
+    prefix = torch.stack([torch.stack([k, v]) for k, v in model.prefix()]).float()
+    model.train(was)
+    spec = {"kind": "prefix", "num_virtual_tokens": model.num_virtual_tokens, "kv_layout": [prefix.shape[0], prefix.shape[2], prefix.shape[4]],
+            "shift_positions": model.shift_positions, "position_offset": model.position_offset,
+            "pooling": model.pooling, "classifier": classifier_name(model.model) if model.pooling else None}
+    return HFExport(spec, model.model, {"prefix_kv": prefix})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,26 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from sidetune.portable.common import POOLINGS, head_logits, pool
 from sidetune.tasks import HEAD_NAMES
 
-POOLINGS = ("first", "last", "mean")
-
-
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
-    """(B, T, d) -> (B, d): the first position, the mean over real tokens, or the rightmost real token (left or right
-    padding alike)."""
-    if how == "first":
-        return hidden[:, 0]
-    if how == "mean":
-        if attention_mask is None:
-            return hidden.mean(1)
-        m = attention_mask[..., None].to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-    if attention_mask is None:
-        return hidden[:, -1]
-    pos = torch.arange(hidden.shape[1], device=hidden.device)
-    last = (pos * attention_mask.to(pos.dtype)).argmax(-1)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+__all__ = ["POOLINGS", "classifier_name", "classify", "pool"]
 
 
 def classifier_name(model: nn.Module) -> str | None:
@@ -45,13 +29,7 @@ def classifier_name(model: nn.Module) -> str | None:
 def classify(model: nn.Module, pooled: torch.Tensor, labels: torch.Tensor | None) -> SequenceClassifierOutput:
     """Logits from `model`'s classification layer on the pooled vectors, and the loss its own forward would take
     (regression, single- or multi-label, from config.problem_type or the label dtype)."""
-    head = getattr(model, classifier_name(model))
-    pooled = pooled.to(next(head.parameters()).dtype)
-    if isinstance(head, nn.Linear):
-        logits = head(pooled)
-    else:  # RoBERTa's, ELECTRA's heads read token 0 of a sequence: give them the pooled vector as one
-        logits = head(pooled[:, None])
-        logits = logits[:, 0] if logits.dim() == 3 else logits
+    logits = head_logits(getattr(model, classifier_name(model)), pooled)
     loss = None
     if labels is not None:
         n = logits.shape[-1]

@@ -38,6 +38,7 @@ from torch import nn
 from sidetune.distributed import ShardsLikeInner
 from sidetune.errors import SidetuneError
 from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
+from sidetune.methods.base import HFExport
 from sidetune.tasks import Task
 
 
@@ -142,7 +143,21 @@ class SoftPromptModel(ShardsLikeInner, nn.Module):
         inputs = self._lm_inputs(input_ids, attention_mask, None, inputs_embeds, kwargs)
         return self.model.base_model(**inputs, use_cache=False).last_hidden_state[:, self.num_virtual_tokens:]
 
-    # ----- what the trainer and sidetune.load ask of the module
+    # ----- what the trainer, sidetune.load and export ask of the module
+
+    @torch.no_grad()
+    def hf_export(self) -> HFExport:
+        """The prompt, computed once (P-tuning's encoder run, no dropout), as the P x d input embeddings that
+        sidetune/portable/modeling_sidetune.py puts before the input (kind "soft_prompt")."""
+        if self.classifies:
+            raise SidetuneError(f"sidetune export --hf writes {self.method} runs of causal LMs; a classifier's "
+                                f"prompt layout is not exported yet: serve it with sidetune.load(RUN_DIR)")
+        was = self.training
+        self.eval()
+        virtual = self.prompt().float()
+        self.train(was)
+        spec = {"kind": "soft_prompt", "before": self.before, "after": self.after, "d": virtual.shape[-1]}
+        return HFExport(spec, self.model, {"soft_prompt": virtual})
 
     def _inner(self) -> nn.Module:
         return self.model

@@ -40,24 +40,25 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import torch
 from torch import nn
 
 from sidetune.anatomy import read
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_dropout, check_positive, check_targets, opt
 from sidetune.methods._inject import (
-    WrappedLinear,
     freeze,
     head_module_names,
     linear_features,
     module_device,
     replace_module,
-    to_input,
 )
-from sidetune.methods.base import Context, Method
-
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+from sidetune.methods.base import Context, HFExport, Method
+from sidetune.portable.adapters import (
+    FFNInput,
+    ParallelAdapter,
+    ParallelOutputAdapter,
+    SequentialAdapter,
+)
 
 
 @dataclass
@@ -86,89 +87,6 @@ class AdapterConfig:
         check_positive("method.reduction_factor", self.reduction_factor)
         check_dropout("method.dropout", self.dropout)
         check_targets("method.targets", self.targets)
-
-
-class Bottleneck(nn.Module):
-    """A(h) = up(act(down(dropout(h)))), with `up` zero-initialised so that A = 0 at step 0."""
-
-    def __init__(self, dim: int, width: int, activation: str, dropout: float, device: torch.device) -> None:
-        super().__init__()
-        # fp32 master weights whatever the base stores (bf16 or 4-bit): autocast picks the matmul dtype.
-        self.down = nn.Linear(dim, width, device=device, dtype=torch.float32)
-        self.act = ACTIVATIONS[activation]()
-        self.up = nn.Linear(width, dim, device=device, dtype=torch.float32)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        with torch.no_grad():
-            nn.init.zeros_(self.up.weight)
-            nn.init.zeros_(self.up.bias)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(self.dropout(to_input(h, self.down.weight)))))
-
-
-class SequentialAdapter(WrappedLinear):
-    """An output projection followed by an adapter: o = base(x);  o + s * A(o)  (Houlsby / Pfeiffer)."""
-
-    def __init__(self, base: nn.Module, width: int, activation: str, dropout: float, scaling: float) -> None:
-        super().__init__()
-        self.base = base
-        self.adapter = Bottleneck(linear_features(base)[1], width, activation, dropout, module_device(base))
-        self.scaling = scaling
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        return out + (self.adapter(out) * self.scaling).to(out.dtype)
-
-
-class FFNInput(WrappedLinear):
-    """The FFN's first projection, unchanged, recording its input x (the FFN's input) for the parallel adapter at
-    the FFN's output (`ParallelOutputAdapter`), which runs later in the same block."""
-
-    def __init__(self, base: nn.Module, slot: dict) -> None:
-        super().__init__()
-        self.base = base
-        self.slot = slot  # shared with the block's ParallelOutputAdapter (deepcopy keeps the sharing)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.slot["x"] = x
-        return self.base(x)
-
-
-class ParallelOutputAdapter(WrappedLinear):
-    """The FFN's down projection plus a parallel adapter reading the FFN's input x: down(h) + s * A(x)."""
-
-    def __init__(self, base: nn.Module, slot: dict, width: int, activation: str, dropout: float,
-                 scaling: float) -> None:
-        super().__init__()
-        self.base = base
-        self.slot = slot
-        self.adapter = Bottleneck(linear_features(base)[1], width, activation, dropout, module_device(base))
-        self.scaling = scaling
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.base(h)
-        x = self.slot.pop("x")  # set by this block's FFNInput a moment ago (also on a checkpointed replay)
-        return out + (self.adapter(x) * self.scaling).to(out.dtype)
-
-
-class ParallelAdapter(nn.Module):
-    """A feed-forward block with an adapter beside it, reading the block's input x: FFN(x) + s * A(x)."""
-
-    def __init__(self, base: nn.Module, dim: int, width: int, activation: str, dropout: float,
-                 scaling: float) -> None:
-        super().__init__()
-        self.base = base
-        self.adapter = Bottleneck(dim, width, activation, dropout, module_device(base))
-        self.scaling = scaling
-
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor | None = None) -> torch.Tensor:
-        if input_tensor is None:  # pre-LN families: the block is FFN(x), the residual is added by the caller
-            out = self.base(hidden_states)
-            return out + (self.adapter(hidden_states) * self.scaling).to(out.dtype)
-        # BERT's FFN output, LayerNorm(dropout(dense(h)) + x), adds the residual x (the FFN's input) itself: adding
-        # s * A(x) to that residual puts the adapter's output before the LayerNorm, beside the FFN.
-        branch = (self.adapter(input_tensor) * self.scaling).to(input_tensor.dtype)
-        return self.base(hidden_states, input_tensor + branch)
 
 
 def _user_matches(name: str, targets: list[str]) -> bool:
@@ -241,18 +159,37 @@ class Adapter(Method):
                 slot: dict = {}
                 replace_module(model, ffn_input, FFNInput(model.get_submodule(ffn_input), slot))
                 dim = linear_features(module)[1]
-                new = ParallelOutputAdapter(module, slot, self._width(dim), c.activation, c.dropout, c.scaling)
+                new = ParallelOutputAdapter(module, slot, dim, self._width(dim), c.activation, c.dropout, c.scaling,
+                                            module_device(module))
             elif c.variant == "parallel":
                 dim = hidden
-                new = ParallelAdapter(module, dim, self._width(dim), c.activation, c.dropout, c.scaling)
+                new = ParallelAdapter(module, dim, self._width(dim), c.activation, c.dropout, c.scaling,
+                                      module_device(module))
             else:
                 if not hasattr(module, "weight"):
                     raise SidetuneError(f"method.variant={c.variant} wraps output projections, but {name} is a "
                                         f"{type(module).__name__}; point method.targets at linear layers")
                 dim = linear_features(module)[1]
-                new = SequentialAdapter(module, self._width(dim), c.activation, c.dropout, c.scaling)
+                new = SequentialAdapter(module, dim, self._width(dim), c.activation, c.dropout, c.scaling,
+                                        module_device(module))
             replace_module(model, name, new)
         return model
+
+    def hf_export(self, model: nn.Module) -> HFExport:
+        """Where the adapters sit and their sizes, for sidetune/portable/modeling_sidetune.py (kind "adapter") to wrap
+        the same modules; their weights are in the model's own state dict, under the wrapped names."""
+        inputs = {id(m.slot): n for n, m in model.named_modules() if isinstance(m, FFNInput)}
+        placed = []
+        for name, m in model.named_modules():
+            if isinstance(m, FFNInput):
+                placed.append({"name": name, "kind": "ffn_input"})
+            elif isinstance(m, (SequentialAdapter, ParallelAdapter, ParallelOutputAdapter)):
+                kind = {SequentialAdapter: "sequential", ParallelAdapter: "parallel",
+                        ParallelOutputAdapter: "parallel_output"}[type(m)]
+                placed.append({"name": name, "kind": kind, "dim": m.adapter.up.out_features,
+                               "width": m.adapter.down.out_features, "activation": self.cfg.activation,
+                               "scaling": m.scaling, "input": inputs.get(id(getattr(m, "slot", None)))})
+        return HFExport({"kind": "adapter", "adapters": placed}, model)
 
     def _width(self, dim: int) -> int:
         width = dim // self.cfg.reduction_factor

@@ -60,6 +60,18 @@ class Context:
         yield from self.calibration[:n]
 
 
+@dataclass
+class HFExport:
+    """What `sidetune export --hf` needs of a trained module that cannot merge (sidetune/portable/modeling_sidetune.py
+    reads it back): `spec`, the method's section of config.json (its `kind` picks the forward-time code there), the
+    transformers model the method runs around (`backbone`: its state dict is saved under `backbone.`, adapters
+    wrapped inside it included), and the method's own tensors by their names in the exported model."""
+
+    spec: dict[str, Any]
+    backbone: nn.Module
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 class Method(Protocol):
     """A fine-tuning method. Required: `name`, `Config`, `__init__(self, cfg)` and `apply(model, ctx)`."""
 
@@ -128,6 +140,12 @@ class Method(Protocol):
         """The method-specific fields of a PEFT adapter_config.json for the trained `model`, whose trainable
         parameter names (under PEFT's `base_model.model.` prefix) are the adapter's keys (`sidetune export --peft`,
         sidetune/peft_io.py). Default None: the method has no PEFT format, and export refuses in one line."""
+        return None
+
+    def hf_export(self, model: nn.Module) -> HFExport | None:
+        """The trained `model` as a self-contained transformers directory's parts (`sidetune export --hf`). Default
+        None: the method's update lives in the weights, so `--hf` writes the merged model (`merge`), or refuses in
+        one line where that cannot be done either."""
         return None
 
     def start_exact(self, task: Task) -> dict[str, Any] | None:

@@ -26,6 +26,7 @@ backbone and a K/V cache per side block, so a new token costs one token's forwar
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -43,7 +44,7 @@ from sidetune.methods._inject import freeze, head_module_names
 from sidetune.methods._lst_blocks import SideCache, SideStack, Stack, Unmapped, capture, stacks_of, tapped_layers
 from sidetune.methods._lst_prune import fisher_scores, init_pruned, keep_hidden
 from sidetune.methods._readout import classifier_name, classify, pool
-from sidetune.methods.base import Context, Method
+from sidetune.methods.base import Context, HFExport, Method
 from sidetune.tasks import Task
 
 
@@ -182,8 +183,8 @@ class LSTModel(ShardsLikeInner, nn.Module):
                   f"fused attention kernels need a multiple of 8, so it runs in the math kernel (B x heads x T x T "
                   f"scores, as `sidetune plan` predicts); a smaller method.r keeps it fused")
         with torch.device(device):  # side modules are born on the backbone's device, in fp32 (master weights)
-            sides = [SideStack(st, sh, tp, cfg.gate_temperature, cfg.gate_init, cfg.dropout)
-                     for st, sh, tp in zip(self.stacks, shapes, tapped)]
+            sides = [SideStack(st.shape.d, sh, tp, cfg.gate_temperature, cfg.gate_init, cfg.dropout, st.inv_freq,
+                               st.rope_scaling) for st, sh, tp in zip(self.stacks, shapes, tapped)]
             self.up = nn.Linear(shapes[-1].d, d_out, bias=False)
         self.side_encoder = sides[0] if len(sides) == 2 else None
         self.side = sides[-1]
@@ -441,3 +442,23 @@ class LST(Method):
 
     def calibration_batches(self) -> int:
         return self.cfg.fisher_batches if self.cfg.init == "pruned_fisher" else 0
+
+    def hf_export(self, model: LSTModel) -> HFExport:
+        """The side network, `up` and the merge for sidetune/portable/modeling_sidetune.py (kind "lst")."""
+        if model.side_encoder is not None:
+            raise SidetuneError("sidetune export --hf writes decoder-only and encoder-only LST runs; this one is an "
+                                "encoder-decoder (T5): serve it with sidetune.load(RUN_DIR)")
+        stack, side = model.stacks[-1], model.side
+        shape = dataclasses.asdict(stack.shape.reduced(self.cfg.r))
+        shape["biases"] = sorted(shape["biases"])
+        layers = next(n for n, m in model.backbone.named_modules() if m is stack.layers)
+        classifies = model.task.classifies
+        spec = {"kind": "lst", "layers": layers, "d_out": model.up.out_features,
+                "stack": {"d": stack.shape.d, "shape": shape, "tapped": side.tapped,
+                          "inv_freq": stack.inv_freq.float().tolist() if side.inv_freq is not None else None,
+                          "rope_scaling": side.rope_scaling, "gate_temperature": side.temperature},
+                "classifier_input": self.cfg.classifier_input if classifies else None,
+                "pooling": model.head.pooling if classifies else None,
+                "classifier": classifier_name(model.backbone) if classifies else None}
+        tensors = {f"side_network.{k}": v for k, v in side.state_dict().items()} | {"side_up.weight": model.up.weight}
+        return HFExport(spec, model.backbone, tensors)

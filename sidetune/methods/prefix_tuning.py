@@ -32,8 +32,15 @@ from typing import ClassVar, Literal
 from torch import nn
 
 from sidetune.fields import opt
-from sidetune.methods._prefix import HEAD_LR_HELP, POOLING_HELP, attach_prefix, check_prefix_config, prefix_param_groups
-from sidetune.methods.base import Context, Method
+from sidetune.methods._prefix import (
+    HEAD_LR_HELP,
+    POOLING_HELP,
+    attach_prefix,
+    check_prefix_config,
+    hf_export_prefix,
+    prefix_param_groups,
+)
+from sidetune.methods.base import Context, HFExport, Method
 
 
 @dataclass
@@ -80,6 +87,9 @@ class PrefixTuning(Method):
                              projection_dim=c.projection_dim, dropout=c.dropout,
                              zero_init_attention=c.zero_init_attention, shift_positions=c.shift_positions,
                              train_pooler=c.train_pooler, pooling=c.pooling, task=ctx.task)
+
+    def hf_export(self, model: nn.Module) -> HFExport:
+        return hf_export_prefix(model)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict] | None:
         return prefix_param_groups(model, lr, self.cfg.head_lr)

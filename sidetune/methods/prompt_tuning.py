@@ -34,7 +34,7 @@ from sidetune.errors import SidetuneError
 from sidetune.fields import check_positive, opt
 from sidetune.methods._inject import freeze
 from sidetune.methods._soft_prompt import SoftPromptModel, embedding_std
-from sidetune.methods.base import Context, Method
+from sidetune.methods.base import Context, HFExport, Method
 
 
 @dataclass
@@ -92,6 +92,9 @@ class PromptTuning(Method):
     def start_exact(self, task) -> dict | None:
         # A prompt is P extra attended positions (and the pooled one of an encoder classifier): see the docstring.
         return None
+
+    def hf_export(self, model: SoftPromptModel) -> HFExport:
+        return model.hf_export()
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         freeze(model)

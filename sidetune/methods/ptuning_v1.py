@@ -36,7 +36,7 @@ from sidetune.errors import SidetuneError
 from sidetune.fields import check_dropout, check_positive, opt
 from sidetune.methods._inject import freeze
 from sidetune.methods._soft_prompt import SoftPromptModel
-from sidetune.methods.base import Context, Method
+from sidetune.methods.base import Context, HFExport, Method
 
 _PART = re.compile(r"\s*(?:(\[P\])(?:\*(\d+))?|(\{x\}))")
 
@@ -122,6 +122,9 @@ class PTuningV1(Method):
     def start_exact(self, task) -> dict | None:
         # The encoder's output is always P extra attended positions: see the docstring.
         return None
+
+    def hf_export(self, model: SoftPromptModel) -> HFExport:
+        return model.hf_export()
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         before, after = parse_template(self.cfg.template)

@@ -46,9 +46,10 @@ from sidetune.methods._prefix import (
     PrefixModel,
     attach_prefix,
     check_prefix_config,
+    hf_export_prefix,
     prefix_param_groups,
 )
-from sidetune.methods.base import Context, Method
+from sidetune.methods.base import Context, HFExport, Method
 
 PTuningV2Model = PrefixModel  # the module that trains (shared with prefix_tuning)
 
@@ -102,6 +103,9 @@ class PTuningV2(Method):
                              projection_dim=c.projection_dim if c.prefix_projection else None, dropout=c.dropout,
                              zero_init_attention=c.zero_init_attention, shift_positions=c.shift_positions,
                              train_pooler=c.train_pooler, pooling=c.pooling, task=ctx.task)
+
+    def hf_export(self, model: nn.Module) -> HFExport:
+        return hf_export_prefix(model)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict] | None:
         return prefix_param_groups(model, lr, self.cfg.head_lr)
