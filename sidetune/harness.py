@@ -1,0 +1,255 @@
+"""`sidetune eval RUN --lm-eval TASKS`: a finished run scored by lm-evaluation-harness (the optional extra
+`pip install 'sidetune[lm-eval]'`, imported only here), through `sidetune.harness_lm.SidetuneLM`.
+
+TASKS: comma-separated harness task / group names, or paths to task YAML files. A local task needs no network: a
+YAML with `dataset_path: json` and `dataset_kwargs: {data_files: {test: /abs/path/data.jsonl}}` (see the README).
+`--include-path DIR` adds a folder of task YAMLs; when every task is found there (or given as a file), the harness's
+own catalogue (thousands of YAMLs, seconds to index) is not read at all.
+
+Everything that can be refused is refused before the model loads: the extra not installed, a task that does not
+exist or whose data cannot be read, a classifier or seq2seq run, results that could not be written.
+The chat template: `--apply-chat-template auto` (the default) renders the prompts with the run's template when the
+run trained on conversations (data.task=chat); `yes` / `no` force it.
+
+Results: the harness's table on stdout, and its results JSON (plus a `sidetune` block: the run, the checksum of the
+trainable weights it scored, the command) in RUN/lm_eval/results_<UTC time>.json, a new file each time (never one
+that exists), written atomically; with --log-samples, each task's per-document records beside it as jsonl. Under
+`accelerate launch` every process scores its share of the documents and the main process alone prints and writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sidetune.errors import SidetuneError, one_line
+
+EXTRA = "pip install 'sidetune[lm-eval]'"
+RESULTS_DIR = "lm_eval"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The eval subcommand's harness options (cli.py defines `sidetune eval`)."""
+    g = p.add_argument_group("lm-evaluation-harness (needs pip install 'sidetune[lm-eval]')")
+    g.add_argument("--lm-eval", metavar="TASKS", default=None,
+                   help="score the run on these harness tasks (comma-separated names or task YAML files)")
+    g.add_argument("--limit", type=float, default=None,
+                   help="at most this many documents per task (a number below 1: that fraction)")
+    g.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt (default: the task's)")
+    g.add_argument("--batch-size", type=int, default=8, help="requests per forward / generate call (default 8)")
+    g.add_argument("--apply-chat-template", choices=("auto", "yes", "no"), default="auto",
+                   help="render prompts with the run's chat template (auto: when the run trained with data.task=chat)")
+    g.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="a folder of task YAMLs (repeatable)")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="longest input in tokens (default: the model's position limit; longer inputs lose their start)")
+    g.add_argument("--log-samples", action="store_true", help="also write every document's prompt, answers and "
+                                                              "scores (RUN/lm_eval/samples_*.jsonl)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: accelerate's choice for this process)")
+
+
+def require_harness():
+    """lm_eval, or one line naming the extra to install."""
+    try:
+        import lm_eval
+        from lm_eval.api.model import TemplateLM  # noqa: F401  (the base class SidetuneLM needs)
+    except ImportError:
+        raise SidetuneError(f"--lm-eval needs lm-evaluation-harness, which is not installed; {EXTRA}") from None
+    return lm_eval
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if args.data is not None:
+        raise SidetuneError("--data and --lm-eval do not go together: --lm-eval scores the harness tasks' own data")
+    if args.limit is not None and not args.limit > 0:
+        raise SidetuneError(f"--limit must be > 0 (documents per task, or a fraction below 1), got {args.limit:g}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise SidetuneError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    if args.batch_size < 1:
+        raise SidetuneError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_length is not None and args.max_length < 2:
+        raise SidetuneError(f"--max-length must be >= 2, got {args.max_length}")
+    for d in args.include_path:
+        if not Path(d).expanduser().is_dir():
+            raise SidetuneError(f"--include-path {d!r} is not a directory of task YAMLs")
+
+
+def task_specs(text: str) -> list[str]:
+    """The --lm-eval list: names as given, YAML files as absolute paths (one line for a missing file)."""
+    specs = [t.strip() for t in text.split(",") if t.strip()]
+    if not specs:
+        raise SidetuneError("--lm-eval needs at least one task name (e.g. --lm-eval hellaswag,my_task)")
+    out = []
+    for spec in specs:
+        if spec.endswith((".yaml", ".yml")):
+            path = Path(spec).expanduser()
+            if not path.is_file():
+                raise SidetuneError(f"--lm-eval {spec!r}: no such task YAML file")
+            spec = str(path.resolve())
+        out.append(spec)
+    return out
+
+
+def task_manager(specs: list[str], include: list[str]):
+    """The harness's TaskManager that knows every spec: only the --include-path folders when they (and the YAML
+    files given) cover all of them, else with the harness's catalogue too. One line naming an unknown task."""
+    from lm_eval.tasks import TaskManager
+
+    include = [str(Path(d).expanduser().resolve()) for d in include]
+    names = [s for s in specs if not Path(s).is_file()]
+    manager = TaskManager(include_path=include or None, include_defaults=False) if include else None
+    if manager is None or any(n not in manager.all_tasks for n in names):
+        manager = TaskManager(include_path=include or None, include_defaults=True) if names or manager is None \
+            else manager
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        where = f" or under --include-path {', '.join(include)}" if include else ""
+        raise SidetuneError(f"--lm-eval: no harness task named {', '.join(map(repr, unknown))}{where}; give a task "
+                            f"YAML file, or its folder with --include-path")
+    return manager
+
+
+def load_tasks(manager, specs: list[str]) -> None:
+    """Build every task once (reads its data) so that a bad YAML or a missing data file is one line before the
+    model loads."""
+    try:
+        loaded = manager.load(specs)
+    except Exception as e:  # the harness and datasets raise many kinds; the user needs the message
+        raise SidetuneError(f"--lm-eval {','.join(specs)}: a task could not be loaded ({one_line(e, 200)}); check "
+                            f"its YAML and data files") from None
+    if not loaded["tasks"]:
+        raise SidetuneError(f"--lm-eval {','.join(specs)}: no task to run (an empty group?)")
+
+
+def results_target(root: Path, accelerator) -> Path:
+    """RUN/lm_eval/: creatable and writable (probed on the main process), before the model is loaded."""
+    target = root / RESULTS_DIR
+    if not accelerator.is_main_process:
+        return target
+    if target.exists() and not target.is_dir():
+        raise SidetuneError(f"{target} exists and is not a directory; sidetune writes the harness results there: "
+                            f"move it away")
+    try:
+        target.mkdir(exist_ok=True)
+        probe = target / f".sidetune-probe-{accelerator.process_index}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SidetuneError(f"cannot write the harness results into {target} ({e.strerror or one_line(e, 80)}); "
+                            f"make the run directory writable") from None
+    return target
+
+
+def _new_file(directory: Path, stem: str, suffix: str) -> Path:
+    """A name in `directory` that nothing holds yet (a second eval in the same second gets -2, -3, ...)."""
+    path, n = directory / f"{stem}{suffix}", 1
+    while path.exists() or path.with_name(f".tmp-{path.name}").exists():
+        n += 1
+        path = directory / f"{stem}-{n}{suffix}"
+    return path
+
+
+def _trainable_sha256(final: Path) -> str | None:
+    from sidetune import checkpoint
+
+    try:
+        manifest = json.loads((final / checkpoint.MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    entry = files.get(checkpoint.TRAINABLE) if isinstance(files, dict) else None
+    return entry.get("sha256") if isinstance(entry, dict) else entry if isinstance(entry, str) else None
+
+
+def max_length_of(model, tokenizer, given: int | None) -> int:
+    """--max-length, else the model's position limit less the virtual tokens a prompt method puts in front, else the
+    tokenizer's, else 2048."""
+    if given is not None:
+        return given
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value - int(getattr(model, "num_virtual_tokens", 0) or 0)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else 2048
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_arguments(args)
+    require_harness()
+    import torch
+    from accelerate import Accelerator
+
+    from sidetune.rundir import open_run
+    from sidetune.session import mixed_precision
+    from sidetune.tasks import get_task
+
+    run_dir = open_run(args.run_dir)  # verified once; refused while a run trains into it
+    cfg = run_dir.cfg
+    task = get_task(cfg.data.task)
+    if not task.generates or task.seq2seq:
+        raise SidetuneError(f"--lm-eval scores causal language models; this run is data.task={task.name} (a "
+                            f"{'classifier' if task.classifies else 'seq2seq model'}): use sidetune eval RUN for its "
+                            f"own metrics")
+    chat = {"yes": True, "no": False, "auto": task.conversational}[args.apply_chat_template]
+    specs = task_specs(args.lm_eval)
+    manager = task_manager(specs, args.include_path)
+    load_tasks(manager, specs)
+    cpu = args.device is not None and torch.device(args.device).type == "cpu"
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision(cfg.train, model_dtype=cfg.model.dtype))
+    target = results_target(run_dir.root, accelerator)
+    s = run_dir.load(accelerator.device)
+    if chat and not s.tokenizer.chat_template:
+        raise SidetuneError("--apply-chat-template yes: this run's tokenizer has no chat template; train with "
+                            "data.chat_template, or evaluate with --apply-chat-template no")
+    return _evaluate(args, run_dir, s, accelerator, manager, specs, chat, target)
+
+
+def _evaluate(args, run_dir, s, accelerator, manager, specs: list[str], chat: bool, target: Path) -> int:
+    from lm_eval import simple_evaluate
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    from sidetune import checkpoint
+    from sidetune.harness_lm import SidetuneLM
+
+    info = {"sidetune_run": str(run_dir.root), "method": s.cfg.method.name, "base_model": s.cfg.model.name,
+            "trainable_sha256": _trainable_sha256(run_dir.final)}
+    lm = SidetuneLM(s.model, s.tokenizer, device=accelerator.device, batch_size=args.batch_size,
+                    max_length=max_length_of(s.model, s.tokenizer, args.max_length), rank=accelerator.process_index,
+                    world_size=accelerator.num_processes, accelerator=accelerator, autocast=accelerator.autocast,
+                    name=f"sidetune__{run_dir.root.name}", info=info)
+    limit: Any = args.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    results = simple_evaluate(model=lm, tasks=specs, num_fewshot=args.num_fewshot, limit=limit,
+                              batch_size=args.batch_size, device=str(accelerator.device), task_manager=manager,
+                              apply_chat_template=chat, log_samples=args.log_samples)
+    if results is None:  # not the main process: the main one prints and writes
+        return 0
+    samples = results.pop("samples", None) or {}
+    results["sidetune"] = {"written_by": "sidetune", **info, "command": ["sidetune", *sys.argv[1:]],
+                           "processes": accelerator.num_processes, "apply_chat_template": chat}
+    stamp = time.strftime("%Y-%m-%dT%H-%M-%S", time.gmtime())
+    path = _new_file(target, f"results_{stamp}", ".json")
+    checkpoint.write_text(path, json.dumps(results, indent=1, default=handle_non_serializable, ensure_ascii=False))
+    written = [path]
+    for name, rows in samples.items():
+        sample_path = _new_file(target, f"samples_{_safe(name)}_{stamp}", ".jsonl")
+        checkpoint.write_text(sample_path, "".join(json.dumps(r, default=handle_non_serializable,
+                                                              ensure_ascii=False) + "\n" for r in rows))
+        written.append(sample_path)
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    print(f"sidetune: harness results in {path}" + (f" (+ {len(written) - 1} samples file(s))"
+                                                    if len(written) > 1 else ""))
+    return 0
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
