@@ -78,6 +78,9 @@ def _eval(args: argparse.Namespace) -> int:
         from sidetune.harness import run
 
         return run(args)
+    from sidetune.harness import HARNESS_DEFAULTS, check_unused
+
+    check_unused(args, HARNESS_DEFAULTS)
     from sidetune.evaluate import evaluate_run
     from sidetune.rundir import open_run
 

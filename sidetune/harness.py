@@ -30,6 +30,9 @@ from sidetune.errors import SidetuneError, one_line
 
 EXTRA = "pip install 'sidetune[lm-eval]'"
 RESULTS_DIR = "lm_eval"
+# The harness options' defaults: `sidetune eval` without --lm-eval refuses any of them set otherwise.
+HARNESS_DEFAULTS = {"limit": None, "num_fewshot": None, "batch_size": 8, "apply_chat_template": "auto",
+                    "include_path": [], "max_length": None, "log_samples": False, "device": None}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit", type=float, default=None,
                    help="at most this many documents per task (a number below 1: that fraction)")
     g.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt (default: the task's)")
-    g.add_argument("--batch-size", type=int, default=8, help="requests per forward / generate call (default 8)")
+    g.add_argument("--batch-size", type=int, default=HARNESS_DEFAULTS["batch_size"], help="requests per forward / generate call (default 8)")
     g.add_argument("--apply-chat-template", choices=("auto", "yes", "no"), default="auto",
                    help="render prompts with the run's chat template (auto: when the run trained with data.task=chat)")
     g.add_argument("--include-path", action="append", default=[], metavar="DIR",
@@ -49,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest input in tokens (default: the model's position limit; longer inputs lose their start)")
     g.add_argument("--log-samples", action="store_true", help="also write every document's prompt, answers and "
                                                               "scores (RUN/lm_eval/samples_*.jsonl)")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: accelerate's choice for this process)")
+    g.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="cpu or cuda (default: accelerate's choice for this process: its GPU when there is one)")
 
 
 def require_harness():
@@ -62,6 +66,13 @@ def require_harness():
     return lm_eval
 
 
+def check_unused(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> None:
+    """`sidetune eval` without --lm-eval: a harness option given anyway is one line, not silently ignored."""
+    given = [f"--{k.replace('_', '-')}" for k, v in parser_defaults.items() if getattr(args, k, v) != v]
+    if given:
+        raise SidetuneError(f"{', '.join(given)} apply to --lm-eval only; add --lm-eval TASKS, or drop them")
+
+
 def _check_arguments(args: argparse.Namespace) -> None:
     if args.data is not None:
         raise SidetuneError("--data and --lm-eval do not go together: --lm-eval scores the harness tasks' own data")
@@ -71,6 +82,11 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise SidetuneError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
     if args.batch_size < 1:
         raise SidetuneError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SidetuneError("--device cuda but torch sees no CUDA GPU on this machine; use --device cpu")
     if args.max_length is not None and args.max_length < 2:
         raise SidetuneError(f"--max-length must be >= 2, got {args.max_length}")
     for d in args.include_path:
@@ -113,9 +129,10 @@ def task_manager(specs: list[str], include: list[str]):
     return manager
 
 
-def load_tasks(manager, specs: list[str]) -> None:
-    """Build every task once (reads its data) so that a bad YAML or a missing data file is one line before the
-    model loads."""
+def load_tasks(manager, specs: list[str]) -> list:
+    """Build every task (reads its data) so that a bad YAML or a missing data file is one line before the model
+    loads. Returns what simple_evaluate is then given: the built tasks (not read twice), or the specs again when
+    they hold a group (its aggregate needs the group, which the harness builds from the names)."""
     try:
         loaded = manager.load(specs)
     except Exception as e:  # the harness and datasets raise many kinds; the user needs the message
@@ -123,6 +140,7 @@ def load_tasks(manager, specs: list[str]) -> None:
                             f"its YAML and data files") from None
     if not loaded["tasks"]:
         raise SidetuneError(f"--lm-eval {','.join(specs)}: no task to run (an empty group?)")
+    return specs if loaded["groups"] else list(loaded["tasks"].values())
 
 
 def results_target(root: Path, accelerator) -> Path:
@@ -182,7 +200,6 @@ def max_length_of(model, tokenizer, given: int | None) -> int:
 def run(args: argparse.Namespace) -> int:
     _check_arguments(args)
     require_harness()
-    import torch
     from accelerate import Accelerator
 
     from sidetune.rundir import open_run
@@ -199,18 +216,17 @@ def run(args: argparse.Namespace) -> int:
     chat = {"yes": True, "no": False, "auto": task.conversational}[args.apply_chat_template]
     specs = task_specs(args.lm_eval)
     manager = task_manager(specs, args.include_path)
-    load_tasks(manager, specs)
-    cpu = args.device is not None and torch.device(args.device).type == "cpu"
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision(cfg.train, model_dtype=cfg.model.dtype))
+    tasks = load_tasks(manager, specs)
+    accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=mixed_precision(cfg.train, model_dtype=cfg.model.dtype))
     target = results_target(run_dir.root, accelerator)
     s = run_dir.load(accelerator.device)
     if chat and not s.tokenizer.chat_template:
         raise SidetuneError("--apply-chat-template yes: this run's tokenizer has no chat template; train with "
                             "data.chat_template, or evaluate with --apply-chat-template no")
-    return _evaluate(args, run_dir, s, accelerator, manager, specs, chat, target)
+    return _evaluate(args, run_dir, s, accelerator, manager, tasks, chat, target)
 
 
-def _evaluate(args, run_dir, s, accelerator, manager, specs: list[str], chat: bool, target: Path) -> int:
+def _evaluate(args, run_dir, s, accelerator, manager, tasks: list, chat: bool, target: Path) -> int:
     from lm_eval import simple_evaluate
     from lm_eval.utils import handle_non_serializable, make_table
 
@@ -226,7 +242,7 @@ def _evaluate(args, run_dir, s, accelerator, manager, specs: list[str], chat: bo
     limit: Any = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
-    results = simple_evaluate(model=lm, tasks=specs, num_fewshot=args.num_fewshot, limit=limit,
+    results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=limit,
                               batch_size=args.batch_size, device=str(accelerator.device), task_manager=manager,
                               apply_chat_template=chat, log_samples=args.log_samples)
     if results is None:  # not the main process: the main one prints and writes
