@@ -117,10 +117,9 @@ def task_manager(specs: list[str], include: list[str]):
 
     include = [str(Path(d).expanduser().resolve()) for d in include]
     names = [s for s in specs if not Path(s).is_file()]
-    manager = TaskManager(include_path=include or None, include_defaults=False) if include else None
-    if manager is None or any(n not in manager.all_tasks for n in names):
-        manager = TaskManager(include_path=include or None, include_defaults=True) if names or manager is None \
-            else manager
+    manager = TaskManager(include_path=include or None, include_defaults=False)
+    if any(n not in manager.all_tasks for n in names):
+        manager = TaskManager(include_path=include or None, include_defaults=True)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         where = f" or under --include-path {', '.join(include)}" if include else ""
@@ -163,12 +162,16 @@ def results_target(root: Path, accelerator) -> Path:
 
 
 def _new_file(directory: Path, stem: str, suffix: str) -> Path:
-    """A name in `directory` that nothing holds yet (a second eval in the same second gets -2, -3, ...)."""
-    path, n = directory / f"{stem}{suffix}", 1
-    while path.exists() or path.with_name(f".tmp-{path.name}").exists():
-        n += 1
-        path = directory / f"{stem}-{n}{suffix}"
-    return path
+    """A name in `directory` that nothing held, claimed by creating it empty (O_EXCL: two evals finishing in the same
+    second get -2, -3, ..., never each other's file); the atomic write then replaces that empty file."""
+    n = 1
+    while True:
+        path = directory / (f"{stem}{suffix}" if n == 1 else f"{stem}-{n}{suffix}")
+        try:
+            with path.open("x"):
+                return path
+        except FileExistsError:
+            n += 1
 
 
 def _trainable_sha256(final: Path) -> str | None:
@@ -200,6 +203,7 @@ def max_length_of(model, tokenizer, given: int | None) -> int:
 def run(args: argparse.Namespace) -> int:
     _check_arguments(args)
     require_harness()
+    import torch
     from accelerate import Accelerator
 
     from sidetune.rundir import open_run
@@ -217,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
     specs = task_specs(args.lm_eval)
     manager = task_manager(specs, args.include_path)
     tasks = load_tasks(manager, specs)
-    accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=mixed_precision(cfg.train, model_dtype=cfg.model.dtype))
+    # No CUDA device: the processes of `accelerate launch` run on the CPU over gloo (as the trainer's do).
+    accelerator = Accelerator(cpu=args.device == "cpu" or not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg.train, model_dtype=cfg.model.dtype))
     target = results_target(run_dir.root, accelerator)
     s = run_dir.load(accelerator.device)
     if chat and not s.tokenizer.chat_template:
