@@ -161,6 +161,33 @@ def test_harness_scores_equal_sidetune_load_by_hand(tmp_path, capsys, method):
     assert [r["resps"][0][0] for r in _samples(run, "tiny_gen")] == hand["outputs"]
 
 
+def test_merged_export_scores_the_same_through_the_harness_hf_model(tmp_path, capsys):
+    """The harness's own `hf` model on `sidetune export --merge` of the run gives what SidetuneLM gives on the run:
+    the same request construction, tokenization, padding and stop handling from two implementations."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from sidetune.export import export_merged
+
+    run = _run(tmp_path, "lora")
+    folder, hand = _tasks(tmp_path, run)
+    assert main(["eval", str(run), "--lm-eval", "tiny_mc,tiny_gen", "--include-path", str(folder),
+                 "--batch-size", "4", "--log-samples"]) == 0
+    ours = json.loads(_results(run)[0].read_text())["results"]
+    merged = export_merged(run, tmp_path / "merged", "float32")
+    hf = HFLM(pretrained=str(merged), device="cpu", batch_size=4, dtype="float32")
+    theirs = simple_evaluate(model=hf, tasks=["tiny_mc", "tiny_gen"], log_samples=True,
+                             task_manager=TaskManager(include_path=str(folder), include_defaults=False))
+    for task, metric in (("tiny_mc", "acc,none"), ("tiny_gen", "exact_match,none")):
+        assert theirs["results"][task][metric] == pytest.approx(ours[task][metric]), task
+    for row, expected in zip(sorted(theirs["samples"]["tiny_mc"], key=lambda r: r["doc_id"]), hand["scores"]):
+        torch.testing.assert_close(torch.tensor([r[0][0] for r in row["resps"]]), torch.tensor(expected),
+                                   rtol=1e-5, atol=1e-4)
+    generated = [r["filtered_resps"][0] for r in sorted(theirs["samples"]["tiny_gen"], key=lambda r: r["doc_id"])]
+    assert generated == [r["resps"][0][0] for r in _samples(run, "tiny_gen")] == hand["outputs"]
+
+
 @pytest.mark.parametrize("method", ["prefix_tuning", "ptuning_v2", "prompt_tuning", "adapter"])
 def test_every_method_batched_equals_one_row_at_a_time(tmp_path, method):
     """SidetuneLM directly: batched, right-padded loglikelihoods and batched generate_until equal each request
