@@ -139,11 +139,23 @@ def load_tasks(manager, specs: list[str]) -> list:
                             f"its YAML and data files") from None
     if not loaded["tasks"]:
         raise SidetuneError(f"--lm-eval {','.join(specs)}: no task to run (an empty group?)")
+    from sidetune.harness_lm import decoding_settings
+
+    for name, task in loaded["tasks"].items():
+        if task.get_config("output_type") == "generate_until":
+            try:  # a generation keyword sidetune's decoding cannot honour: refused now, not after the model loads
+                decoding_settings(task.get_config("generation_kwargs") or {}, 256)
+            except SidetuneError as e:
+                raise SidetuneError(f"--lm-eval task {name}: {e}") from None
     return specs if loaded["groups"] else list(loaded["tasks"].values())
 
 
 def results_target(root: Path, accelerator) -> Path:
-    """RUN/lm_eval/: creatable and writable (probed on the main process), before the model is loaded."""
+    """RUN/lm_eval/, checked on the main process before the model loads: not a file of someone else's, and
+    writable (probed with a temporary directory, removed at once; the folder itself is made when the results are
+    written, so a refused or failed eval leaves nothing behind)."""
+    import tempfile
+
     target = root / RESULTS_DIR
     if not accelerator.is_main_process:
         return target
@@ -151,10 +163,7 @@ def results_target(root: Path, accelerator) -> Path:
         raise SidetuneError(f"{target} exists and is not a directory; sidetune writes the harness results there: "
                             f"move it away")
     try:
-        target.mkdir(exist_ok=True)
-        probe = target / f".sidetune-probe-{accelerator.process_index}"
-        probe.write_text("")
-        probe.unlink()
+        Path(tempfile.mkdtemp(prefix=".sidetune-probe-", dir=target if target.is_dir() else root)).rmdir()
     except OSError as e:
         raise SidetuneError(f"cannot write the harness results into {target} ({e.strerror or one_line(e, 80)}); "
                             f"make the run directory writable") from None
@@ -206,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from accelerate import Accelerator
 
+    from sidetune.models import load_tokenizer
     from sidetune.rundir import open_run
     from sidetune.session import mixed_precision
     from sidetune.tasks import get_task
@@ -224,10 +234,10 @@ def run(args: argparse.Namespace) -> int:
     # No CUDA device: the processes of `accelerate launch` run on the CPU over gloo (as the trainer's do).
     accelerator = Accelerator(cpu=args.device == "cpu" or not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg.train, model_dtype=cfg.model.dtype))
     target = results_target(run_dir.root, accelerator)
-    s = run_dir.load(accelerator.device)
-    if chat and not s.tokenizer.chat_template:
+    if chat and cfg.data.chat_template is None and not load_tokenizer(cfg.model).chat_template:
         raise SidetuneError("--apply-chat-template yes: this run's tokenizer has no chat template; train with "
                             "data.chat_template, or evaluate with --apply-chat-template no")
+    s = run_dir.load(accelerator.device)
     return _evaluate(args, run_dir, s, accelerator, manager, tasks, chat, target)
 
 
@@ -247,15 +257,25 @@ def _evaluate(args, run_dir, s, accelerator, manager, tasks: list, chat: bool, t
     limit: Any = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
-    results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=limit,
-                              batch_size=args.batch_size, device=str(accelerator.device), task_manager=manager,
-                              apply_chat_template=chat, log_samples=args.log_samples)
+    try:
+        results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=limit,
+                                  batch_size=args.batch_size, device=str(accelerator.device), task_manager=manager,
+                                  apply_chat_template=chat, log_samples=args.log_samples)
+    except (SidetuneError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # a task's template or metric failing on a document: the harness's message, one line
+        raise SidetuneError(f"lm-evaluation-harness failed ({type(e).__name__}: {one_line(e, 200)}); check the "
+                            f"task YAML") from None
     if results is None:  # not the main process: the main one prints and writes
         return 0
     samples = results.pop("samples", None) or {}
     results["sidetune"] = {"written_by": "sidetune", **info, "command": ["sidetune", *sys.argv[1:]],
                            "processes": accelerator.num_processes, "apply_chat_template": chat}
     stamp = time.strftime("%Y-%m-%dT%H-%M-%S", time.gmtime())
+    try:
+        target.mkdir(exist_ok=True)
+    except OSError as e:
+        raise checkpoint.os_error(target, e) from None
     path = _new_file(target, f"results_{stamp}", ".json")
     checkpoint.write_text(path, json.dumps(results, indent=1, default=handle_non_serializable, ensure_ascii=False))
     written = [path]

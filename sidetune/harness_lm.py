@@ -165,7 +165,7 @@ class SidetuneLM(TemplateLM):
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
         for members in groups.values():
-            settings = _decoding(requests[members[0]].args[1], self.max_gen_toks)
+            settings = decoding_settings(requests[members[0]].args[1], self.max_gen_toks)
             until = settings.pop("until")
             eos = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
             stops = [*until, eos] if eos and eos not in until else list(until)
@@ -189,7 +189,7 @@ class SidetuneLM(TemplateLM):
         return out  # type: ignore[return-value]
 
 
-def _decoding(gen_kwargs: dict[str, Any], default_max: int) -> dict[str, Any]:
+def decoding_settings(gen_kwargs: dict[str, Any], default_max: int) -> dict[str, Any]:
     """A task's generation_kwargs as complete_batch's arguments: until (a list), max_new_tokens, and temperature /
     top_k when the task samples. A keyword sidetune's decoding cannot honour is one line, not silently dropped (it
     would change the scores)."""

@@ -274,14 +274,20 @@ def test_bad_input_is_one_line_before_anything_is_written(tmp_path, capsys, monk
                                         "multiple_choice\ndoc_to_text: x\ndoc_to_choice: [a, b]\ndoc_to_target: 0\n")
     assert "could not be loaded" in _error(capsys, ["eval", str(run), "--lm-eval", "broken",
                                                     "--include-path", str(folder)])
+    (folder / "ok.jsonl").write_text('{"a": 1}\n')
+    (folder / "sampled.yaml").write_text((folder / "broken.yaml").read_text().replace("missing", "ok").replace(
+        "task: broken", "task: sampled").replace("multiple_choice", "generate_until").replace(
+        "doc_to_choice: [a, b]\n", "generation_kwargs: {until: [x], do_sample: true, top_p: 0.9}\n"))
+    assert "generation_kwargs ['top_p'] are not supported" in _error(
+        capsys, ["eval", str(run), "--lm-eval", str(folder / "sampled.yaml")])
     assert "apply to --lm-eval only" in _error(capsys, ["eval", str(run), "--limit", "3"])
     assert "--limit must be > 0" in _error(capsys, ["eval", str(run), "--lm-eval", "x", "--limit", "0"])
     assert not (run / "lm_eval").exists()
     classifier = _run(tmp_path / "c", "lora", "classification", "data.num_labels=2")
     assert "scores causal language models" in _error(capsys, ["eval", str(classifier), "--lm-eval", "x"])
     (run / "lm_eval").write_text("someone else's file")
-    (folder / "ok.yaml").write_text((folder / "broken.yaml").read_text().replace("missing", "ok"))
-    (folder / "ok.jsonl").write_text('{"a": 1}\n')
+    (folder / "ok.yaml").write_text((folder / "broken.yaml").read_text().replace("missing", "ok").replace(
+        "task: broken", "task: ok"))
     assert "is not a directory" in _error(capsys, ["eval", str(run), "--lm-eval", str(folder / "ok.yaml")])
     assert (run / "lm_eval").read_text() == "someone else's file"
     # Without the extra: one line naming it.
