@@ -127,6 +127,9 @@ class SidetuneLM(TemplateLM):
             for b, i in enumerate(chunk):
                 cont = requests[i][2]
                 n, c = len(rows[b]), len(cont)
+                if c > n:
+                    raise SidetuneError(f"a continuation of {c} tokens does not fit the model's {self.max_length}; "
+                                        f"raise --max-length (up to the model's position limit)")
                 # Position t predicts token t + 1: the continuation's c tokens are predicted by the last c positions.
                 logp = F.log_softmax(logits[b, n - c:n].float(), dim=-1)
                 target = torch.tensor(cont, device=logp.device)

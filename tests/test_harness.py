@@ -188,7 +188,7 @@ def test_merged_export_scores_the_same_through_the_harness_hf_model(tmp_path, ca
     assert generated == [r["resps"][0][0] for r in _samples(run, "tiny_gen")] == hand["outputs"]
 
 
-@pytest.mark.parametrize("method", ["prefix_tuning", "ptuning_v2", "prompt_tuning", "adapter"])
+@pytest.mark.parametrize("method", ["prefix_tuning", "ptuning_v2", "prompt_tuning", "ptuning_v1", "adapter", "ia3"])
 def test_every_method_batched_equals_one_row_at_a_time(tmp_path, method):
     """SidetuneLM directly: batched, right-padded loglikelihoods and batched generate_until equal each request
     scored / decoded alone by hand (the prefix methods number positions from the row's start)."""
@@ -205,6 +205,13 @@ def test_every_method_batched_equals_one_row_at_a_time(tmp_path, method):
     got = [s for s, _ in lm.loglikelihood(reqs)]
     expected = [_logprob(model, tok, c, x) for c, x in pairs]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-4)
+    # loglikelihood_rolling (perplexity tasks): one window here, every token after the prefix token (BOS / EOS).
+    text = "The river and the stone and the moon"
+    (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    ids = [lm.prefix_token_id, *_ids(tok, text)]
+    with torch.no_grad():
+        logp = F.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    assert rolling == pytest.approx(logp.gather(-1, torch.tensor(ids[1:])[:, None]).sum().item(), abs=1e-4)
     prompts = ["Q: what follows red?\nA:", "hello", "The river and the stone and the moon"]
     gen = [Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": MAX_GEN}), n)
            for n, p in enumerate(prompts)]
