@@ -217,6 +217,15 @@ def test_every_method_batched_equals_one_row_at_a_time(tmp_path, method):
            for n, p in enumerate(prompts)]
     eos = tok.decode([tok.eos_token_id])
     assert lm.generate_until(gen) == [_cut(_greedy(model, tok, p), ["\n\n", eos]) for p in prompts]
+    # The model's own generate stops at a stop string (transformers' stop_strings, or the plain loops' own check):
+    # with the text of its second new token as the stop, it ends there, not MAX_GEN tokens later.
+    ids = torch.tensor([_ids(tok, prompts[2])])
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=MAX_GEN, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+    full = model.generate(input_ids=ids, **kwargs)[0, ids.shape[1]:].tolist()
+    assert len(full) == MAX_GEN and tok.eos_token_id not in full
+    stopped = model.generate(input_ids=ids, stop_strings=[tok.decode(full[1:2])], tokenizer=tok, **kwargs)
+    assert stopped[0, ids.shape[1]:].tolist() in (full[:1], full[:2])
 
 
 def _free_port() -> int:
