@@ -12,7 +12,7 @@ The chat template: `--apply-chat-template auto` (the default) renders the prompt
 run trained on conversations (data.task=chat); `yes` / `no` force it.
 
 Results: the harness's table on stdout, and its results JSON (plus a `sidetune` block: the run, the checksum of the
-trainable weights it scored, the command) in RUN/lm_eval/results_<UTC time>.json, a new file each time (never one
+trainable weights it scored, the arguments) in RUN/lm_eval/results_<UTC time>.json, a new file each time (never one
 that exists), written atomically; with --log-samples, each task's per-document records beside it as jsonl. Under
 `accelerate launch` every process scores its share of the documents and the main process alone prints and writes.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -153,20 +152,29 @@ def load_tasks(manager, specs: list[str]) -> list:
 def results_target(root: Path, accelerator) -> Path:
     """RUN/lm_eval/, checked on the main process before the model loads: not a file of someone else's, and
     writable (probed with a temporary directory, removed at once; the folder itself is made when the results are
-    written, so a refused or failed eval leaves nothing behind)."""
+    written, so a refused or failed eval leaves nothing behind). A refusal stops every process (none is left
+    waiting in the harness's collectives)."""
     import tempfile
 
-    target = root / RESULTS_DIR
-    if not accelerator.is_main_process:
-        return target
-    if target.exists() and not target.is_dir():
-        raise SidetuneError(f"{target} exists and is not a directory; sidetune writes the harness results there: "
-                            f"move it away")
-    try:
-        Path(tempfile.mkdtemp(prefix=".sidetune-probe-", dir=target if target.is_dir() else root)).rmdir()
-    except OSError as e:
-        raise SidetuneError(f"cannot write the harness results into {target} ({e.strerror or one_line(e, 80)}); "
-                            f"make the run directory writable") from None
+    import torch
+
+    target, error = root / RESULTS_DIR, None
+    if accelerator.is_main_process:
+        if target.exists() and not target.is_dir():
+            error = SidetuneError(f"{target} exists and is not a directory; sidetune writes the harness results "
+                                  f"there: move it away")
+        else:
+            try:
+                Path(tempfile.mkdtemp(prefix=".sidetune-probe-", dir=target if target.is_dir() else root)).rmdir()
+            except OSError as e:
+                error = SidetuneError(f"cannot write the harness results into {target} "
+                                      f"({e.strerror or one_line(e, 80)}); make the run directory writable")
+    if accelerator.num_processes > 1:
+        votes = accelerator.reduce(torch.tensor(int(error is not None), device=accelerator.device), reduction="sum")
+        if votes.item() and error is None:
+            raise SidetuneError(f"the main process cannot write the harness results into {target}")
+    if error is not None:
+        raise error
     return target
 
 
@@ -184,15 +192,13 @@ def _new_file(directory: Path, stem: str, suffix: str) -> Path:
 
 
 def _trainable_sha256(final: Path) -> str | None:
+    """The checksum of the weights scored, from final/'s manifest (open_run verified it)."""
     from sidetune import checkpoint
 
     try:
-        manifest = json.loads((final / checkpoint.MANIFEST).read_text())
-    except (OSError, ValueError):
+        return json.loads((final / checkpoint.MANIFEST).read_text())["files"][checkpoint.TRAINABLE]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    entry = files.get(checkpoint.TRAINABLE) if isinstance(files, dict) else None
-    return entry.get("sha256") if isinstance(entry, dict) else entry if isinstance(entry, str) else None
 
 
 def max_length_of(model, tokenizer, given: int | None) -> int:
@@ -232,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
     manager = task_manager(specs, args.include_path)
     tasks = load_tasks(manager, specs)
     # No CUDA device: the processes of `accelerate launch` run on the CPU over gloo (as the trainer's do).
-    accelerator = Accelerator(cpu=args.device == "cpu" or not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg.train, model_dtype=cfg.model.dtype))
+    accelerator = Accelerator(cpu=args.device == "cpu" or not torch.cuda.is_available(),
+                              mixed_precision=mixed_precision(cfg.train, model_dtype=cfg.model.dtype))
     target = results_target(run_dir.root, accelerator)
     if chat and cfg.data.chat_template is None and not load_tokenizer(cfg.model).chat_template:
         raise SidetuneError("--apply-chat-template yes: this run's tokenizer has no chat template; train with "
@@ -269,7 +276,8 @@ def _evaluate(args, run_dir, s, accelerator, manager, tasks: list, chat: bool, t
     if results is None:  # not the main process: the main one prints and writes
         return 0
     samples = results.pop("samples", None) or {}
-    results["sidetune"] = {"written_by": "sidetune", **info, "command": ["sidetune", *sys.argv[1:]],
+    arguments = {"lm_eval": args.lm_eval, **{k: getattr(args, k) for k in HARNESS_DEFAULTS}}
+    results["sidetune"] = {"written_by": "sidetune", **info, "arguments": arguments,
                            "processes": accelerator.num_processes, "apply_chat_template": chat}
     stamp = time.strftime("%Y-%m-%dT%H-%M-%S", time.gmtime())
     try:
