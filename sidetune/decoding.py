@@ -51,12 +51,13 @@ def complete(model: nn.Module, tokenizer, ids: list[int], device: torch.device |
 
 def complete_batch(model: nn.Module, tokenizer, prompts: list[list[int]], device: torch.device | str, *,
                    max_new_tokens: int, stop: list[str] | None = None, temperature: float | None = None,
-                   top_k: int | None = None) -> list[str]:
-    """The decoded continuations of a batch of causal-LM prompts (special tokens kept; the caller cuts at its stop
-    strings), greedy unless a temperature or top-k is given. One `generate` call: transformers' decodes the batch
-    left-padded (its positions follow the attention mask); the method modules' loops (LST, prefix and prompt
-    methods) drop the padding and decode each row alone with their KV caches. Both stop a row at the eos and, given
-    `stop`, once its new text contains a stop string."""
+                   top_k: int | None = None, seq2seq: bool = False) -> list[str]:
+    """The decoded continuations of a batch of prompts (special tokens kept; the caller cuts at its stop strings),
+    greedy unless a temperature or top-k is given. One `generate` call: transformers' decodes the batch left-padded
+    (its positions follow the attention mask); the method modules' loops (LST, prefix and prompt methods) drop the
+    padding and decode each row alone with their KV caches. Both stop a row at the eos and, given `stop`, once its
+    new text contains a stop string. seq2seq: the prompts are the encoder's inputs and the continuation is the
+    decoder's sequence after its start token."""
     from transformers import GenerationMixin
 
     sample = temperature is not None or top_k is not None
@@ -76,9 +77,15 @@ def complete_batch(model: nn.Module, tokenizer, prompts: list[list[int]], device
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-    # transformers returns the padded prompt, the plain loops each row's own prompt, before the new tokens.
-    return [tokenizer.decode(row[width if hf else len(p):], skip_special_tokens=False)
-            for row, p in zip(out.tolist(), prompts)]
+    texts = []
+    for row, p in zip(out.tolist(), prompts):
+        # transformers returns the padded prompt, the plain loops each row's own prompt, before the new tokens;
+        # an encoder-decoder, the decoder's start token.
+        new = row[1:] if seq2seq else row[width if hf else len(p):]
+        while new and new[-1] == pad:  # a row that ended before the longest is padded after its end
+            new.pop()
+        texts.append(tokenizer.decode(new, skip_special_tokens=False))
+    return texts
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -229,10 +229,9 @@ def run(args: argparse.Namespace) -> int:
     run_dir = open_run(args.run_dir)  # verified once; refused while a run trains into it
     cfg = run_dir.cfg
     task = get_task(cfg.data.task)
-    if not task.generates or task.seq2seq:
-        raise SidetuneError(f"--lm-eval scores causal language models; this run is data.task={task.name} (a "
-                            f"{'classifier' if task.classifies else 'seq2seq model'}): use sidetune eval RUN for its "
-                            f"own metrics")
+    if not task.generates:
+        raise SidetuneError(f"--lm-eval scores language models; this run is a classifier (data.task={task.name}): "
+                            f"use sidetune eval RUN for its own metrics")
     chat = {"yes": True, "no": False, "auto": task.conversational}[args.apply_chat_template]
     specs = task_specs(args.lm_eval)
     manager = task_manager(specs, args.include_path)
@@ -260,7 +259,7 @@ def _evaluate(args, run_dir, s, accelerator, manager, tasks: list, chat: bool, t
     lm = SidetuneLM(s.model, s.tokenizer, device=accelerator.device, batch_size=args.batch_size,
                     max_length=max_length_of(s.model, s.tokenizer, args.max_length), rank=accelerator.process_index,
                     world_size=accelerator.num_processes, accelerator=accelerator, autocast=accelerator.autocast,
-                    name=f"sidetune__{run_dir.root.name}", info=info)
+                    name=f"sidetune__{run_dir.root.name}", info=info, seq2seq=s.task.seq2seq)
     limit: Any = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)

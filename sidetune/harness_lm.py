@@ -38,15 +38,17 @@ _NEUTRAL = {"top_p": 1.0, "repetition_penalty": 1.0, "num_beams": 1}
 
 
 class SidetuneLM(TemplateLM):
-    """The harness's view of a loaded sidetune run (causal LMs: data.task causal_lm or chat)."""
+    """The harness's view of a loaded sidetune run: a causal LM (data.task causal_lm or chat), or an encoder-decoder
+    (seq2seq: the context is the encoder's input, the continuation the decoder's labels, as the hf model does)."""
 
     backend = "causal"
 
     def __init__(self, model: nn.Module, tokenizer, *, device: torch.device, batch_size: int, max_length: int,
                  max_gen_toks: int = 256, rank: int = 0, world_size: int = 1, accelerator=None,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 name: str = "sidetune", info: dict[str, Any] | None = None) -> None:
+                 name: str = "sidetune", info: dict[str, Any] | None = None, seq2seq: bool = False) -> None:
         super().__init__()
+        self.backend = "seq2seq" if seq2seq else "causal"  # TemplateLM splits context / continuation by it
         self.model, self.tokenizer = model, tokenizer
         self._device, self._rank, self._world_size = device, rank, world_size
         self.accelerator, self.autocast = accelerator, autocast
@@ -57,13 +59,17 @@ class SidetuneLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
-        return self.tokenizer.eos_token_id
+        # A borrowed tokenizer may have no eos (tiny-t5 reads text with BERT's): the model's own then.
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            eos = getattr(self.model.config, "eos_token_id", None)
+        return eos[0] if isinstance(eos, (list, tuple)) else eos
 
     @property
     def prefix_token_id(self) -> int:
         # What an empty context is scored after: BOS where the tokenizer has one, else EOS (as the hf model does).
         bos = self.tokenizer.bos_token_id
-        return bos if bos is not None else self.tokenizer.eos_token_id
+        return bos if bos is not None else self.eot_token_id
 
     @property
     def tokenizer_name(self) -> str:
@@ -113,24 +119,36 @@ class SidetuneLM(TemplateLM):
         (key, context ids, continuation ids), longest first in batches of `batch_size`, right-padded."""
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            # Too long for the model: cut from the left, keeping the whole continuation (the hf model's rule). The
-            # last token is only predicted, never read.
-            rows = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in chunk]
+            if self.backend == "seq2seq":
+                # The encoder reads the context (its last max_length tokens), the decoder is fed the continuation
+                # as labels (shifted right behind the start token by the model), so position t predicts token t.
+                rows = [requests[i][1][-self.max_length:] for i in chunk]
+                conts = [requests[i][2][:self.max_length] for i in chunk]
+                wide = max(len(c) for c in conts)
+                labels = torch.tensor([c + [-100] * (wide - len(c)) for c in conts], device=self._device)
+                ends = [len(c) for c in conts]
+            else:
+                # Too long for the model: cut from the left, keeping the whole continuation (the hf model's rule).
+                # The last token is only predicted, never read.
+                rows = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in chunk]
+                labels, ends = None, [len(r) for r in rows]
             width = max(len(r) for r in rows)
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self._device)
             mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self._device)
+            extra = {"labels": labels} if labels is not None else {}
             with self.autocast():
-                logits = self.model(input_ids=ids, attention_mask=mask).logits
+                logits = self.model(input_ids=ids, attention_mask=mask, **extra).logits
             for b, i in enumerate(chunk):
                 cont = requests[i][2]
-                n, c = len(rows[b]), len(cont)
+                n, c = ends[b], len(cont)
                 if c > n:
                     raise SidetuneError(f"a continuation of {c} tokens does not fit the model's {self.max_length}; "
                                         f"raise --max-length (up to the model's position limit)")
-                # Position t predicts token t + 1: the continuation's c tokens are predicted by the last c positions.
+                # Causal: position t predicts token t + 1, so the continuation's c tokens are predicted by the last
+                # c positions of the row; seq2seq: by the decoder's first c positions (n = c).
                 logp = F.log_softmax(logits[b, n - c:n].float(), dim=-1)
                 target = torch.tensor(cont, device=logp.device)
                 score = logp.gather(-1, target[:, None]).sum().item()
@@ -170,20 +188,24 @@ class SidetuneLM(TemplateLM):
         for members in groups.values():
             settings = decoding_settings(requests[members[0]].args[1], self.max_gen_toks)
             until = settings.pop("until")
-            eos = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
+            eos = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False) \
+                if self.eot_token_id is not None else ""
             stops = [*until, eos] if eos and eos not in until else list(until)
             max_new = settings.pop("max_new_tokens")
-            if max_new >= self.max_length:
+            if max_new >= self.max_length and self.backend == "causal":
                 raise SidetuneError(f"a task asks for {max_new} new tokens, but the model reads only "
                                     f"{self.max_length}; lower max_gen_toks in the task or raise --max-length")
-            # Room for the new tokens: a longer context loses its start (the hf model's rule).
-            prompts = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):] for i in members}
+            # Room for the new tokens: a longer context loses its start (the hf model's rule); an encoder reads all
+            # max_length.
+            room = self.max_length if self.backend == "seq2seq" else self.max_length - max_new
+            prompts = {i: self.tok_encode(requests[i].args[0])[-room:] for i in members}
             members = sorted(members, key=lambda i: -len(prompts[i]))
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
                 with self.autocast():
                     texts = complete_batch(self.model, self.tokenizer, [prompts[i] for i in chunk], self._device,
-                                           max_new_tokens=max_new, stop=stops, **settings)
+                                           max_new_tokens=max_new, stop=stops, seq2seq=self.backend == "seq2seq",
+                                           **settings)
                 for i, text in zip(chunk, texts):
                     for s in stops:
                         text = text.split(s)[0] if s else text

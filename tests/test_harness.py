@@ -228,6 +228,45 @@ def test_every_method_batched_equals_one_row_at_a_time(tmp_path, method):
     assert stopped[0, ids.shape[1]:].tolist() in (full[:1], full[:2])
 
 
+@pytest.mark.parametrize("method", ["lst", "lora"])
+def test_seq2seq_runs_score_context_as_encoder_input(tmp_path, method):
+    """An encoder-decoder run (T5): the context goes to the encoder, the continuation is the decoder's labels, as
+    the harness's hf model scores seq2seq models; generation is the decoder's greedy sequence, cut at the stops."""
+    from lm_eval.api.instance import Instance
+
+    from sidetune.harness_lm import SidetuneLM
+
+    run = _run(tmp_path, method, "seq2seq", "model.name=tiny-t5")
+    model, tok = load_run(run)
+    lm = SidetuneLM(model, tok, device=torch.device("cpu"), batch_size=4, max_length=512, seq2seq=True)
+    pairs = [(f"The {w} is", f" {v} and {w}") for w, v in zip(WORDS[:6], reversed(WORDS))]
+    got = [s for s, _ in lm.loglikelihood([Instance("loglikelihood", {}, p, n) for n, p in enumerate(pairs)])]
+    expected = []
+    with torch.no_grad():
+        for context, continuation in pairs:
+            cont = tok(continuation, add_special_tokens=False)["input_ids"]
+            logits = model(input_ids=torch.tensor([_ids(tok, context)]), labels=torch.tensor([cont])).logits[0]
+            logp = F.log_softmax(logits.float(), dim=-1)
+            expected.append(logp.gather(-1, torch.tensor(cont)[:, None]).sum().item())
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-4)
+
+    def greedy(prompt: str) -> str:  # the decoder by full forwards from its start token
+        enc, dec = torch.tensor([_ids(tok, prompt)]), [model.config.decoder_start_token_id]
+        with torch.no_grad():
+            for _ in range(MAX_GEN):
+                dec.append(model(input_ids=enc, decoder_input_ids=torch.tensor([dec])).logits[0, -1].argmax().item())
+                if dec[-1] == model.config.eos_token_id:  # BERT's [SEP]: tiny-t5 borrows its tokenizer
+                    break
+        return tok.decode(dec[1:], skip_special_tokens=False)
+
+    prompts = ["translate: the red cat", "hello", "the river and the stone and the moon"]
+    gen = [Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": MAX_GEN}), n)
+           for n, p in enumerate(prompts)]
+    eos = tok.decode([model.config.eos_token_id])  # BERT's [SEP]: tiny-t5 reads text with BERT's tokenizer
+    outputs = [_cut(greedy(p), ["\n\n", eos]) for p in prompts]
+    assert lm.generate_until(gen) == outputs and any(outputs)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -300,7 +339,7 @@ def test_bad_input_is_one_line_before_anything_is_written(tmp_path, capsys, monk
     assert "--limit must be > 0" in _error(capsys, ["eval", str(run), "--lm-eval", "x", "--limit", "0"])
     assert not (run / "lm_eval").exists()
     classifier = _run(tmp_path / "c", "lora", "classification", "data.num_labels=2")
-    assert "scores causal language models" in _error(capsys, ["eval", str(classifier), "--lm-eval", "x"])
+    assert "is a classifier" in _error(capsys, ["eval", str(classifier), "--lm-eval", "x"])
     (run / "lm_eval").write_text("someone else's file")
     (folder / "ok.yaml").write_text((folder / "broken.yaml").read_text().replace("missing", "ok").replace(
         "task: broken", "task: ok"))
