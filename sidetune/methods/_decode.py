@@ -2,9 +2,10 @@
 runs beside the backbone) and P-tuning v2 (the prefix lives in a read-only cache that `generate` would try to grow).
 
 Each row is decoded alone, so padding never shifts positions. A row stops at an eos, after `max_new_tokens`, or (given
-`stop_strings` and the tokenizer, as transformers' `generate` takes them) once its new text contains a stop string. A step receives the whole sequence so far; a step may
-keep its own cache and feed the model only the tokens it has not seen (LST's does, for the backbone and the side
-network) or rerun the full forward (the reference the cached path is tested against).
+`stop_strings` and the tokenizer, as transformers' `generate` takes them) once its new text contains a stop string.
+A step receives the whole sequence so far; a step may keep its own cache and feed the model only the tokens it has not
+seen (LST's does, for the backbone and the side network) or rerun the full forward (the reference the cached path is
+tested against).
 """
 
 from __future__ import annotations
