@@ -31,7 +31,8 @@ EXTRA = "pip install 'sidetune[lm-eval]'"
 RESULTS_DIR = "lm_eval"
 # The harness options' defaults: `sidetune eval` without --lm-eval refuses any of them set otherwise.
 HARNESS_DEFAULTS = {"limit": None, "num_fewshot": None, "batch_size": 8, "apply_chat_template": "auto",
-                    "include_path": [], "max_length": None, "log_samples": False, "device": None}
+                    "include_path": [], "max_length": None, "log_samples": False, "device": None,
+                    "gen_kwargs": None, "system_instruction": None}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a folder of task YAMLs (repeatable)")
     g.add_argument("--max-length", type=int, default=None,
                    help="longest input in tokens (default: the model's position limit; longer inputs lose their start)")
+    g.add_argument("--gen-kwargs", default=None, metavar="K=V,...",
+                   help="generation settings over the tasks' own, e.g. max_gen_toks=64,do_sample=true,temperature=0.7")
+    g.add_argument("--system-instruction", default=None, help="a system message put before every prompt")
     g.add_argument("--log-samples", action="store_true", help="also write every document's prompt, answers and "
                                                               "scores (RUN/lm_eval/samples_*.jsonl)")
     g.add_argument("--device", choices=("cpu", "cuda"), default=None,
@@ -127,7 +131,22 @@ def task_manager(specs: list[str], include: list[str]):
     return manager
 
 
-def load_tasks(manager, specs: list[str]) -> list:
+def gen_kwargs(text: str | None) -> dict[str, Any] | None:
+    """--gen-kwargs as the harness parses it (k=v pairs, values read as numbers / booleans)."""
+    if text is None:
+        return None
+    from lm_eval.utils import simple_parse_args_string
+
+    try:
+        parsed = simple_parse_args_string(text)
+    except Exception as e:
+        raise SidetuneError(f"--gen-kwargs {text!r} is not k=v,k=v ({one_line(e, 80)})") from None
+    if not parsed:
+        raise SidetuneError(f"--gen-kwargs {text!r} sets nothing; give k=v pairs (max_gen_toks=64)")
+    return parsed
+
+
+def load_tasks(manager, specs: list[str], overrides: dict[str, Any] | None = None) -> list:
     """Build every task (reads its data) so that a bad YAML or a missing data file is one line before the model
     loads. Returns what simple_evaluate is then given: the built tasks (not read twice), or the specs again when
     they hold a group (its aggregate needs the group, which the harness builds from the names)."""
@@ -143,7 +162,7 @@ def load_tasks(manager, specs: list[str]) -> list:
     for name, task in loaded["tasks"].items():
         if task.get_config("output_type") == "generate_until":
             try:  # a generation keyword sidetune's decoding cannot honour: refused now, not after the model loads
-                decoding_settings(task.get_config("generation_kwargs") or {}, 256)
+                decoding_settings({**(task.get_config("generation_kwargs") or {}), **(overrides or {})}, 256)
             except SidetuneError as e:
                 raise SidetuneError(f"--lm-eval task {name}: {e}") from None
     return specs if loaded["groups"] else list(loaded["tasks"].values())
@@ -235,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     chat = {"yes": True, "no": False, "auto": task.conversational}[args.apply_chat_template]
     specs = task_specs(args.lm_eval)
     manager = task_manager(specs, args.include_path)
-    tasks = load_tasks(manager, specs)
+    tasks = load_tasks(manager, specs, gen_kwargs(args.gen_kwargs))
     # No CUDA device: the processes of `accelerate launch` run on the CPU over gloo (as the trainer's do).
     accelerator = Accelerator(cpu=args.device == "cpu" or not torch.cuda.is_available(),
                               mixed_precision=mixed_precision(cfg.train, model_dtype=cfg.model.dtype))
@@ -266,7 +285,8 @@ def _evaluate(args, run_dir, s, accelerator, manager, tasks: list, chat: bool, t
     try:
         results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=limit,
                                   batch_size=args.batch_size, device=str(accelerator.device), task_manager=manager,
-                                  apply_chat_template=chat, log_samples=args.log_samples)
+                                  apply_chat_template=chat, log_samples=args.log_samples,
+                                  gen_kwargs=gen_kwargs(args.gen_kwargs), system_instruction=args.system_instruction)
     except (SidetuneError, KeyboardInterrupt, MemoryError):
         raise
     except Exception as e:  # a task's template or metric failing on a document: the harness's message, one line

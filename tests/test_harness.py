@@ -335,6 +335,10 @@ def test_bad_input_is_one_line_before_anything_is_written(tmp_path, capsys, monk
         "doc_to_choice: [a, b]\n", "generation_kwargs: {until: [x], do_sample: true, top_p: 0.9}\n"))
     assert "generation_kwargs ['top_p'] are not supported" in _error(
         capsys, ["eval", str(run), "--lm-eval", str(folder / "sampled.yaml")])
+    (folder / "plain.yaml").write_text((folder / "sampled.yaml").read_text().replace("task: sampled", "task: plain")
+                                       .replace(", do_sample: true, top_p: 0.9", ""))
+    assert "generation_kwargs ['top_p'] are not supported" in _error(  # --gen-kwargs is checked the same way
+        capsys, ["eval", str(run), "--lm-eval", str(folder / "plain.yaml"), "--gen-kwargs", "top_p=0.5"])
     assert "apply to --lm-eval only" in _error(capsys, ["eval", str(run), "--limit", "3"])
     assert "--limit must be > 0" in _error(capsys, ["eval", str(run), "--lm-eval", "x", "--limit", "0"])
     assert not (run / "lm_eval").exists()
