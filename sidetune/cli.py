@@ -27,9 +27,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="list every config key (model, data, train and each method's) with its type, default and "
                         "meaning, then exit")
 
-    e = sub.add_parser("eval", help="evaluate a finished run; prints metrics as JSON")
+    e = sub.add_parser("eval", help="evaluate a finished run: its own metrics as JSON, or lm-evaluation-harness "
+                                    "tasks (--lm-eval) as the harness's table")
     e.add_argument("run_dir")
     e.add_argument("--data", help="evaluate on this data file instead of the run's data.eval")
+    _add_arguments("sidetune.harness")(e)
 
     for name, (module, help_text) in SUBCOMMANDS.items():
         _add_arguments(module)(sub.add_parser(name, help=help_text, description=help_text))
@@ -72,6 +74,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.lm_eval is not None:
+        from sidetune.harness import run
+
+        return run(args)
+    from sidetune.harness import HARNESS_DEFAULTS, check_unused
+
+    check_unused(args, HARNESS_DEFAULTS)
     from sidetune.evaluate import evaluate_run
     from sidetune.rundir import open_run
 

@@ -49,6 +49,45 @@ def complete(model: nn.Module, tokenizer, ids: list[int], device: torch.device |
     return tokenizer.decode(new, skip_special_tokens=True)
 
 
+def complete_batch(model: nn.Module, tokenizer, prompts: list[list[int]], device: torch.device | str, *,
+                   max_new_tokens: int, stop: list[str] | None = None, temperature: float | None = None,
+                   top_k: int | None = None, seq2seq: bool = False) -> list[str]:
+    """The decoded continuations of a batch of prompts (special tokens kept; the caller cuts at its stop strings),
+    greedy unless a temperature or top-k is given. One `generate` call: transformers' decodes the batch left-padded
+    (its positions follow the attention mask); the method modules' loops (LST, prefix and prompt methods) drop the
+    padding and decode each row alone with their KV caches. Both stop a row at the eos and, given `stop`, once its
+    new text contains a stop string. seq2seq: the prompts are the encoder's inputs and the continuation is the
+    decoder's sequence after its start token."""
+    from transformers import GenerationMixin
+
+    sample = temperature is not None or top_k is not None
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": sample,
+                              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if sample:
+        kwargs.update(temperature=temperature if temperature is not None else 1.0, top_k=top_k or 0)
+    hf = isinstance(model, GenerationMixin)
+    if hf and not sample:
+        kwargs.update(temperature=None, top_k=None, top_p=None)
+    if stop:
+        kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Left padding: the last prompt token of every row sits in the last column, where generation continues.
+    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+    texts = []
+    for row, p in zip(out.tolist(), prompts):
+        # transformers returns the padded prompt, the plain loops each row's own prompt, before the new tokens;
+        # an encoder-decoder, the decoder's start token.
+        new = row[1:] if seq2seq else row[width if hf else len(p):]
+        while new and new[-1] == pad:  # a row that ended before the longest is padded after its end
+            new.pop()
+        texts.append(tokenizer.decode(new, skip_special_tokens=False))
+    return texts
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # SQuAD-style text metrics
 

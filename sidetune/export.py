@@ -56,9 +56,6 @@ def run(args: argparse.Namespace) -> int:
         out = export_peft(args.run_dir, args.peft, args.overwrite)
         config = json.loads((out / ADAPTER_CONFIG).read_text())
         print(f"sidetune: PEFT adapter written to {out} (base: {config['base_model_name_or_path']})")
-        if config.get("use_dora"):
-            print("sidetune: note: a DoRA adapter: PEFT loads it, but vLLM does not serve DoRA adapters; for vLLM "
-                  "use `sidetune export RUN_DIR --merge OUT`")
         return 0
     if args.base_ref and args.hf is None:
         raise SidetuneError("--base-ref applies to --hf only; add --hf OUT, or drop --base-ref")

@@ -12,6 +12,13 @@ whose init changed the frozen base (LoRA-GA, `Method.changed_base`) is converted
 original base, as PEFT itself converts LoRA-GA and PiSSA adapters (`_plain_lora`); a changed 4-bit base (LoftQ) is
 saved, dequantized, as the adapter's base instead (`_dequantized_base`), as PEFT's LoftQ models are published.
 
+What a LoRA server leaves out. vLLM (and servers like it) apply an adapter's LoRA target modules only: an adapter
+that also carries whole trained modules (`modules_to_save`: a new classifier head, trained embeddings or LM head) or
+DoRA magnitudes is served without them, as the base model plus the plain LoRA update, and no error says so (vllm
+#55193). The export writes those parts where PEFT reads them (`modules_to_save` in adapter_config.json and their
+weights under PEFT's key names; `use_dora` and each layer's `lora_magnitude_vector`), so
+`PeftModel.from_pretrained` reproduces the run, and names them in one line (`unserved_parts`).
+
 The base. `base_model_name_or_path` names a directory `from_pretrained` loads: the local checkpoint of a model
 directory or of an alias (smollm2-135m: the converted copy in sidetune's cache). A preset (tiny-llama, ...) is random
 weights that exist nowhere on disk, so its base is saved into OUT/base and named there.
@@ -85,6 +92,11 @@ def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
         s.tokenizer.save_pretrained(out)
     if cfg.data.label_names:
         (out / "label_names.json").write_text(json.dumps(cfg.data.label_names) + "\n")
+    parts = unserved_parts(s.model, config)
+    if parts:
+        print(f"sidetune: note: vLLM serves only the LoRA target modules of this adapter, not its {'; '.join(parts)} "
+              f"(PEFT loads them: PeftModel.from_pretrained(base, {out})); to serve the run whole with vLLM, use "
+              f"`sidetune export RUN --merge OUT`")
     return out
 
 
@@ -103,6 +115,29 @@ def _dequantized_base(model):
                 replace_module(model, name, float32_linear(module))
     strip_quantization(model)
     return model
+
+
+def unserved_parts(model, config: dict) -> list[str]:
+    """The parts of a PEFT LoRA export beyond its LoRA target modules, each named with what it is: the
+    modules_to_save (the input embeddings, the LM head, the new task head, any other trained module) and DoRA's
+    magnitude vectors."""
+    modules = config.get("modules_to_save") or []
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    new = set(getattr(model, "sidetune_head", None) or [])
+
+    def what(name: str) -> str:
+        module = model.get_submodule(name)
+        if module is embeddings:
+            return "trained embeddings"
+        if module is head:
+            return "a trained LM head"
+        return "the new task head" if name in new else "a trained module"
+
+    parts = [f"modules_to_save {name} ({what(name)})" for name in modules]
+    if config.get("use_dora"):
+        count = sum(1 for n, _ in model.named_parameters() if n.endswith("lora_magnitude_vector"))
+        parts.append(f"DoRA magnitudes (use_dora, lora_magnitude_vector on {count} layers: vLLM does not serve DoRA)")
+    return parts
 
 
 def _plain_lora(model, base, changed: list[str], state: dict[str, torch.Tensor],

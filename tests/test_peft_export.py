@@ -44,7 +44,8 @@ def lm_run(tmp_path_factory):
 
 def test_peft_loads_the_causal_lm_adapter_with_sidetunes_logits(lm_run, tmp_path):
     out = tmp_path / "adapter"
-    assert run_cli("export", lm_run, "--peft", out).returncode == 0
+    cli = run_cli("export", lm_run, "--peft", out)
+    assert cli.returncode == 0 and "note:" not in cli.stdout  # plain LoRA: a LoRA server serves all of it
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM" and config["r"] == 4
     assert sorted(config["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
@@ -69,13 +70,26 @@ def test_peft_loads_the_causal_lm_adapter_with_sidetunes_logits(lm_run, tmp_path
         assert_close(merged_peft(input_ids=ids, attention_mask=mask).logits, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_a_classification_head_goes_in_modules_to_save(sst2_small, tmp_path):
+@pytest.mark.parametrize("dora", [False, True])
+def test_a_classification_head_goes_in_modules_to_save(sst2_small, tmp_path, capsys, dora):
+    """The trained head PEFT calls modules_to_save (and DoRA's magnitudes): written where PEFT reads them, PEFT
+    reproduces the run's logits with them, and the export names them in one line as what vLLM will not serve."""
     run = _train(tmp_path / "run", f"data.train={sst2_small['train']}", "data.eval=null",
                  "data.max_train_samples=16", "data.max_length=32", "data.task=classification",
-                 "data.label_names=[negative,positive]")
+                 "data.label_names=[negative,positive]", f"method.dora={str(dora).lower()}",
+                 "method.targets=[q_proj,v_proj]")
+    capsys.readouterr()
     out = export_peft(run, tmp_path / "adapter")
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sidetune: note:")]
+    assert len(notes) == 1 and "vLLM serves only the LoRA target modules" in notes[0], notes
+    assert "modules_to_save score (the new task head)" in notes[0]
+    assert ("DoRA magnitudes" in notes[0] and "on 8 layers" in notes[0]) == dora
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    assert config.get("use_dora", False) == dora
+    keys = load_file(str(out / "adapter_model.safetensors"))
+    assert "base_model.model.score.weight" in keys  # PEFT's key for a modules_to_save weight
+    assert sum(k.endswith(".lora_magnitude_vector") for k in keys) == (8 if dora else 0)
     assert json.loads((out / "label_names.json").read_text()) == ["negative", "positive"]
     ours, tok = sidetune.load(run)
     base = AutoModelForSequenceClassification.from_pretrained(config["base_model_name_or_path"])
@@ -85,6 +99,9 @@ def test_a_classification_head_goes_in_modules_to_save(sst2_small, tmp_path):
         expected = ours(**enc).logits
         assert (expected[0] != expected[1]).any()
         assert_close(theirs(**enc).logits, expected, rtol=1e-5, atol=1e-5)
+        # What a LoRA-only server computes (the base's own, untrained head; no magnitudes) is another model.
+        plain = AutoModelForSequenceClassification.from_pretrained(config["base_model_name_or_path"]).eval()
+        assert (plain(**enc).logits - expected).abs().max() > 1e-3
 
 
 def test_init_from_starts_a_lora_run_from_a_peft_adapter(lm_run, tmp_path):

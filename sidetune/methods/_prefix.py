@@ -48,7 +48,7 @@ from sidetune.compat import block_checkpointing_keeps_cache, cache_kwargs, query
 from sidetune.distributed import ShardsLikeInner
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_dropout, check_positive
-from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
+from sidetune.methods._decode import decode_rows, special_tokens, stop_on_strings, unpadded_rows
 from sidetune.methods._inject import freeze
 from sidetune.methods._readout import POOLINGS, classifier_name, classify, pool
 from sidetune.methods.base import HFExport
@@ -252,7 +252,8 @@ class PrefixModel(ShardsLikeInner, nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, eos_token_id=None,
-                 pad_token_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
+                 pad_token_id: int | None = None, use_cache: bool = True, stop_strings: list[str] | None = None,
+                 tokenizer=None) -> torch.Tensor:
         """Greedy or sampled decoding with the prefix (causal LMs), in the plain loop of sidetune.methods._decode:
         transformers' `generate` would number positions after the prefix and build its own cache. With use_cache
         (default) each row keeps a KV cache that starts as the prefix and grows by the tokens seen, so a new token
@@ -267,7 +268,8 @@ class PrefixModel(ShardsLikeInner, nn.Module):
         cached = use_cache and not (self.config._attn_implementation or "").startswith("sidetune_prefix_")
         rows = [(ids, self._cached_step() if cached else lambda s: self(input_ids=s).logits[:, -1])
                 for ids in unpadded_rows(input_ids, attention_mask)]
-        return decode_rows(rows, max_new_tokens, eos, pad, do_sample, temperature, top_k)
+        return decode_rows(rows, max_new_tokens, eos, pad, do_sample, temperature, top_k,
+                           stop_on_strings(stop_strings, tokenizer))
 
     def _cached_step(self):
         """One row's decoding step: feeds the model only the tokens its cache has not seen."""

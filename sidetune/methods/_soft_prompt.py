@@ -37,7 +37,7 @@ from torch import nn
 
 from sidetune.distributed import ShardsLikeInner
 from sidetune.errors import SidetuneError
-from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
+from sidetune.methods._decode import decode_rows, special_tokens, stop_on_strings, unpadded_rows
 from sidetune.methods.base import HFExport
 from sidetune.tasks import Task
 
@@ -171,7 +171,8 @@ class SoftPromptModel(ShardsLikeInner, nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, eos_token_id=None,
-                 pad_token_id: int | None = None) -> torch.Tensor:
+                 pad_token_id: int | None = None, stop_strings: list[str] | None = None,
+                 tokenizer=None) -> torch.Tensor:
         """Greedy or sampled decoding with the prompt in front (causal LMs), by the plain loop of
         sidetune.methods._decode: each new token is the argmax (or a sample) of the full forward the model was trained
         with. Returns the input plus the new tokens, right-padded with `pad_token_id`."""
@@ -180,4 +181,5 @@ class SoftPromptModel(ShardsLikeInner, nn.Module):
                                 f"{type(self.model).__name__}")
         eos, pad = special_tokens(self.config, eos_token_id, pad_token_id)
         rows = [(ids, lambda s: self(input_ids=s).logits[:, -1]) for ids in unpadded_rows(input_ids, attention_mask)]
-        return decode_rows(rows, max_new_tokens, eos, pad, do_sample, temperature, top_k)
+        return decode_rows(rows, max_new_tokens, eos, pad, do_sample, temperature, top_k,
+                           stop_on_strings(stop_strings, tokenizer))

@@ -39,7 +39,7 @@ from sidetune.compat import cache_kwargs, returned_cache
 from sidetune.distributed import ShardsLikeInner
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_positive, opt
-from sidetune.methods._decode import decode_rows, special_tokens, unpadded_rows
+from sidetune.methods._decode import decode_rows, special_tokens, stop_on_strings, unpadded_rows
 from sidetune.methods._inject import freeze, head_module_names
 from sidetune.methods._lst_blocks import SideCache, SideStack, Stack, Unmapped, capture, stacks_of, tapped_layers
 from sidetune.methods._lst_prune import fisher_scores, init_pruned, keep_hidden
@@ -335,7 +335,8 @@ class LSTModel(ShardsLikeInner, nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, eos_token_id=None,
-                 pad_token_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
+                 pad_token_id: int | None = None, use_cache: bool = True, stop_strings: list[str] | None = None,
+                 tokenizer=None) -> torch.Tensor:
         """Greedy or sampled decoding with the side network attached. Each row is decoded alone (no padding
         effects). With use_cache (default) the backbone keeps transformers' KV cache and the side network its own,
         so each new token costs one token's forward; without, every token reruns the full forward (the reference
@@ -359,7 +360,8 @@ class LSTModel(ShardsLikeInner, nn.Module):
                 rows.append((start, step))
             else:
                 rows.append((ids, _CachedStep(self) if use_cache else lambda s: self(input_ids=s).logits[:, -1]))
-        return decode_rows(rows, max_new_tokens, eos, pad, do_sample, temperature, top_k)
+        return decode_rows(rows, max_new_tokens, eos, pad, do_sample, temperature, top_k,
+                           stop_on_strings(stop_strings, tokenizer))
 
 
 class _CachedStep:
