@@ -39,11 +39,12 @@ from sidetune.config import Config, load_config, save_config
 from sidetune.errors import SidetuneError, one_line
 from sidetune.methods import build_method, trainable_parameters
 from sidetune.plot import CURVES
+from sidetune.preference import REFERENCE_FILE
 
 # What marks a directory as holding a run (the lock file does not: it stays behind, harmless, after every run).
 RUN_NAMES = (checkpoint.RUN_MANIFEST, "config.yaml", "metrics.jsonl", "checkpoints", "final", "logs")
 # The top-level files sidetune writes, listed in the run manifest (curves.png: `sidetune plot`'s PNG, at the end).
-RUN_FILES = ("config.yaml", "metrics.jsonl", CURVES)
+RUN_FILES = ("config.yaml", "metrics.jsonl", CURVES, REFERENCE_FILE)
 TRASH = ".sidetune-trash"  # the earlier run, while an overwriting run has not saved yet
 _MOVED = "moved"  # in TRASH: every file of the earlier run is in it (written last)
 # Keys that may change between a checkpoint and its resumed run without changing what the checkpoint holds.
@@ -445,6 +446,10 @@ class RunDir:
         if self.continuing(resume):
             rows = resume.state.get("metrics_rows") if resume.state is not None else 0
             self.rows = _truncate_metrics(self.path / "metrics.jsonl", rows, resume.step)
+
+    def write_file(self, path: Path, writer) -> None:
+        """One more file of the run (one of RUN_FILES), written atomically by the main process."""
+        self._all(lambda: checkpoint.write_file(path, writer), main_only=True)
 
     def log(self, row: dict[str, Any]) -> None:
         """One metrics.jsonl row (main process) and accelerate's trackers."""

@@ -27,6 +27,7 @@ from sidetune.errors import SidetuneError
 from sidetune.losses import ChunkedLMLoss
 from sidetune.methods import Context, Method, build_method, trainable_parameters
 from sidetune.models import load_model, load_tokenizer
+from sidetune.preference import PreferenceModule
 from sidetune.tasks import Task, get_task
 
 
@@ -44,6 +45,11 @@ class Setup:
     model: nn.Module  # the module the method returned; its trainable set is what gets saved
     module: nn.Module  # what a step calls: `model`, checkpointed and/or wrapped in the chunked LM loss as configured
     optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def preference(self) -> PreferenceModule | None:
+        """The preference objective's module (train.objective dpo / simpo), or None for a supervised run."""
+        return self.module if isinstance(self.module, PreferenceModule) else None
 
     @property
     def trainable(self) -> list[nn.Parameter]:
@@ -93,6 +99,8 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
     model = apply(base) if apply is not None else method.apply(base, ctx)
     if not trainable_parameters(model):
         raise SidetuneError(f"method {cfg.method.name!r} left no trainable parameter on this model")
+    if cfg.model.init_from and not reload and not fake:
+        _init_from(model, method, cfg)
     module = training_module(model, cfg, method)
     optimizer = None
     if with_optimizer:
@@ -147,6 +155,26 @@ def _calibration(method: Method, data, task: Task, tokenizer, cfg: Config, devic
     return batches
 
 
+def _init_from(model: nn.Module, method: Method, cfg: Config) -> None:
+    """model.init_from: the trained weights (and changed base) of a finished run with the same model and method
+    settings, copied over the init (e.g. DPO starting from an SFT run)."""
+    from sidetune.rundir import open_run, restore
+
+    run = open_run(cfg.model.init_from)
+    prev = run.cfg
+    if prev.model.name != cfg.model.name or prev.model.quantize != cfg.model.quantize:
+        raise SidetuneError(f"model.init_from={cfg.model.init_from}: that run trained model.name={prev.model.name} "
+                            f"(quantize={prev.model.quantize}), this one {cfg.model.name} (quantize="
+                            f"{cfg.model.quantize}); start from a run of the same model")
+    if prev.method != cfg.method:
+        theirs, ours = prev.method.__dict__, cfg.method.__dict__
+        diff = next((k for k in ours if theirs.get(k) != ours[k]), "name")
+        raise SidetuneError(f"model.init_from={cfg.model.init_from}: that run's method.{diff}={theirs.get(diff)!r}, "
+                            f"this run's {ours.get(diff)!r}; use the same method settings (copy its method: section)")
+    restore(model, method, run.final)
+    print(f"sidetune: model.init_from: starting from the trained weights in {run.final}")
+
+
 def training_module(model: nn.Module, cfg: Config, method: Method) -> nn.Module:
     """The module a step calls: gradient checkpointing switched on and the chunked LM loss wrapped around when the
     config asks."""
@@ -163,12 +191,19 @@ def training_module(model: nn.Module, cfg: Config, method: Method) -> nn.Module:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
             raise SidetuneError(f"method {cfg.method.name!r} does not support train.gradient_checkpointing")
-    return forward_module(model, cfg)
+    return forward_module(model, cfg, method)
 
 
-def forward_module(model: nn.Module, cfg: Config) -> nn.Module:
-    """The model itself, or wrapped so that the LM loss is computed in chunks (also for eval and the floor)."""
-    return ChunkedLMLoss(model, cfg.train.loss_chunk_size) if cfg.train.loss_chunk_size else model
+def forward_module(model: nn.Module, cfg: Config, method: Method | None = None) -> nn.Module:
+    """The model itself, or wrapped so that the LM loss is computed in chunks (also for eval and the floor), or in
+    the preference objective (train.objective dpo / simpo), with the reference the method declares."""
+    t = cfg.train
+    if t.objective != "supervised":
+        method = method if method is not None else build_method(cfg.method)
+        reference = method.reference(bool(cfg.model.init_from))
+        return PreferenceModule(model, t.objective, t.beta, t.label_smoothing, t.simpo_gamma, reference,
+                                lambda: method.reference_off(model), t.loss_chunk_size)
+    return ChunkedLMLoss(model, t.loss_chunk_size) if t.loss_chunk_size else model
 
 
 def make_optimizer(model: nn.Module, method: Method, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -52,6 +53,26 @@ class WrappedLinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
+
+
+class Switchable:
+    """A method's part that a preference run's reference forward switches off (`parts_off`): while `off` is set,
+    the module computes its frozen base alone."""
+
+    off: bool = False
+
+
+@contextlib.contextmanager
+def parts_off(model: nn.Module):
+    """Every `Switchable` part of `model` off for the duration (the reference model of a DPO step)."""
+    parts = [m for m in model.modules() if isinstance(m, Switchable)]
+    for m in parts:
+        m.off = True
+    try:
+        yield
+    finally:
+        for m in parts:
+            m.off = False
 
 
 def find_targets(model: nn.Module, targets: list[str]) -> list[str]:
