@@ -127,31 +127,29 @@ def check_rows(rows: datasets.Dataset, key: str) -> list[tuple[Any, Any, Any]]:
     return parsed
 
 
-def _tokens(tokenizer, prompt, answer, max_length: int) -> tuple[list[int], int]:
-    """(prompt + answer token ids, prompt length), untruncated."""
+def _tokens(tokenizer, prompt, answer) -> tuple[list[int], list[int], int]:
+    """(prompt + answer token ids, their labels, the prompt's length), untruncated."""
     if isinstance(prompt, str):
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         p = tokenizer(prompt)["input_ids"]
-        return p + tokenizer(answer, add_special_tokens=False)["input_ids"] + eos, len(p)
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + eos
+        return p + a, [-100] * len(p) + a, len(p)
     ids, labels = chat.encode(tokenizer, prompt + answer, 1 << 30)
-    n = len(chat.prompt_ids(tokenizer, prompt))
-    # The prompt's own tokens carry no loss even when it holds earlier assistant turns.
-    first = next((i for i, t in enumerate(labels) if t != -100), len(ids))
-    return ids, max(n, first) if first < len(ids) else n
+    # The answer's assistant turns carry the loss (sidetune.chat); the prompt's own tokens none, even when it holds
+    # earlier assistant turns.
+    n = min(len(chat.prompt_ids(tokenizer, prompt)), len(ids))
+    return ids, [-100] * n + labels[n:], n
 
 
-def _truncate(ids: list[int], n_prompt: int, max_length: int) -> tuple[list[int], list[int], bool, bool]:
-    """(ids, labels, answer cut, prompt cut): the prompt kept (only its last max_length // 2 tokens when longer
+def _truncate(ids: list[int], labels: list[int], n_prompt: int,
+              max_length: int) -> tuple[list[int], list[int], bool]:
+    """(ids, labels, prompt cut): the prompt kept (only its last max_length // 2 tokens when longer
     than that and the row does not fit), the answer cut at the end."""
-    prompt, answer = ids[:n_prompt], ids[n_prompt:]
-    cut_prompt = False
-    if len(ids) > max_length and len(prompt) > max_length // 2:
-        keep = max(max_length // 2, max_length - len(answer))
-        prompt, cut_prompt = prompt[len(prompt) - keep:], True
-    room = max_length - len(prompt)
-    cut_answer = len(answer) > room
-    answer = answer[:room]
-    return prompt + answer, [-100] * len(prompt) + answer, cut_answer, cut_prompt
+    start, cut_prompt = 0, False
+    if len(ids) > max_length and n_prompt > max_length // 2:
+        keep = max(max_length // 2, max_length - (len(ids) - n_prompt))
+        start, cut_prompt = n_prompt - keep, True
+    return ids[start:start + max_length], labels[start:start + max_length], cut_prompt
 
 
 def tokenize(cfg, tokenizer, rows: datasets.Dataset, key: str, offset: int = 0) -> datasets.Dataset:
@@ -167,8 +165,10 @@ def tokenize(cfg, tokenizer, rows: datasets.Dataset, key: str, offset: int = 0) 
     for i, (prompt, chosen, rejected) in enumerate(parsed):
         any_cut = any_prompt = False
         for name, answer in (("chosen", chosen), ("rejected", rejected)):
-            ids, n_prompt = _tokens(tokenizer, prompt, answer, cfg.max_length)
-            ids, labels, cut_a, cut_p = _truncate(ids, n_prompt, cfg.max_length)
+            ids, labels, n_prompt = _tokens(tokenizer, prompt, answer)
+            full = len(ids)
+            ids, labels, cut_p = _truncate(ids, labels, n_prompt, cfg.max_length)
+            cut_a = len(ids) < full
             if not any(t != -100 for t in labels[1:]):
                 raise SidetuneError(f"{key} row {i + 1}: no token of the {name} answer fits in data.max_length="
                                     f"{cfg.max_length}; raise data.max_length or shorten the prompt")

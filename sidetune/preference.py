@@ -160,6 +160,14 @@ class PreferenceModule(ShardsLikeInner, nn.Module):
             return hidden_logps(hidden, *self._head_args(labels))
         return sequence_logps(self.model(**inputs).logits, labels)
 
+    def _from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs through the LM head: chunked (train.loss_chunk_size), or the whole logits at once."""
+        if self.chunk_size:
+            return hidden_logps(hidden, *self._head_args(labels))
+        head, softcap = self._head()
+        logits = head(hidden)
+        return sequence_logps(torch.tanh(logits / softcap) * softcap if softcap else logits, labels)
+
     def _head_args(self, labels):
         head, softcap = self._head()
         return head, labels, self.chunk_size or labels.numel(), softcap
@@ -168,17 +176,9 @@ class PreferenceModule(ShardsLikeInner, nn.Module):
         """(policy log-probs, policy token counts, reference log-probs or None), each over the 2B rows."""
         if self.reference == "in_forward":
             hidden, ref_hidden = self.model.lm_hidden_states_with_reference(**inputs)
-            head_args = self._head_args(labels)
             with torch.no_grad():
-                ref, _ = hidden_logps(ref_hidden, *head_args)
-            if self.chunk_size:
-                logps, n = hidden_logps(hidden, *head_args)
-            else:
-                head, _, _, softcap = head_args
-                logits = head(hidden)
-                if softcap:
-                    logits = torch.tanh(logits / softcap) * softcap
-                logps, n = sequence_logps(logits, labels)
+                ref, _ = self._from_hidden(ref_hidden, labels)
+            logps, n = self._from_hidden(hidden, labels)
             return logps, n, ref
         logps, n = self.policy_logps(inputs, labels)
         if self.reference == "parts_off":
@@ -220,7 +220,7 @@ class PreferenceModule(ShardsLikeInner, nn.Module):
         with torch.no_grad():
             if self.reference == "in_forward":
                 _, ref_hidden = self.model.lm_hidden_states_with_reference(**inputs)
-                return hidden_logps(ref_hidden, *self._head_args(labels))[0]
+                return self._from_hidden(ref_hidden, labels)[0]
             if self.reference == "parts_off":
                 with self.reference_off():
                     return self.policy_logps(inputs, labels)[0]
