@@ -183,6 +183,7 @@ def test_long_pairs_keep_the_prompt_and_cut_the_answers_and_are_counted(tok, cap
     assert "1 of 2 pairs are longer than data.max_length=24" in capsys.readouterr().out
     ids, labels = enc[0]["chosen_input_ids"], enc[0]["chosen_labels"]
     assert len(ids) == 24 and tok.decode(ids).startswith("Write a review.")
+    assert labels[:len(tok("Write a review.")["input_ids"])] == [-100] * len(tok("Write a review.")["input_ids"])
     assert enc[0]["rejected_input_ids"] == tok("Write a review.")["input_ids"] + tok(" bad" * 3)["input_ids"] + \
         [tok.eos_token_id]
     long_prompt = [{"prompt": "word " * 60, "chosen": " yes", "rejected": " no"}]
@@ -221,9 +222,9 @@ def test_bad_rows_get_one_error_line_each_and_nothing_is_written(tmp_path):
 
 
 def test_config_refuses_a_preference_task_without_objective_and_the_reverse(pair_files):
-    with pytest.raises(SidetuneError, match="set train.objective=dpo"):
+    with pytest.raises(SidetuneError, match=r"set train\.objective=dpo"):
         _cfg(pair_files, "lora", "unused", "train.objective=supervised")
-    with pytest.raises(SidetuneError, match="set data.task=preference"):
+    with pytest.raises(SidetuneError, match=r"set data\.task=preference"):
         load_config(None, ["train.objective=dpo"])
     with pytest.raises(SidetuneError, match="label_smoothing"):
         _cfg(pair_files, "lora", "unused", "train.label_smoothing=0.5")
@@ -335,7 +336,7 @@ def test_init_from_starts_from_a_finished_run_and_takes_it_as_the_reference(pair
         if p.requires_grad:
             assert torch.equal(p.detach(), trained[name].to(p.dtype)), name
     assert s.preference.reference == "precomputed"  # the starting model is the trained one, not the backbone
-    with pytest.raises(SidetuneError, match="method.r="):
+    with pytest.raises(SidetuneError, match=r"method\.r="):
         build(_cfg(pair_files, "lst", "unused", f"model.init_from={first}", "method.r=2"), "cpu")
 
 

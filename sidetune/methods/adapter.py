@@ -49,11 +49,11 @@ from sidetune.fields import check_dropout, check_positive, check_targets, opt
 from sidetune.methods._inject import (
     Switchable,
     WrappedLinear,
-    parts_off,
     freeze,
     head_module_names,
     linear_features,
     module_device,
+    parts_off,
     replace_module,
     to_input,
 )

@@ -43,12 +43,12 @@ from sidetune.methods._inject import (
     LINEAR_TYPES,
     Switchable,
     WrappedLinear,
-    parts_off,
     find_targets,
     float32_linear,
     freeze,
     linear_features,
     module_device,
+    parts_off,
     replace_module,
 )
 from sidetune.methods.base import Context, Method

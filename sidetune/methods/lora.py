@@ -61,9 +61,9 @@ from sidetune.methods._inject import (
     float32_linear,
     freeze,
     is_quantized_linear,
-    parts_off,
     linear_features,
     module_device,
+    parts_off,
     replace_module,
     to_input,
 )
