@@ -667,6 +667,25 @@ def yaml_config(cfg: Config) -> str:
 # A finished run, reopened
 
 
+def init_from(model: nn.Module, method, cfg: Config) -> None:
+    """model.init_from: the trained weights (and changed base) of a finished run with the same model and method
+    settings, copied over the init (e.g. DPO starting from an SFT run). The trainer calls it on a fresh run (a resumed
+    one loads its checkpoint instead)."""
+    run = open_run(cfg.model.init_from)
+    prev = run.cfg
+    if prev.model.name != cfg.model.name or prev.model.quantize != cfg.model.quantize:
+        raise SidetuneError(f"model.init_from={cfg.model.init_from}: that run trained model.name={prev.model.name} "
+                            f"(quantize={prev.model.quantize}), this one {cfg.model.name} (quantize="
+                            f"{cfg.model.quantize}); start from a run of the same model")
+    if prev.method != cfg.method:
+        theirs, ours = prev.method.__dict__, cfg.method.__dict__
+        diff = next((k for k in ours if theirs.get(k) != ours[k]), "name")
+        raise SidetuneError(f"model.init_from={cfg.model.init_from}: that run's method.{diff}={theirs.get(diff)!r}, "
+                            f"this run's {ours.get(diff)!r}; use the same method settings (copy its method: section)")
+    restore(model, method, run.final)
+    print(f"sidetune: model.init_from: starting from the trained weights in {run.final}")
+
+
 @dataclass
 class FinishedRun:
     """A finished run, verified once: its directory, its final/ and the config it trained with (resolved)."""

@@ -99,8 +99,6 @@ def build(cfg: Config, device: torch.device | str, *, with_data: bool = True, wi
     model = apply(base) if apply is not None else method.apply(base, ctx)
     if not trainable_parameters(model):
         raise SidetuneError(f"method {cfg.method.name!r} left no trainable parameter on this model")
-    if cfg.model.init_from and not reload and not fake:
-        _init_from(model, method, cfg)
     module = training_module(model, cfg, method)
     optimizer = None
     if with_optimizer:
@@ -153,26 +151,6 @@ def _calibration(method: Method, data, task: Task, tokenizer, cfg: Config, devic
         if len(batches) == n:
             break
     return batches
-
-
-def _init_from(model: nn.Module, method: Method, cfg: Config) -> None:
-    """model.init_from: the trained weights (and changed base) of a finished run with the same model and method
-    settings, copied over the init (e.g. DPO starting from an SFT run)."""
-    from sidetune.rundir import open_run, restore
-
-    run = open_run(cfg.model.init_from)
-    prev = run.cfg
-    if prev.model.name != cfg.model.name or prev.model.quantize != cfg.model.quantize:
-        raise SidetuneError(f"model.init_from={cfg.model.init_from}: that run trained model.name={prev.model.name} "
-                            f"(quantize={prev.model.quantize}), this one {cfg.model.name} (quantize="
-                            f"{cfg.model.quantize}); start from a run of the same model")
-    if prev.method != cfg.method:
-        theirs, ours = prev.method.__dict__, cfg.method.__dict__
-        diff = next((k for k in ours if theirs.get(k) != ours[k]), "name")
-        raise SidetuneError(f"model.init_from={cfg.model.init_from}: that run's method.{diff}={theirs.get(diff)!r}, "
-                            f"this run's {ours.get(diff)!r}; use the same method settings (copy its method: section)")
-    restore(model, method, run.final)
-    print(f"sidetune: model.init_from: starting from the trained weights in {run.final}")
 
 
 def training_module(model: nn.Module, cfg: Config, method: Method) -> nn.Module:

@@ -36,7 +36,7 @@ from sidetune.memory import TrainingPeak, short
 from sidetune.methods import trainable_parameters
 from sidetune.plot import CURVES, plot_runs
 from sidetune.profiling.shard import fsdp_optimizer_refusal, fsdp_refusal
-from sidetune.rundir import ResumePoint, RunDir
+from sidetune.rundir import ResumePoint, RunDir, init_from
 from sidetune.session import Setup, build, mixed_precision, train_step
 from sidetune.tasks import batch_tokens
 
@@ -56,6 +56,8 @@ def train(cfg: Config) -> dict[str, float]:
     run.check(cfg, resume, loop.total_steps, _save_bytes(s))
     if resume.path is not None:
         run.load_checkpoint(resume, s, loop.optimizer, loop.scheduler)
+    elif cfg.model.init_from:
+        init_from(s.model, s.method, cfg)  # the trained weights of a finished run over the init (DPO after SFT)
     run.claim(run.continuing(resume), cfg.train.overwrite)  # the first write; held until the run ends
     try:
         run.start(cfg, resume, loop.global_batch)

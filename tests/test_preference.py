@@ -27,6 +27,7 @@ from sidetune.config import DataConfig, ModelConfig, load_config
 from sidetune.errors import SidetuneError
 from sidetune.models import load_model, load_tokenizer
 from sidetune.preference import dpo_loss, hidden_logps, sequence_logps, simpo_loss
+from sidetune.rundir import init_from
 from sidetune.session import build, train_step
 
 PROMPT = [{"role": "user", "content": "Write a positive movie review."}]
@@ -330,14 +331,18 @@ def test_init_from_starts_from_a_finished_run_and_takes_it_as_the_reference(pair
 
     first = tmp_path / "first"
     train(_cfg(pair_files, "lst", first, "train.max_steps=3", "train.eval_every=0"))
-    s = build(_cfg(pair_files, "lst", "unused", f"model.init_from={first}"), "cpu")
+    cfg = _cfg(pair_files, "lst", "unused", f"model.init_from={first}")
+    s = build(cfg, "cpu")
+    init_from(s.model, s.method, cfg)
     trained = load_file(first / "final" / "trainable.safetensors")
     for name, p in s.model.named_parameters():
         if p.requires_grad:
             assert torch.equal(p.detach(), trained[name].to(p.dtype)), name
     assert s.preference.reference == "precomputed"  # the starting model is the trained one, not the backbone
     with pytest.raises(SidetuneError, match=r"method\.r="):
-        build(_cfg(pair_files, "lst", "unused", f"model.init_from={first}", "method.r=2"), "cpu")
+        cfg = _cfg(pair_files, "lst", "unused", f"model.init_from={first}", "method.r=2")
+        s = build(cfg, "cpu")
+        init_from(s.model, s.method, cfg)
 
 
 def test_kill_then_resume_equals_an_uninterrupted_run(pair_files, tmp_path):
