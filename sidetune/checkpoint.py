@@ -141,10 +141,15 @@ def write_json(path: Path, obj: Any) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """Write a text file atomically; a kill leaves at most `.tmp-NAME` beside it, which the next write replaces."""
+    write_file(path, lambda tmp: tmp.write_text(text))
+
+
+def write_file(path: Path, writer: Callable[[Path], None]) -> None:
+    """Write a file atomically: `writer` writes the temporary `.tmp-NAME` beside it, then fsync and rename."""
     tmp = path.with_name(f".tmp-{path.name}")
     try:
         fault_point(path.parent)
-        tmp.write_text(text)
+        writer(tmp)
         fault_point(path.parent)
         _fsync(tmp)
         fault_point(path.parent)

@@ -53,14 +53,22 @@ class ModelConfig:
         None, "Tokenizer directory; null = the model's own (presets borrow their family's real tokenizer).")
     attn_implementation: str | None = opt(
         None, "Attention implementation passed to transformers (sdpa, eager, ...); null = transformers' default.")
+    init_from: str | None = opt(
+        None,
+        "A finished sidetune run directory (its final/) whose trained weights this run starts from, e.g. DPO after "
+        "SFT: the same model and method settings; the new optimizer starts fresh. Preference objectives then take "
+        "the starting model's log-probabilities as the reference (precomputed once).",
+    )
 
 
 @dataclass
 class DataConfig:
-    task: Literal["classification", "causal_lm", "chat", "seq2seq"] = opt(
+    task: Literal["classification", "causal_lm", "chat", "seq2seq", "preference"] = opt(
         "classification",
         "classification (text or text pair -> label), causal_lm (text, or prompt -> completion), chat (a list of "
-        "messages per row, rendered with the tokenizer's chat template, loss on the assistant turns) or seq2seq.",
+        "messages per row, rendered with the tokenizer's chat template, loss on the assistant turns), seq2seq, or "
+        "preference (rows with prompt / chosen / rejected as text or as TRL's lists of messages, or chosen / "
+        "rejected conversations sharing their first turns; trained with train.objective dpo or simpo).",
     )
     train: str = opt(
         "sst2/train.tsv",
@@ -157,6 +165,16 @@ class TrainConfig:
         "Recompute backbone activations in backward (transformers' gradient checkpointing) to trade time for "
         "memory.",
     )
+    objective: Literal["supervised", "dpo", "simpo"] = opt(
+        "supervised",
+        "supervised: the task's own loss. dpo: Direct Preference Optimization on data.task=preference pairs, "
+        "against the reference model each method gives (sidetune.preference). simpo: SimPO, reference-free, on "
+        "length-normalised log-probabilities.",
+    )
+    beta: float = opt(0.1, "dpo / simpo: the temperature beta of the preference loss (SimPO's paper uses 2.0-2.5).")
+    label_smoothing: float = opt(
+        0.0, "dpo / simpo: the probability that a pair's preference is flipped (conservative DPO); in [0, 0.5).")
+    simpo_gamma: float = opt(0.5, "simpo: the target reward margin gamma (TRL's simpo_gamma).")
     loss_chunk_size: int = opt(
         0,
         "Causal LM: compute the loss over the vocabulary in chunks of this many tokens so the B x T x V logits "
@@ -321,8 +339,8 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 
 # Fields that name a file or directory (some may also be something else: a preset, a hub name, template text).
-PATH_FIELDS = ("model.name", "model.tokenizer", "data.train", "data.eval", "data.chat_template", "train.output_dir",
-               "train.resume")
+PATH_FIELDS = ("model.name", "model.tokenizer", "model.init_from", "data.train", "data.eval", "data.chat_template",
+               "train.output_dir", "train.resume")
 
 
 def _expand_user(cfg: Config) -> None:
@@ -367,6 +385,23 @@ def validate(cfg: Config) -> None:
     if d.packing and not task.shift_labels:
         raise SidetuneError(f"data.packing=true packs decoder examples (data.task=causal_lm or chat), not "
                             f"data.task={d.task}; set data.packing=false")
+    if task.pairs and t.objective == "supervised":
+        raise SidetuneError("data.task=preference trains on pairs with a preference loss; set train.objective=dpo "
+                            "(or simpo)")
+    if t.objective != "supervised" and not task.pairs:
+        raise SidetuneError(f"train.objective={t.objective} needs preference pairs; set data.task=preference (rows "
+                            f"with prompt / chosen / rejected)")
+    if t.objective != "supervised":
+        if not (t.beta > 0 and math.isfinite(t.beta)):
+            raise SidetuneError(f"train.beta must be a finite number > 0, got {t.beta}")
+        if not 0 <= t.label_smoothing < 0.5:
+            raise SidetuneError(f"train.label_smoothing must be in [0, 0.5), got {t.label_smoothing}")
+        if d.packing:
+            raise SidetuneError("data.packing=true does not apply to preference pairs (a chosen and a rejected "
+                                "answer are scored as rows of their own); set data.packing=false")
+        if d.eval_generate:
+            raise SidetuneError("data.eval_generate=true is not supported with data.task=preference (the eval "
+                                "scores pairs: reward accuracy and margins); set data.eval_generate=false")
     if not task.shift_labels and t.loss_chunk_size:
         raise SidetuneError("train.loss_chunk_size applies to data.task=causal_lm only; set it to 0")
     _check_eval_generate(d, task)

@@ -5,6 +5,7 @@ truncation, and pad per batch.
 - causal_lm: plain text (loss on every token), or `prompt_template` -> `completion_template` with the loss on the
   completion only. With `label_names`, evaluation also scores each label's completion and reports accuracy.
 - seq2seq: source text -> target text (`text_field` -> `target_field`, or the two templates).
+- preference: prompt / chosen / rejected rows, tokenized as pairs (sidetune.pairs).
 
 `data.packing` (causal_lm, chat) then packs the tokenized training examples into rows of up to max_length tokens
 (`pack`); the collator pads those rows without an attention mask (`tasks.Task.collator`).
@@ -22,7 +23,7 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from sidetune import chat, formats
+from sidetune import chat, formats, pairs
 from sidetune.config import DataConfig
 from sidetune.errors import SidetuneError, one_line
 from sidetune.tasks import Task, get_task
@@ -185,6 +186,10 @@ def build(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) ->
 
     if task.conversational:
         return _packed(cfg, _build_chat(cfg, tokenizer, train_rows, eval_rows), seed)
+    if task.pairs:  # preference pairs (sidetune.pairs): every bad row named, eval indices after the train ones
+        train = pairs.tokenize(cfg, tokenizer, train_rows, "data.train")
+        return TaskData(train, pairs.tokenize(cfg, tokenizer, eval_rows, "data.eval", offset=len(train))
+                        if eval_rows is not None else None, None, None, None)
 
     encode = _encode_classification if task.classifies else _encode_seq2seq if task.seq2seq else _encode_causal_lm
     columns = _needed_columns(cfg, task)

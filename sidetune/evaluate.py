@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from sidetune.decoding import GenerationEval
 from sidetune.errors import SidetuneError
 from sidetune.losses import ChunkedLMLoss
+from sidetune.preference import PairMeter, PreferenceModule, pair_metrics
 from sidetune.session import Setup, forward_module, mixed_precision
 from sidetune.tasks import Task
 
@@ -55,7 +56,12 @@ def evaluate_run(run_dir: str | Path | FinishedRun, data_path: str | None = None
         # data.build names the file by its config key; here the user gave it as --data.
         named = re.sub(r"\bdata\.(train|eval)\b=?", "--data ", str(e)).replace("--data  ", "--data ")
         raise SidetuneError(named) from None
-    module = accelerator.prepare(forward_module(s.model, s.cfg))
+    module = forward_module(s.model, s.cfg, s.method)
+    if isinstance(module, PreferenceModule) and module.needs_table:
+        raise SidetuneError(f"this run's DPO reference log-probabilities were precomputed for its own pairs "
+                            f"(method {s.cfg.method.name} has no reference of its own); its eval rewards are in "
+                            f"{run.root / 'metrics.jsonl'}")
+    module = accelerator.prepare(module)
     loaders = eval_loaders(s, s.cfg.train.eval_batch_size, s.task.collator(s.tokenizer), accelerator)
     return evaluate(module, loaders, s.task, accelerator)
 
@@ -91,9 +97,14 @@ def evaluate(module: nn.Module, loaders: dict[str, DataLoader | GenerationEval],
     module.eval()
     gather = accelerator.gather_for_metrics if accelerator is not None else (lambda x: x)
     loss_sum, count, correct, seen = 0.0, 0, 0, 0
+    pair_meter = PairMeter()
     for batch in loaders.get("eval", ()):
         out = module(**batch)
         labels = batch["labels"]
+        if task.pairs:  # per-pair rewards of the preference objective (sidetune.preference)
+            p = out.pairs
+            pair_meter.add(*gather((p["chosen_rewards"], p["rejected_rewards"], p["chosen_logps"],
+                                    p["rejected_logps"])))
         # Mean losses (per example, or per target token for LM tasks): weight each batch by its count.
         n = task.loss_weight(labels)
         if task.classifies:
@@ -109,6 +120,10 @@ def evaluate(module: nn.Module, loaders: dict[str, DataLoader | GenerationEval],
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     if seen:
         metrics["eval_accuracy"], metrics["eval_examples"] = correct / seen, seen
+    if pair_meter.sums:
+        metrics.update(pair_metrics(pair_meter.sums))
+        metrics["eval_pairs"] = int(pair_meter.sums["pairs"])
+        metrics.pop("eval_perplexity", None)  # the eval loss is the preference loss, not a per-token NLL
     if "choices" in loaders:
         metrics["eval_accuracy"], metrics["eval_examples"] = _choice_accuracy(module, loaders["choices"], gather)
     if "generate" in loaders:

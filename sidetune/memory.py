@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from sidetune.losses import ChunkedLMLoss
+from sidetune.preference import PreferenceModule
 
 GiB = 1024**3
 
@@ -124,7 +125,8 @@ def module_roles(module: torch.nn.Module, backbone_ids: set[int], loaded_root: t
         head |= {id(m) for m in out_emb.modules()}
     roles = {}
     for m in module.modules():
-        if id(m) in head or isinstance(m, ChunkedLMLoss):
+        # The chunked LM loss and a preference objective (log-probs from the logits) are the loss: "head".
+        if id(m) in head or isinstance(m, (ChunkedLMLoss, PreferenceModule)):
             roles[id(m)] = "head"
         else:
             roles[id(m)] = "backbone" if id(m) in backbone_ids else "method"

@@ -30,7 +30,18 @@ from pathlib import Path
 from typing import Any
 
 from sidetune.errors import SidetuneError
-from sidetune.profile import ALIASES, GiB, MiB, RowSpec, check_model, check_rows, measure, parse_bytes, resolve_rows
+from sidetune.profile import (
+    ALIASES,
+    GiB,
+    MiB,
+    RowSpec,
+    check_model,
+    check_rows,
+    measure,
+    objective_rows,
+    parse_bytes,
+    resolve_rows,
+)
 from sidetune.profiling.shard import Sharding, per_gpu_peak
 from sidetune.tasks import get_task
 
@@ -312,6 +323,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--task", choices=["causal_lm", "classification"], default="causal_lm")
+    p.add_argument("--objective", choices=["supervised", "dpo", "simpo"], default="supervised",
+                   help="dpo / simpo: plan the preference step on --batch pairs (2 x batch rows)")
     p.add_argument("--methods", default="all", help="comma-separated METHODS keys and aliases ("
                    + ", ".join(ALIASES) + "), or all")
     p.add_argument("--target", choices=["cuda", "cpu"], default="cuda", help="the device to plan for")
@@ -330,6 +343,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).expanduser().is_dir():
         raise SidetuneError(f"--out {args.out!r} is a directory; --out names the JSON file to write")
     check_model(args.model)
+    args.task, args.sets = objective_rows(args)
     sharding = Sharding(args.processes, args.shard)
     entries = plan(args.model, vram, args.batch, args.seq, args.task, args.methods, args.target, args.sets,
                    sharding=sharding)

@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=None, help="batch size (default 8, or the recipe's)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default 512, or the recipe's max_length)")
     p.add_argument("--task", choices=["causal_lm", "classification"], default="causal_lm")
+    p.add_argument("--objective", choices=["supervised", "dpo", "simpo"], default="supervised",
+                   help="dpo / simpo: the preference step on --batch pairs (2 x batch rows of --seq tokens, one "
+                        "forward) with each method's own reference (data.task=preference)")
     p.add_argument("--device", choices=["cuda", "cpu", "meta"], default=None,
                    help="where the steps run; meta predicts only, allocating nothing (default: cuda if available)")
     p.add_argument("--target", choices=["cuda", "cpu"], default=None,
@@ -64,6 +67,16 @@ def parse_bytes(text: str) -> int:
     if size <= 0:
         raise SidetuneError(f"memory size {text!r} is not understood; write a positive size like 8GiB, 24G or 512MiB")
     return size
+
+
+def objective_rows(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """--objective dpo / simpo: the rows' task and overrides (data.task=preference, train.objective)."""
+    if args.objective == "supervised":
+        return args.task, list(args.sets)
+    if args.task != "causal_lm":
+        raise SidetuneError(f"--objective {args.objective} trains a causal LM on preference pairs; drop --task "
+                            f"{args.task}")
+    return "preference", [*args.sets, f"train.objective={args.objective}"]
 
 
 def check_model(name: str) -> None:
@@ -112,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if args.target and device != "meta" and args.target != device:
         raise SidetuneError(f"--target {args.target} applies to --device meta only (a {device} run profiles {device})")
     target = args.target or (device if device != "meta" else "cuda")
+    args.task, args.sets = objective_rows(args)
     vram = parse_bytes(args.vram) if args.vram else None
     if vram is None and device == "cuda":
         vram = torch.cuda.get_device_properties(0).total_memory  # judge against the GPU it runs on

@@ -39,11 +39,12 @@ from sidetune.config import Config, load_config, save_config
 from sidetune.errors import SidetuneError, one_line
 from sidetune.methods import build_method, trainable_parameters
 from sidetune.plot import CURVES
+from sidetune.preference import REFERENCE_FILE
 
 # What marks a directory as holding a run (the lock file does not: it stays behind, harmless, after every run).
 RUN_NAMES = (checkpoint.RUN_MANIFEST, "config.yaml", "metrics.jsonl", "checkpoints", "final", "logs")
 # The top-level files sidetune writes, listed in the run manifest (curves.png: `sidetune plot`'s PNG, at the end).
-RUN_FILES = ("config.yaml", "metrics.jsonl", CURVES)
+RUN_FILES = ("config.yaml", "metrics.jsonl", CURVES, REFERENCE_FILE)
 TRASH = ".sidetune-trash"  # the earlier run, while an overwriting run has not saved yet
 _MOVED = "moved"  # in TRASH: every file of the earlier run is in it (written last)
 # Keys that may change between a checkpoint and its resumed run without changing what the checkpoint holds.
@@ -463,6 +464,10 @@ class RunDir:
             rows = resume.state.get("metrics_rows") if resume.state is not None else 0
             self.rows = _truncate_metrics(self.path / "metrics.jsonl", rows, resume.step)
 
+    def write_file(self, path: Path, writer) -> None:
+        """One more file of the run (one of RUN_FILES), written atomically by the main process."""
+        self._all(lambda: checkpoint.write_file(path, writer), main_only=True)
+
     def log(self, row: dict[str, Any]) -> None:
         """One metrics.jsonl row (main process) and accelerate's trackers."""
         acc = self.accelerator
@@ -677,6 +682,25 @@ def yaml_config(cfg: Config) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # A finished run, reopened
+
+
+def init_from(model: nn.Module, method, cfg: Config) -> None:
+    """model.init_from: the trained weights (and changed base) of a finished run with the same model and method
+    settings, copied over the init (e.g. DPO starting from an SFT run). The trainer calls it on a fresh run (a resumed
+    one loads its checkpoint instead)."""
+    run = open_run(cfg.model.init_from)
+    prev = run.cfg
+    if prev.model.name != cfg.model.name or prev.model.quantize != cfg.model.quantize:
+        raise SidetuneError(f"model.init_from={cfg.model.init_from}: that run trained model.name={prev.model.name} "
+                            f"(quantize={prev.model.quantize}), this one {cfg.model.name} (quantize="
+                            f"{cfg.model.quantize}); start from a run of the same model")
+    if prev.method != cfg.method:
+        theirs, ours = prev.method.__dict__, cfg.method.__dict__
+        diff = next((k for k in ours if theirs.get(k) != ours[k]), "name")
+        raise SidetuneError(f"model.init_from={cfg.model.init_from}: that run's method.{diff}={theirs.get(diff)!r}, "
+                            f"this run's {ours.get(diff)!r}; use the same method settings (copy its method: section)")
+    restore(model, method, run.final)
+    print(f"sidetune: model.init_from: starting from the trained weights in {run.final}")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from sidetune.losses import ChunkedLMLoss
 from sidetune.methods import Context, Method, build_method, trainable_parameters
 from sidetune.methods._inject import is_quantized_linear
 from sidetune.models import load_model, load_tokenizer, quantize_linears, quantizer
+from sidetune.preference import PreferenceModule
 from sidetune.tasks import Task, get_task
 
 
@@ -46,6 +47,11 @@ class Setup:
     model: nn.Module  # the module the method returned; its trainable set is what gets saved
     module: nn.Module  # what a step calls: `model`, checkpointed and/or wrapped in the chunked LM loss as configured
     optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def preference(self) -> PreferenceModule | None:
+        """The preference objective's module (train.objective dpo / simpo), or None for a supervised run."""
+        return self.module if isinstance(self.module, PreferenceModule) else None
 
     @property
     def trainable(self) -> list[nn.Parameter]:
@@ -186,12 +192,19 @@ def training_module(model: nn.Module, cfg: Config, method: Method) -> nn.Module:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
             raise SidetuneError(f"method {cfg.method.name!r} does not support train.gradient_checkpointing")
-    return forward_module(model, cfg)
+    return forward_module(model, cfg, method)
 
 
-def forward_module(model: nn.Module, cfg: Config) -> nn.Module:
-    """The model itself, or wrapped so that the LM loss is computed in chunks (also for eval and the floor)."""
-    return ChunkedLMLoss(model, cfg.train.loss_chunk_size) if cfg.train.loss_chunk_size else model
+def forward_module(model: nn.Module, cfg: Config, method: Method | None = None) -> nn.Module:
+    """The model itself, or wrapped so that the LM loss is computed in chunks (also for eval and the floor), or in
+    the preference objective (train.objective dpo / simpo), with the reference the method declares."""
+    t = cfg.train
+    if t.objective != "supervised":
+        method = method if method is not None else build_method(cfg.method)
+        reference = method.reference(bool(cfg.model.init_from))
+        return PreferenceModule(model, t.objective, t.beta, t.label_smoothing, t.simpo_gamma, reference,
+                                lambda: method.reference_off(model), t.loss_chunk_size)
+    return ChunkedLMLoss(model, t.loss_chunk_size) if t.loss_chunk_size else model
 
 
 def make_optimizer(model: nn.Module, method: Method, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -31,6 +31,9 @@ class Task:
     # True: rows are conversations (a list of messages) rendered with the tokenizer's chat template; the loss is on
     # the assistant turns (sidetune.chat). For the model, the loss and the metrics this is a causal LM.
     conversational: bool = False
+    # True: rows are preference pairs (a prompt, a chosen and a rejected answer; sidetune.pairs). A batch holds the
+    # chosen answers then the rejected ones (2B rows, one forward), and a train.objective (dpo, simpo) scores them.
+    pairs: bool = False
 
     @property
     def generates(self) -> bool:
@@ -49,6 +52,8 @@ class Task:
 
         if self.classifies:
             return DataCollatorWithPadding(tokenizer, return_tensors="pt")
+        if self.pairs:
+            return PairCollator(tokenizer.pad_token_id)
         return LMCollator(tokenizer.pad_token_id, DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100,
                                                                              return_tensors="pt"))
 
@@ -56,6 +61,8 @@ class Task:
         """How many targets a batch's mean loss averages over: examples, or labelled (next) tokens."""
         if self.classifies:
             return labels.shape[0]
+        if self.pairs:  # a preference loss is a mean over pairs: the chosen rows are the first half
+            return labels.shape[0] // 2
         targets = labels[:, 1:] if self.shift_labels else labels
         return (targets != -100).sum()
 
@@ -85,6 +92,30 @@ class LMCollator:
                 for key, pad in pads.items()}
 
 
+class PairCollator:
+    """Pads a batch of preference pairs (sidetune.pairs) into one batch of 2B rows, the B chosen answers then the B
+    rejected ones, so that the policy scores both in one forward (as TRL concatenates them). Right padding, label
+    -100 and mask 0 on padding; `pair_index` (B) is each pair's row in the data, which finds its precomputed
+    reference log-probabilities (sidetune.preference)."""
+
+    def __init__(self, pad_id: int | None) -> None:
+        self.pad_id = pad_id if pad_id is not None else 0
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        rows = [(f["chosen_input_ids"], f["chosen_labels"]) for f in features]
+        rows += [(f["rejected_input_ids"], f["rejected_labels"]) for f in features]
+        width = max(len(ids) for ids, _ in rows)
+        pad = [width - len(ids) for ids, _ in rows]
+        return {
+            "input_ids": torch.tensor([list(ids) + [self.pad_id] * n for (ids, _), n in zip(rows, pad)]),
+            "attention_mask": torch.tensor([[1] * len(ids) + [0] * n for (ids, _), n in zip(rows, pad)]),
+            "labels": torch.tensor([list(labels) + [-100] * n for (_, labels), n in zip(rows, pad)]),
+            "pair_index": torch.tensor([int(f["pair_index"]) for f in features]),
+        }
+
+
 def batch_tokens(batch: dict):
     """The real (unpadded) tokens of a collated batch, as a device tensor (no host sync): the attention mask's sum,
     or for packed rows (no mask) each row's length up to its last nonzero position (see LMCollator)."""
@@ -104,6 +135,7 @@ TASKS: dict[str, Task] = {
                            shift_labels=False),
     "causal_lm": Task("causal_lm", "AutoModelForCausalLM", classifies=False, shift_labels=True),
     "chat": Task("chat", "AutoModelForCausalLM", classifies=False, shift_labels=True, conversational=True),
+    "preference": Task("preference", "AutoModelForCausalLM", classifies=False, shift_labels=True, pairs=True),
     "seq2seq": Task("seq2seq", "AutoModelForSeq2SeqLM", classifies=False, shift_labels=False, seq2seq=True),
 }
 

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sidetune import checkpoint
+from sidetune import checkpoint, preference
 from sidetune.config import Config
 from sidetune.distributed import agree, announce_failure, clip_grad_norm, peer_failure, total_grad_norm
 from sidetune.errors import SidetuneError, one_line
@@ -36,7 +36,7 @@ from sidetune.memory import TrainingPeak, short
 from sidetune.methods import trainable_parameters
 from sidetune.plot import CURVES, plot_runs
 from sidetune.profiling.shard import fsdp_optimizer_refusal, fsdp_refusal
-from sidetune.rundir import ResumePoint, RunDir
+from sidetune.rundir import ResumePoint, RunDir, init_from
 from sidetune.session import Setup, build, mixed_precision, train_step
 from sidetune.tasks import batch_tokens
 
@@ -56,9 +56,12 @@ def train(cfg: Config) -> dict[str, float]:
     run.check(cfg, resume, loop.total_steps, _save_bytes(s))
     if resume.path is not None:
         run.load_checkpoint(resume, s, loop.optimizer, loop.scheduler)
+    elif cfg.model.init_from:
+        init_from(s.model, s.method, cfg)  # the trained weights of a finished run over the init (DPO after SFT)
     run.claim(run.continuing(resume), cfg.train.overwrite)  # the first write; held until the run ends
     try:
         run.start(cfg, resume, loop.global_batch)
+        _reference_table(loop, run, resume)
         _announce(loop, resume)
         step, eval_metrics = _run_steps(loop, run, resume.step)
         return _finish(loop, run, step, eval_metrics)
@@ -137,6 +140,30 @@ def _prepare(s: Setup, cfg: Config, accelerator: Accelerator) -> _Loop:
     return _Loop(accelerator, s, cfg, module, optimizer, loader, scheduler, evals, steps_per_epoch, total_steps)
 
 
+def _reference_table(loop: _Loop, run: RunDir, resume: ResumePoint) -> None:
+    """A preference run whose method's reference is precomputed (`Method.reference`): the starting model's
+    log-probabilities of every training and eval pair, computed once before the first step and written atomically
+    into the run directory; a resumed run reads them back (its model is no longer the starting one)."""
+    pm = loop.s.preference
+    if pm is None or not pm.needs_table:
+        return
+    acc, s = loop.accelerator, loop.s
+    path = run.path / preference.REFERENCE_FILE
+    pairs = len(s.data.train) + (len(s.data.eval) if s.data.eval is not None else 0)
+    if resume.path is not None:
+        if not path.is_file():
+            raise SidetuneError(f"train.resume: {path} is missing: the reference log-probabilities this run computed "
+                                f"at its start; start the run again (train.overwrite=true)")
+        pm.table = preference.read_table(path, pairs)
+        acc.print(f"sidetune: the DPO reference log-probabilities are read from {path}")
+        return
+    acc.print(f"sidetune: computing the DPO reference log-probabilities of {pairs} pairs (method {loop.cfg.method.name}"
+              f" has no reference of its own: once, with the starting model)")
+    pm.table = preference.compute_table(pm, [s.data.train, s.data.eval], s.task.collator(s.tokenizer),
+                                        loop.cfg.train.eval_batch_size, acc.device, acc.autocast)
+    run.write_file(path, lambda p: preference.write_table(p, pm.table))
+
+
 def _save_bytes(s: Setup) -> int:
     """About what a checkpoint and final/ take on disk: fp32 weights and two Adam moments, the changed base, slack."""
     trainable = sum(p.numel() for p in s.trainable) * 4
@@ -190,6 +217,8 @@ class _Meter:
         all_tokens = agree(self.tokens.clone())
         row = {"step": step, "loss": mean_loss.item(), "lr": loop.scheduler.get_last_lr()[0],
                "tokens_per_s": all_tokens.item() / elapsed, **self.peak.row()}
+        if loop.s.preference is not None:  # rewards, reward accuracy and margins (means over the window's pairs)
+            row.update(loop.s.preference.take_metrics(agree))
         if loop.cfg.train.skip_nonfinite:
             row["skipped_nonfinite"] = guard.skipped
         self.loss_sum.zero_()

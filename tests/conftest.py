@@ -66,7 +66,7 @@ def batch_for(model: torch.nn.Module, task: str, batch: int = 2, seq: int = 12, 
     out = {"input_ids": ids, "attention_mask": mask}
     if task == "classification":
         out["labels"] = torch.randint(0, 2, (batch,), generator=g)
-    elif task in ("causal_lm", "chat"):
+    elif task in ("causal_lm", "chat", "preference"):
         out["labels"] = ids.masked_fill(mask == 0, -100)
     else:
         out["labels"] = torch.randint(3, vocab, (batch, seq // 2), generator=g)

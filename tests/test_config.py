@@ -105,7 +105,8 @@ def test_tilde_is_expanded_in_every_path_field(tmp_path, monkeypatch):
     assert cfg.data.train == str(tmp_path / "d/train.tsv") and cfg.data.eval == str(tmp_path / "d/dev.tsv")
     assert cfg.model.tokenizer == str(tmp_path / "tok") and cfg.data.chat_template == str(tmp_path / "t.jinja")
     assert load_config(None, ["model.name=~/m"]).model.name == str(tmp_path / "m")
-    assert len(PATH_FIELDS) == 7
+    assert load_config(None, ["model.init_from=~/sft"]).model.init_from == str(tmp_path / "sft")
+    assert len(PATH_FIELDS) == 8
     assert load_config(None, ["data.train=sst2/train.tsv"]).data.train == "sst2/train.tsv"  # no ~: as given
 
 

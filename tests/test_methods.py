@@ -23,8 +23,9 @@ from sidetune.tasks import TASKS, get_task
 
 # Every method must train on tiny-llama for each task it declares but seq2seq, and on T5 for seq2seq. The other
 # presets are tried too: there a method either trains or refuses in one line (SidetuneError).
-NATURAL = {"causal_lm": "tiny-llama", "chat": "tiny-llama", "classification": "tiny-llama", "seq2seq": "tiny-t5"}
-OTHERS = {"causal_lm": ["tiny-gpt2"], "chat": [], "classification": ["tiny-bert"], "seq2seq": []}
+NATURAL = {"causal_lm": "tiny-llama", "chat": "tiny-llama", "classification": "tiny-llama", "seq2seq": "tiny-t5",
+           "preference": "tiny-llama"}
+OTHERS = {"causal_lm": ["tiny-gpt2"], "chat": [], "classification": ["tiny-bert"], "seq2seq": [], "preference": []}
 
 
 def _params():
@@ -104,3 +105,32 @@ def test_the_profiled_step_is_the_trainers_step(monkeypatch):
                              "data.max_length=8", "method.name=lora"])
     measure(cfg, True, "cpu", fake=False)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in METHODS.items() if "preference" in cls.tasks))
+def test_the_declared_dpo_reference_is_the_frozen_model(name):
+    """`Method.reference`: "parts_off" gives the frozen model's logits inside `reference_off` (after the parts have
+    moved off their init); "in_forward" gives the frozen model's final hidden state beside the policy's."""
+    method = build_method(METHODS[name].Config())
+    kind = method.reference(False)
+    assert kind in ("in_forward", "parts_off", "precomputed")
+    assert method.reference(True) == "precomputed"  # a trained starting model is never the frozen base
+    if kind == "precomputed":
+        pytest.skip(f"{name}: reference precomputed (tests/test_preference.py covers it)")
+    base = tiny("tiny-llama", "causal_lm").eval()
+    batch = batch_for(base, "causal_lm")
+    model = method.apply(copy.deepcopy(base), ctx("preference")).eval()
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p.add_(0.05 * torch.randn_like(p))  # away from the init, where the parts contribute
+        frozen = base(**batch)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        if kind == "parts_off":
+            assert (model(**batch).logits - frozen.logits).abs().max() > 1e-3
+            with method.reference_off(model):
+                assert_close(model(**batch).logits, frozen.logits, rtol=1e-5, atol=1e-5)
+            assert (model(**batch).logits - frozen.logits).abs().max() > 1e-3  # switched back on
+        else:
+            policy, ref = model.lm_hidden_states_with_reference(**inputs)
+            assert torch.equal(ref, base.model(**inputs).last_hidden_state)
+            assert (policy - ref).abs().max() > 1e-3

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
 from torch import nn
 
 from sidetune.anatomy import LINEAR_TYPES, linear_features
-from sidetune.portable.common import WrappedLinear, to_input
+from sidetune.portable.common import Switchable, WrappedLinear, to_input
 
 __all__ = ["LINEAR_TYPES", "WrappedLinear", "find_targets", "float32_linear", "freeze", "head_module_names",
            "linear_features", "module_device", "replace_module", "to_input"]
@@ -30,6 +31,19 @@ def freeze(model: nn.Module) -> None:
 
 def head_module_names(model: nn.Module) -> list[str]:
     return list(getattr(model, "sidetune_head", ()))
+
+
+@contextlib.contextmanager
+def parts_off(model: nn.Module):
+    """Every `Switchable` part of `model` off for the duration (the reference model of a DPO step)."""
+    parts = [m for m in model.modules() if isinstance(m, Switchable)]
+    for m in parts:
+        m.off = True
+    try:
+        yield
+    finally:
+        for m in parts:
+            m.off = False
 
 
 def find_targets(model: nn.Module, targets: list[str]) -> list[str]:

@@ -50,6 +50,7 @@ from sidetune.methods._inject import (
     head_module_names,
     linear_features,
     module_device,
+    parts_off,
     replace_module,
 )
 from sidetune.methods.base import Context, HFExport, Method
@@ -114,6 +115,13 @@ class Adapter(Method):
 
     def __init__(self, cfg: AdapterConfig) -> None:
         self.cfg = cfg
+
+    def reference(self, from_trained: bool) -> str:
+        # Step 0 is the frozen model (the parts start at zero / ones), so switching them off gives it.
+        return "precomputed" if from_trained else "parts_off"
+
+    def reference_off(self, model: nn.Module):
+        return parts_off(model)
 
     def targets(self, model: nn.Module) -> list[str]:
         """Names of the modules that get an adapter (heads and output embeddings never)."""

@@ -9,6 +9,7 @@ defaults below and overrides what it needs.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -78,7 +79,7 @@ class Method(Protocol):
     name: ClassVar[str]
     Config: ClassVar[type]
     # The data.tasks it trains (a task outside this set is refused in one line before the model loads).
-    tasks: ClassVar[frozenset[str]] = frozenset({"classification", "causal_lm", "chat", "seq2seq"})
+    tasks: ClassVar[frozenset[str]] = frozenset({"classification", "causal_lm", "chat", "seq2seq", "preference"})
     # False when no gradient flows through the backbone (LST): the backbone may run in eval mode with dropout off,
     # gradient checkpointing of it is pointless, and `plan` does not propose it.
     backbone_trains: ClassVar[bool] = True
@@ -147,6 +148,24 @@ class Method(Protocol):
         None: the method's update lives in the weights, so `--hf` writes the merged model (`merge`), or refuses in
         one line where that cannot be done either."""
         return None
+
+    def reference(self, from_trained: bool) -> str:
+        """Where a preference objective (train.objective=dpo) gets the reference model's log-probabilities: those of
+        the model as training starts (sidetune.preference).
+
+        "in_forward": the applied module's `lm_hidden_states_with_reference` returns the reference's final hidden
+        state beside the policy's, from the same forward (LST: the frozen backbone's, which its side network reads
+        anyway). "parts_off": a second, no-grad forward inside `reference_off(model)`, where the method's parts
+        contribute nothing (right when step 0 is the frozen model). "precomputed": one pass over the training and
+        eval pairs before the first step, kept in the run directory.
+        from_trained: the run starts from trained weights (model.init_from), so the starting model is not the frozen
+        base. Default "precomputed", right for every method."""
+        return "precomputed"
+
+    def reference_off(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """For reference "parts_off": a context in which the applied `model` computes the frozen model (its parts
+        switched off). Default: the method has no such switch, so it refuses in one line."""
+        raise SidetuneError(f"method {self.name!r} cannot switch its parts off; its reference is precomputed")
 
     def start_exact(self, task: Task) -> dict[str, Any] | None:
         """Method-config overrides under which step 0 equals the frozen model on `task` (the contract test checks

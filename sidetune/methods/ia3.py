@@ -41,12 +41,14 @@ from sidetune.errors import SidetuneError
 from sidetune.fields import check_targets, opt
 from sidetune.methods._inject import (
     LINEAR_TYPES,
+    Switchable,
     WrappedLinear,
     find_targets,
     float32_linear,
     freeze,
     linear_features,
     module_device,
+    parts_off,
     replace_module,
 )
 from sidetune.methods.base import Context, Method
@@ -70,7 +72,7 @@ class IA3Config:
         check_targets("method.feedforward", self.feedforward)
 
 
-class IA3Linear(WrappedLinear):
+class IA3Linear(Switchable, WrappedLinear):
     """A frozen linear layer whose output (or, for a feed-forward layer, input) is rescaled by a learned vector.
 
     `rows` (sorted output rows) scales only those outputs: a fused q/k/v projection's key and value rows.
@@ -95,6 +97,8 @@ class IA3Linear(WrappedLinear):
         return self.ia3_l.new_ones(self.out_features).index_copy(0, self.rows, self.ia3_l)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.off:  # a DPO step's reference forward: the frozen layer
+            return self.base(x)
         if self.feedforward:
             # The base sees its usual input dtype (a bf16 or 4-bit layer), the fp32 vector gets its gradient.
             return self.base((x * self.ia3_l).to(x.dtype))
@@ -155,6 +159,13 @@ class IA3(Method):
         for name in ff:
             replace_module(model, name, IA3Linear(model.get_submodule(name), feedforward=True))
         return model
+
+    def reference(self, from_trained: bool) -> str:
+        # Step 0 is the frozen model (the parts start at zero / ones), so switching them off gives it.
+        return "precomputed" if from_trained else "parts_off"
+
+    def reference_off(self, model: nn.Module):
+        return parts_off(model)
 
     def merge(self, model: nn.Module) -> nn.Module:
         for name, module in list(model.named_modules()):

@@ -56,6 +56,7 @@ from sidetune.anatomy import read
 from sidetune.errors import SidetuneError
 from sidetune.fields import check_dropout, check_positive, check_targets, opt
 from sidetune.methods._inject import (
+    Switchable,
     WrappedLinear,
     find_targets,
     float32_linear,
@@ -63,6 +64,7 @@ from sidetune.methods._inject import (
     is_quantized_linear,
     linear_features,
     module_device,
+    parts_off,
     replace_module,
     to_input,
 )
@@ -131,7 +133,7 @@ class LoRAConfig:
                                 f"{self.loraplus_lr_ratio}")
 
 
-class LoRALinear(WrappedLinear):
+class LoRALinear(Switchable, WrappedLinear):
     """A frozen linear layer plus a trainable low-rank update; `rows` (a fused qkv layer's query and value rows)
     confines the update to those output rows."""
 
@@ -223,7 +225,7 @@ class LoRALinear(WrappedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        if self.merged:
+        if self.merged or self.off:  # off: a DPO step's reference forward (the frozen layer)
             return result
         dropped = self.dropout(to_input(x, self.lora_A.weight))
         h = self.lora_A(dropped)
@@ -366,6 +368,15 @@ class LoRA(Method):
     def reads_float_base(self) -> bool:
         """LoftQ fits A, B to the error of quantizing W: it needs W itself, before the base is quantized."""
         return self.cfg.init == "loftq"
+
+    def reference(self, from_trained: bool) -> str:
+        # B A = 0 at the start (standard, a_zero, gaussian inits): the layers switched off are the starting model.
+        # Inits that move the base (LoRA-GA, PiSSA, OLoRA), a PEFT adapter or a trained run to start from: not.
+        exact = self.cfg.init in ("standard", "a_zero", "gaussian") and self.cfg.init_from is None
+        return "parts_off" if exact and not from_trained else "precomputed"
+
+    def reference_off(self, model: nn.Module):
+        return parts_off(model)
 
     def changed_base(self, model: nn.Module) -> list[str]:
         """The base weights an init moved: LoRA-GA's W - s B0 A0, PiSSA's and OLoRA's residual W - s B A, LoftQ's

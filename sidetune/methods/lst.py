@@ -290,6 +290,18 @@ class LSTModel(ShardsLikeInner, nn.Module):
         side = self.side(downs[0], downs[1:], attention_mask, position_ids=kwargs.get("position_ids"))
         return self._merge(final, side)
 
+    def lm_hidden_states_with_reference(self, input_ids=None, attention_mask=None,
+                                        **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The merged final hidden state and the frozen backbone's own (detached), from one backbone forward: with
+        `up` = 0 at the start, the backbone alone is the starting model, so its final hidden state through the LM
+        head gives a DPO step's reference log-probabilities (sidetune.preference; `LST.reference`)."""
+        if self.side_encoder is not None:
+            raise SidetuneError("preference objectives are for decoder-only models")
+        final, taps = self._backbone(0, self.backbone.base_model,
+                                     dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs))
+        side = self.side(taps[0], taps[1:], attention_mask, position_ids=kwargs.get("position_ids"))
+        return self._merge(final, side), final
+
     def encode(self, input_ids, attention_mask):
         """T5: the backbone encoder's output and the side encoder's."""
         final, downs = self._backbone(0, self.backbone.encoder, dict(input_ids=input_ids, attention_mask=attention_mask))
@@ -408,6 +420,11 @@ class LST(Method):
 
     def head_modules(self, module: nn.Module) -> list[nn.Module]:
         return [module.head]
+
+    def reference(self, from_trained: bool) -> str:
+        # The side network adds up(...) = 0 at the start: the frozen backbone's own final hidden state, which every
+        # forward computes, is the starting model's. A run starting from a trained side network is not there.
+        return "precomputed" if from_trained else "in_forward"
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         task = ctx.task

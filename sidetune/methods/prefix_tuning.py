@@ -70,7 +70,7 @@ class PrefixTuningConfig:
 class PrefixTuning(Method):
     name: ClassVar[str] = "prefix_tuning"
     Config: ClassVar[type] = PrefixTuningConfig
-    tasks: ClassVar[frozenset[str]] = frozenset({"classification", "causal_lm", "chat"})  # no encoder-decoder
+    tasks: ClassVar[frozenset[str]] = frozenset({"classification", "causal_lm", "chat", "preference"})  # no encoder-decoder
     # The prefix reaches attention through a Cache, and transformers reads packed rows only without one.
     packing: ClassVar[bool] = False
 

@@ -86,7 +86,7 @@ class PTuningV2Config:
 class PTuningV2(Method):
     name: ClassVar[str] = "ptuning_v2"
     Config: ClassVar[type] = PTuningV2Config
-    tasks: ClassVar[frozenset[str]] = frozenset({"classification", "causal_lm", "chat"})  # no encoder-decoder
+    tasks: ClassVar[frozenset[str]] = frozenset({"classification", "causal_lm", "chat", "preference"})  # no encoder-decoder
     # The prefix reaches attention through a Cache, and transformers reads packed rows only without one.
     packing: ClassVar[bool] = False
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import WrappedLinear, to_input
+from .common import Switchable, WrappedLinear, to_input
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -32,7 +32,7 @@ class Bottleneck(nn.Module):
         return self.up(self.act(self.down(self.dropout(to_input(h, self.down.weight)))))
 
 
-class SequentialAdapter(WrappedLinear):
+class SequentialAdapter(Switchable, WrappedLinear):
     """An output projection followed by an adapter: o = base(x);  o + s * A(o)  (Houlsby / Pfeiffer)."""
 
     def __init__(self, base: nn.Module, dim: int, width: int, activation: str, dropout: float, scaling: float,
@@ -44,6 +44,8 @@ class SequentialAdapter(WrappedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
+        if self.off:  # a DPO step's reference forward: the frozen layer
+            return out
         return out + (self.adapter(out) * self.scaling).to(out.dtype)
 
 
@@ -61,7 +63,7 @@ class FFNInput(WrappedLinear):
         return self.base(x)
 
 
-class ParallelOutputAdapter(WrappedLinear):
+class ParallelOutputAdapter(Switchable, WrappedLinear):
     """The FFN's down projection plus a parallel adapter reading the FFN's input x: down(h) + s * A(x)."""
 
     def __init__(self, base: nn.Module, slot: dict, dim: int, width: int, activation: str, dropout: float,
@@ -75,10 +77,12 @@ class ParallelOutputAdapter(WrappedLinear):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         out = self.base(h)
         x = self.slot.pop("x")  # set by this block's FFNInput a moment ago (also on a checkpointed replay)
+        if self.off:
+            return out
         return out + (self.adapter(x) * self.scaling).to(out.dtype)
 
 
-class ParallelAdapter(nn.Module):
+class ParallelAdapter(Switchable, nn.Module):
     """A feed-forward block with an adapter beside it, reading the block's input x: FFN(x) + s * A(x)."""
 
     def __init__(self, base: nn.Module, dim: int, width: int, activation: str, dropout: float,
@@ -89,6 +93,8 @@ class ParallelAdapter(nn.Module):
         self.scaling = scaling
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor | None = None) -> torch.Tensor:
+        if self.off:
+            return self.base(hidden_states) if input_tensor is None else self.base(hidden_states, input_tensor)
         if input_tensor is None:  # pre-LN families: the block is FFN(x), the residual is added by the caller
             out = self.base(hidden_states)
             return out + (self.adapter(hidden_states) * self.scaling).to(out.dtype)

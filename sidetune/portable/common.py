@@ -56,3 +56,10 @@ def head_logits(head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
         return head(pooled)
     logits = head(pooled[:, None])
     return logits[:, 0] if logits.dim() == 3 else logits
+
+
+class Switchable:
+    """A method's part that a preference run's reference forward switches off (sidetune's `parts_off`): while `off`
+    is set, the module computes its frozen base alone."""
+
+    off: bool = False

@@ -39,6 +39,9 @@ def _random_batch(config, task, batch: int, seq: int, device, num_labels: int | 
     # No attention_mask: nothing is padded. transformers skips building the mask for an all-ones mask on real tensors
     # but not on fake ones (it reads them as tracing), so passing none keeps the prediction on the real path.
     out = {"input_ids": ids}
+    if task.pairs:  # `batch` preference pairs: 2 x batch rows (chosen, then rejected), one forward
+        ids = torch.randint(3, min(config.vocab_size, 32000), (2 * batch, seq), device=device)
+        return {"input_ids": ids, "labels": ids.clone(), "pair_index": torch.arange(batch, device=device)}
     if task.classifies:
         out["labels"] = torch.randint(0, num_labels or 2, (batch,), device=device)
     else:
@@ -160,6 +163,7 @@ def measure(cfg, train: bool, target: str, fake: bool, timed_steps: int = 0, app
     mp = mixed_precision(cfg.train, target, cfg.model.dtype) or "no"
     if not train:
         cfg.train.gradient_checkpointing = False  # the floor is a plain forward
+        cfg.train.objective = "supervised"  # ... of every row of the batch (a preference floor: the 2B rows)
     out: dict[str, Any] = {"dtype": cfg.model.dtype, "mixed_precision": mp}
 
     with contextlib.ExitStack() as stack:
@@ -189,6 +193,11 @@ def measure(cfg, train: bool, target: str, fake: bool, timed_steps: int = 0, app
                                  else [])
         batch = _random_batch(s.base.config, s.task, cfg.train.batch_size, cfg.data.max_length, device,
                               cfg.data.num_labels)
+        if not train:
+            batch.pop("pair_index", None)
+        elif s.preference is not None and s.preference.needs_table:
+            # Precomputed reference log-probs: a lookup of B x 2 numbers (their one pass happens before training).
+            s.preference.table = torch.zeros(cfg.train.batch_size, 2, device=device)
         forward = _autocast(module, mp, device.type, target)
         module.train(train)
         trainable = [p for p in trained.parameters() if p.requires_grad]
@@ -342,6 +351,8 @@ def profile_row(spec: RowSpec, device: str, target: str, steps: int) -> dict[str
         "label": spec.label, "method": spec.method, "model": cfg.model.name, "task": cfg.data.task,
         "batch": cfg.train.batch_size, "seq": cfg.data.max_length, "device": device, "target": target,
         "quantize": cfg.model.quantize, "loss_chunk_size": cfg.train.loss_chunk_size,
+        "objective": cfg.train.objective if train else None,
+        "reference": _reference(cfg) if train and cfg.train.objective == "dpo" else None,
         "gradient_checkpointing": cfg.train.gradient_checkpointing if train else False,
         "error": None,
     }
@@ -383,6 +394,12 @@ def profile_row(spec: RowSpec, device: str, target: str, steps: int) -> dict[str
         if row.get("measured_peak_bytes"):
             row["prediction_error"] = pred["peak_bytes"] / row["measured_peak_bytes"] - 1
     return Row.from_dict(row).to_dict()
+
+
+def _reference(cfg) -> str:
+    from sidetune.methods import build_method
+
+    return build_method(cfg.method).reference(bool(cfg.model.init_from))
 
 
 def run_isolated(spec: RowSpec, device: str, target: str, steps: int) -> dict[str, Any]:

@@ -143,7 +143,11 @@ class Row:
     method: str | None = opt(None, "METHODS key, or null for a floor row.")
     model: str | None = opt(None, "The model that ran (preset, alias or directory).")
     task: str | None = opt(None, "data.task of the step.")
-    batch: int | None = opt(None, "Batch size; tokens = batch * seq.")
+    batch: int | None = opt(None, "Batch size; tokens = batch * seq (preference pairs: 2 * batch * seq, the chosen "
+                                  "and rejected rows).")
+    objective: str | None = opt(None, "train.objective of the step: supervised, dpo or simpo (null for a floor).")
+    reference: str | None = opt(None, "dpo: where the reference log-probs come from (Method.reference): "
+                                      "in_forward, parts_off or precomputed.")
     seq: int | None = opt(None, "Sequence length of the random batch.")
     device: str | None = opt(None, "cuda, cpu or meta (meta: prediction only).")
     target: str | None = opt(None, "The device the prediction is for (cuda or cpu).")
