@@ -76,8 +76,10 @@ class BackboneCache:
             self.hits += 1
         final, all_taps = self.store[key]
         side = model.side
-        # all_taps[0] is the embeddings, all_taps[i + 1] block i's output.
-        return final, [all_taps[0].float()] + [all_taps[i + 1].float() for i in side.tapped]
+        # all_taps[0] is the embeddings, all_taps[i + 1] block i's output; the ladders project them, as
+        # LSTModel._backbone's hooks do.
+        taps = [all_taps[0]] + [all_taps[i + 1] for i in side.tapped]
+        return final, [side.project(j, t.float()) for j, t in enumerate(taps)]
 
 
 @contextlib.contextmanager

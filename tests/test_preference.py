@@ -345,9 +345,10 @@ def test_init_from_starts_from_a_finished_run_and_takes_it_as_the_reference(pair
         init_from(s.model, s.method, cfg)
 
 
-def test_kill_then_resume_equals_an_uninterrupted_run(pair_files, tmp_path):
+def test_kill_then_resume_equals_an_uninterrupted_run(pair_files, tmp_path, monkeypatch):
     """kill -9 after a checkpoint, then train.resume=latest: the same losses and weights as an uninterrupted run,
     with the precomputed reference read back from the run directory (full fine-tuning)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # every run on one thread: bit-equality across runs needs it
     args = [f"data.train={pair_files['train']}", f"data.eval={pair_files['eval']}", "method.name=full",
             "model.name=tiny-llama", "data.task=preference", "train.objective=dpo", "data.max_length=48",
             "train.batch_size=4", "train.max_steps=8", "train.save_every=2", "train.eval_every=4", "train.lr=1e-4",
