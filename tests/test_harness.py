@@ -188,6 +188,33 @@ def test_merged_export_scores_the_same_through_the_harness_hf_model(tmp_path, ca
     assert generated == [r["resps"][0][0] for r in _samples(run, "tiny_gen")] == hand["outputs"]
 
 
+@pytest.mark.parametrize("method", ["lst", "ptuning_v2"])
+def test_hf_export_scores_the_same_through_the_harness_hf_model(tmp_path, method):
+    """`sidetune export --hf` of a run that cannot merge (LST: the side network; P-tuning v2: the prefix), loaded by
+    the harness's own `hf` model with trust_remote_code, scores what `sidetune eval --lm-eval` scores on the run."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    run = _run(tmp_path, method)
+    folder, hand = _tasks(tmp_path, run)
+    assert main(["eval", str(run), "--lm-eval", "tiny_mc,tiny_gen", "--include-path", str(folder),
+                 "--batch-size", "4", "--log-samples"]) == 0
+    ours = json.loads(_results(run)[0].read_text())["results"]
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--hf", str(out)]) == 0
+    hf = HFLM(pretrained=str(out), device="cpu", batch_size=4, dtype="float32", trust_remote_code=True)
+    theirs = simple_evaluate(model=hf, tasks=["tiny_mc", "tiny_gen"], log_samples=True,
+                             task_manager=TaskManager(include_path=str(folder), include_defaults=False))
+    for task, metric in (("tiny_mc", "acc,none"), ("tiny_gen", "exact_match,none")):
+        assert theirs["results"][task][metric] == pytest.approx(ours[task][metric]), task
+    for row, expected in zip(sorted(theirs["samples"]["tiny_mc"], key=lambda r: r["doc_id"]), hand["scores"]):
+        torch.testing.assert_close(torch.tensor([r[0][0] for r in row["resps"]]), torch.tensor(expected),
+                                   rtol=1e-5, atol=1e-4)
+    generated = [r["filtered_resps"][0] for r in sorted(theirs["samples"]["tiny_gen"], key=lambda r: r["doc_id"])]
+    assert generated == hand["outputs"]
+
+
 @pytest.mark.parametrize("method", ["prefix_tuning", "ptuning_v2", "prompt_tuning", "ptuning_v1", "adapter", "ia3"])
 def test_every_method_batched_equals_one_row_at_a_time(tmp_path, method):
     """SidetuneLM directly: batched, right-padded loglikelihoods and batched generate_until equal each request
