@@ -161,22 +161,22 @@ def test_harness_scores_equal_sidetune_load_by_hand(tmp_path, capsys, method):
     assert [r["resps"][0][0] for r in _samples(run, "tiny_gen")] == hand["outputs"]
 
 
-def test_merged_export_scores_the_same_through_the_harness_hf_model(tmp_path, capsys):
-    """The harness's own `hf` model on `sidetune export --merge` of the run gives what SidetuneLM gives on the run:
-    the same request construction, tokenization, padding and stop handling from two implementations."""
+def _same_through_the_hf_model(tmp_path: Path, method: str, export) -> None:
+    """`sidetune eval --lm-eval` on a `method` run, then the harness's own `hf` model on `export(run, OUT)` (the
+    exported directory): the same scores, per-choice log-likelihoods and generations, from two implementations of
+    request construction, tokenization, padding and stop handling."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from sidetune.export import export_merged
-
-    run = _run(tmp_path, "lora")
+    run = _run(tmp_path, method)
     folder, hand = _tasks(tmp_path, run)
     assert main(["eval", str(run), "--lm-eval", "tiny_mc,tiny_gen", "--include-path", str(folder),
                  "--batch-size", "4", "--log-samples"]) == 0
     ours = json.loads(_results(run)[0].read_text())["results"]
-    merged = export_merged(run, tmp_path / "merged", "float32")
-    hf = HFLM(pretrained=str(merged), device="cpu", batch_size=4, dtype="float32")
+    out = tmp_path / "exported"
+    export(run, out)
+    hf = HFLM(pretrained=str(out), device="cpu", batch_size=4, dtype="float32", trust_remote_code=True)
     theirs = simple_evaluate(model=hf, tasks=["tiny_mc", "tiny_gen"], log_samples=True,
                              task_manager=TaskManager(include_path=str(folder), include_defaults=False))
     for task, metric in (("tiny_mc", "acc,none"), ("tiny_gen", "exact_match,none")):
@@ -188,31 +188,18 @@ def test_merged_export_scores_the_same_through_the_harness_hf_model(tmp_path, ca
     assert generated == [r["resps"][0][0] for r in _samples(run, "tiny_gen")] == hand["outputs"]
 
 
+def test_merged_export_scores_the_same_through_the_harness_hf_model(tmp_path):
+    """`sidetune export --merge` of a LoRA run, through the harness's `hf` model."""
+    from sidetune.export import export_merged
+
+    _same_through_the_hf_model(tmp_path, "lora", lambda run, out: export_merged(run, out, "float32"))
+
+
 @pytest.mark.parametrize("method", ["lst", "ptuning_v2"])
 def test_hf_export_scores_the_same_through_the_harness_hf_model(tmp_path, method):
     """`sidetune export --hf` of a run that cannot merge (LST: the side network; P-tuning v2: the prefix), loaded by
-    the harness's own `hf` model with trust_remote_code, scores what `sidetune eval --lm-eval` scores on the run."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    run = _run(tmp_path, method)
-    folder, hand = _tasks(tmp_path, run)
-    assert main(["eval", str(run), "--lm-eval", "tiny_mc,tiny_gen", "--include-path", str(folder),
-                 "--batch-size", "4", "--log-samples"]) == 0
-    ours = json.loads(_results(run)[0].read_text())["results"]
-    out = tmp_path / "hf"
-    assert main(["export", str(run), "--hf", str(out)]) == 0
-    hf = HFLM(pretrained=str(out), device="cpu", batch_size=4, dtype="float32", trust_remote_code=True)
-    theirs = simple_evaluate(model=hf, tasks=["tiny_mc", "tiny_gen"], log_samples=True,
-                             task_manager=TaskManager(include_path=str(folder), include_defaults=False))
-    for task, metric in (("tiny_mc", "acc,none"), ("tiny_gen", "exact_match,none")):
-        assert theirs["results"][task][metric] == pytest.approx(ours[task][metric]), task
-    for row, expected in zip(sorted(theirs["samples"]["tiny_mc"], key=lambda r: r["doc_id"]), hand["scores"]):
-        torch.testing.assert_close(torch.tensor([r[0][0] for r in row["resps"]]), torch.tensor(expected),
-                                   rtol=1e-5, atol=1e-4)
-    generated = [r["filtered_resps"][0] for r in sorted(theirs["samples"]["tiny_gen"], key=lambda r: r["doc_id"])]
-    assert generated == hand["outputs"]
+    the harness's own `hf` model with trust_remote_code."""
+    _same_through_the_hf_model(tmp_path, method, lambda run, out: main(["export", str(run), "--hf", str(out)]))
 
 
 @pytest.mark.parametrize("method", ["prefix_tuning", "ptuning_v2", "prompt_tuning", "ptuning_v1", "adapter", "ia3"])
