@@ -96,7 +96,7 @@ def test_gguf_alias_without_its_packages_or_with_a_bad_chunk_is_one_line(tmp_pat
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert"])
 def test_task_without_a_head_is_one_line(name):
     with pytest.raises(SidetuneError, match=r"has no ForSeq2SeqLM head in transformers; pick a data.task it supports "
-                                            r"\(classification, causal_lm, chat\)"):
+                                            r"\(classification, causal_lm, chat, preference\)"):
         load_model(ModelConfig(name=name), "seq2seq")
 
 
